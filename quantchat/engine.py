@@ -1,0 +1,260 @@
+"""The chat engine every front end shares.
+
+It renders the prompt, fits the conversation into the context window, queues concurrent requests
+(first come, first served), streams text, stops on stop strings, max_time or cancel, and times each answer.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterator
+
+from .errors import UserError
+from .loaders.base import ChatModel, GenParams
+from .prompter import Message, Prompter
+
+# Defaults where neither the flags nor the request say (h2oGPT's, except max_new_tokens' cap)
+DEFAULT_MAX_MAX_NEW_TOKENS = 4096
+DEFAULT_MAX_MAX_TIME = 1800.0
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0          # waiting for an earlier request to finish
+    ttft_s: float | None = None   # from the start of generation to the first token
+    total_s: float = 0.0
+    finish_reason: str = ""       # eos, length, stop, time, cancelled, error
+    dropped_turns: int = 0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens after the first, over the time after the first."""
+        if self.ttft_s is None or self.completion_tokens < 2 or self.total_s <= self.ttft_s:
+            return None
+        return (self.completion_tokens - 1) / (self.total_s - self.ttft_s)
+
+    def line(self) -> str:
+        speed = f"{self.tokens_per_s:.1f} tokens/s" if self.tokens_per_s else "- tokens/s"
+        ttft = f"{self.ttft_s * 1000:.0f} ms to first token" if self.ttft_s is not None else "no tokens"
+        return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}"
+
+
+class Turnstile:
+    """A first-come, first-served lock with `slots` holders at once and a visible queue depth."""
+
+    def __init__(self, slots: int = 1):
+        self._cond = threading.Condition()
+        self._slots = slots
+        self._next_ticket = 0
+        self._serving = 0      # tickets below this number have been admitted
+        self._active = 0
+        self._skipped: set[int] = set()
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return self._next_ticket - self._serving - len(self._skipped)
+
+    def acquire(self, cancel: threading.Event) -> bool:
+        """Wait for our turn; False when cancelled while waiting (the ticket is then skipped)."""
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while not (ticket == self._serving and self._active < self._slots):
+                if cancel.is_set():
+                    self._skipped.add(ticket)
+                    self._skip_abandoned()
+                    return False
+                self._cond.wait(timeout=0.05)
+            self._serving += 1
+            self._active += 1
+            self._skip_abandoned()
+            return True
+
+    def _skip_abandoned(self) -> None:
+        while self._serving in self._skipped:
+            self._skipped.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+
+@dataclass
+class Limits:
+    """Caps that no request can exceed."""
+    context_length: int
+    max_max_new_tokens: int = DEFAULT_MAX_MAX_NEW_TOKENS
+    max_max_time: float = DEFAULT_MAX_MAX_TIME
+
+
+class Reply:
+    """One answer: iterate for text deltas; afterwards `.text`, `.stats` and `.notices` are set."""
+
+    def __init__(self, run: Callable[["Reply"], Iterator[str]]):
+        self.text = ""
+        self.stats = Stats()
+        self.notices: list[str] = []
+        self._chunks = run(self)
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._chunks:
+            self.text += chunk
+            yield chunk
+
+    def __del__(self):
+        self._chunks.close()
+
+    def finish(self) -> str:
+        """Consume the whole answer; returns its text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+@dataclass
+class ChatEngine:
+    model: ChatModel
+    prompter: Prompter
+    defaults: GenParams = field(default_factory=GenParams)
+    limits: Limits | None = None
+    verbose: bool = False
+    log: Callable[[str], None] = print
+    slots: int = 1
+
+    def __post_init__(self):
+        self.limits = self.limits or Limits(self.model.info.context_length)
+        self.queue = Turnstile(self.slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.queue.waiting
+
+    def params(self, **overrides: Any) -> GenParams:
+        """Request settings over the defaults, with None meaning 'the default', capped by the limits."""
+        known = {f.name for f in fields(GenParams)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise UserError(f"unknown generation settings: {sorted(unknown)}")
+        p = replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+        if p.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1 (got {p.max_new_tokens})")
+        if not 0 <= p.temperature <= 100:
+            raise UserError(f"temperature must be between 0 and 100 (got {p.temperature})")
+        if not 0 < p.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (got {p.top_p})")
+        if p.max_time <= 0:
+            raise UserError(f"max_time must be positive (got {p.max_time})")
+        p.max_new_tokens = min(p.max_new_tokens, self.limits.max_max_new_tokens)
+        p.max_time = min(p.max_time, self.limits.max_max_time)
+        p.min_new_tokens = min(max(p.min_new_tokens, 0), p.max_new_tokens)
+        if p.temperature == 0:
+            p.do_sample = False
+        return p
+
+    def fit(self, messages: list[Message], params: GenParams) -> tuple[str, int, int, GenParams, list[str]]:
+        """(prompt, its tokens, turns dropped, params, notices): drop the oldest turns until the answer fits."""
+        context = self.limits.context_length
+        system = [m for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        if not turns or turns[-1]["role"] != "user" or not str(turns[-1]["content"]).strip():
+            raise UserError("the last message must be a non-empty user message")
+        dropped, notices = 0, []
+        while True:
+            prompt = self.prompter.render(system + turns)
+            n = self.model.count_tokens(prompt)
+            if n + params.max_new_tokens <= context or len(turns) == 1:
+                break
+            # drop the oldest exchange (a user turn and the answer after it)
+            cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+            turns, dropped = turns[cut:], dropped + cut
+        if dropped:
+            notices.append(f"dropped the {dropped} oldest message(s) to fit the {context}-token context")
+        if n >= context:
+            raise UserError(f"the message is {n} tokens, and the context holds {context}: shorten it")
+        if n + params.max_new_tokens > context:
+            params = replace(params, max_new_tokens=context - n)
+            notices.append(f"answer limited to {context - n} tokens by the {context}-token context")
+        return prompt, n, dropped, params, notices
+
+    def chat(self, messages: list[Message], params: GenParams | None = None,
+             cancel: threading.Event | None = None) -> Reply:
+        """Answer the conversation. Errors a user causes raise UserError before the first token."""
+        params = params or self.params()
+        cancel = cancel or threading.Event()
+        if self.prompter.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.prompter.system_prompt}, *messages]
+        prompt, n_prompt, dropped, params, notices = self.fit(messages, params)
+        params = replace(params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])))
+        if self.verbose:
+            self.log(f"prompt ({n_prompt} tokens):\n{prompt}")
+
+        def run(reply: Reply) -> Iterator[str]:
+            reply.stats = stats = Stats(prompt_tokens=n_prompt, dropped_turns=dropped)
+            asked = time.perf_counter()
+            if not self.queue.acquire(cancel):
+                stats.finish_reason = "cancelled"
+                return
+            start = time.perf_counter()
+            stats.queue_s = start - asked
+            try:
+                yield from self._generate(prompt, params, cancel, stats, start)
+            finally:
+                stats.total_s = time.perf_counter() - start
+                self.queue.release()
+                if self.verbose:
+                    self.log(stats.line())
+
+        reply = Reply(run)
+        reply.notices.extend(notices)
+        return reply
+
+    def _generate(self, prompt: str, params: GenParams, cancel: threading.Event, stats: Stats,
+                  start: float) -> Iterator[str]:
+        stop_strings = [s for s in params.stop if s]
+        hold = max((len(s) for s in stop_strings), default=1) - 1
+        text, sent = "", 0  # all text so far; how much of it has been handed out
+        stats.finish_reason = "eos"
+        tokens = self.model.stream(prompt, params, cancel)
+        try:
+            for piece in tokens:
+                if stats.ttft_s is None:
+                    stats.ttft_s = time.perf_counter() - start
+                stats.completion_tokens += 1
+                text += piece
+                cut = min((i for i in (text.find(s, max(sent - hold, 0)) for s in stop_strings) if i >= 0),
+                          default=-1)
+                if cut >= 0:
+                    stats.finish_reason = "stop"
+                    if cut > sent:
+                        yield text[sent:cut]
+                    return
+                # hold back a tail that could be the start of a stop string
+                safe = len(text) - hold if stop_strings else len(text)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+                if cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+                if time.perf_counter() - start > params.max_time:
+                    stats.finish_reason = "time"
+                    break
+            else:
+                if cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                elif stats.completion_tokens >= params.max_new_tokens:
+                    stats.finish_reason = "length"
+        except BaseException:
+            stats.finish_reason = "error"
+            raise
+        finally:
+            tokens.close()
+        if len(text) > sent:
+            yield text[sent:]

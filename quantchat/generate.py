@@ -1,0 +1,100 @@
+"""The command line: flags (parsed by fire, as in h2oGPT) -> Settings -> LoadPlan -> model -> engine -> front end."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .errors import UsageError, UserError
+from .settings import Settings, from_flags, help_text
+
+
+def parse_flags(argv: list[str]) -> dict[str, Any]:
+    """fire's value parsing (so h2oGPT command lines mean the same), our own names and errors."""
+    import fire
+    from fire.core import FireExit
+
+    captured: dict[str, Any] = {}
+
+    def take(**flags):
+        captured.update(flags)
+
+    stderr, sys.stderr = sys.stderr, open(os.devnull, "w")  # fire's own usage screens; we print one line
+    try:
+        fire.Fire(take, command=list(argv), name="generate.py")
+    except FireExit:
+        raise UsageError(f"cannot parse the command line {' '.join(argv)!r}: write flags as --name=value "
+                         "(python generate.py --help lists them)") from None
+    finally:
+        sys.stderr.close()
+        sys.stderr = stderr
+    return captured
+
+
+def build_engine(s: Settings, model):
+    from .engine import ChatEngine, Limits
+    from .loaders.base import GenParams
+    from .prompter import make_prompter
+
+    info = model.info
+    prompter = make_prompter(s.prompt_type, s.prompt_dict, s.chat_template, s.system_prompt, info.chat_template,
+                             info.bos_token, info.eos_token)
+    if prompter.warning:
+        print(f"warning: {prompter.warning}", file=sys.stderr)
+    given = {"max_new_tokens": s.max_new_tokens, "min_new_tokens": s.min_new_tokens, "max_time": s.max_time,
+             "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "num_beams": s.num_beams,
+             "repetition_penalty": s.repetition_penalty, "do_sample": s.do_sample, "seed": s.seed}
+    defaults = GenParams(**{k: v for k, v in given.items() if v is not None})
+    limits = Limits(info.context_length)
+    if s.max_max_new_tokens:
+        limits.max_max_new_tokens = s.max_max_new_tokens
+    if s.max_max_time:
+        limits.max_max_time = s.max_max_time
+    if defaults.max_new_tokens > limits.max_max_new_tokens:
+        print(f"note: max_new_tokens {defaults.max_new_tokens} capped at max_max_new_tokens "
+              f"{limits.max_max_new_tokens}", file=sys.stderr)
+        defaults.max_new_tokens = limits.max_max_new_tokens
+    engine = ChatEngine(model, prompter, defaults, limits, verbose=s.verbose,
+                        log=lambda text: print(text, file=sys.stderr))
+    engine.params()  # validate the defaults once, now, rather than at the first message
+    return engine
+
+
+def run(s: Settings) -> int:
+    from . import loaders
+
+    plan = loaders.plan(s)
+    print(plan.describe(), file=sys.stdout if s.dry_run else sys.stderr)
+    if s.dry_run:
+        return 0
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    model = loaders.load(plan)
+    try:
+        engine = build_engine(s, model)
+        print(f"prompt format: {engine.prompter.source}", file=sys.stderr)
+        if s.cli:
+            from .terminal import run_terminal
+            run_terminal(engine, s.stream_output)
+        elif s.gradio:
+            from .webui import WebUI
+            port = s.server_port or int(os.environ.get("GRADIO_SERVER_PORT", 7860))
+            WebUI(engine, s.system_prompt, h2ocolors=s.h2ocolors).launch(s.server_name, port, s.share, s.auth)
+    finally:
+        model.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(help_text())
+        return 0
+    try:
+        return run(from_flags(parse_flags(argv)))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return 130

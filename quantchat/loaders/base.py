@@ -1,0 +1,84 @@
+"""The small interface every backend implements, and the plan that chooses one."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class GenParams:
+    """Generation settings after defaults and caps are applied (see engine.resolve_params)."""
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 0.1
+    top_p: float = 0.75
+    top_k: int = 40
+    repetition_penalty: float = 1.07
+    do_sample: bool = False
+    num_beams: int = 1
+    max_time: float = 600.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelInfo:
+    """What the UI's model panel and --dry_run show."""
+    backend: str
+    model: str
+    devices: str
+    dtype: str
+    quantization: str
+    context_length: int
+    weight_bytes: int | None = None
+    chat_template: str | None = None   # the model's own Jinja template, if it has one
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def summary(self) -> list[tuple[str, str]]:
+        size = human_bytes(self.weight_bytes) if self.weight_bytes else "unknown"
+        return [("backend", self.backend), ("model", self.model), ("devices", self.devices), ("dtype", self.dtype),
+                ("quantization", self.quantization), ("context", f"{self.context_length} tokens"),
+                ("weights in memory", size)]
+
+
+@dataclass
+class LoadPlan:
+    """Everything decided before any weight is read; --dry_run prints it."""
+    backend: str                 # "hf" or "llamacpp"
+    reason: str                  # why this backend was chosen
+    model: str                   # path or hub id
+    devices: str
+    dtype: str
+    quantization: str
+    context_length: int | None
+    weight_bytes: int | None     # estimate of the weights' size in memory
+    kv_cache_bytes: int | None   # estimate of the KV cache at full context
+    options: dict[str, Any] = field(default_factory=dict)   # backend-specific load arguments
+    notes: list[str] = field(default_factory=list)          # warnings to show the user
+
+    def describe(self) -> str:
+        def gib(n: int | None) -> str:
+            return human_bytes(n) if n else "unknown"
+        rows = [("backend", f"{self.backend}  ({self.reason})"), ("model", self.model), ("devices", self.devices),
+                ("dtype", self.dtype), ("quantization", self.quantization),
+                ("context length", f"{self.context_length} tokens" if self.context_length else "unknown"),
+                ("weights (estimate)", gib(self.weight_bytes)), ("KV cache at full context", gib(self.kv_cache_bytes))]
+        text = "\n".join(f"  {k:<26}{v}" for k, v in rows)
+        return "load plan:\n" + text + "".join(f"\n  note: {n}" for n in self.notes)
+
+
+class ChatModel(Protocol):
+    """A loaded model. `stream` yields the text of each generated token, one item per token."""
+    info: ModelInfo
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,354 @@
+"""Hugging Face backend: transformers + accelerate, bitsandbytes for --load_8bit / --load_4bit."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UserError, missing_package
+from ..settings import Settings
+from .base import GenParams, LoadPlan, ModelInfo
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+                      "I32": 4, "I64": 8, "I16": 2, "BOOL": 1}
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+def _text_config(config: dict) -> dict:
+    """Multimodal configs keep the language model's shape under text_config."""
+    return {**config, **config.get("text_config", {})}
+
+
+def _load_config(model: str, s: Settings) -> dict | None:
+    folder = Path(model)
+    if folder.is_dir():
+        from . import read_config
+        return _text_config(read_config(folder))
+    try:  # a hub id: transformers fetches (or finds in its cache) config.json only
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(model, revision=s.revision, trust_remote_code=s.trust_remote_code)
+        return _text_config(config.to_dict())
+    except Exception:  # offline, private or a typo: the load itself will say which
+        return None
+
+
+def _safetensors_shapes(folder: Path) -> list[tuple[str, int]] | None:
+    """(tensor name, element count) from the headers of every .safetensors file: no weights are read."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = []
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in meta["shape"]:
+                    count *= dim
+                shapes.append((name, count if len(meta["shape"]) == 2 else -count))  # negative: not a matrix
+    return shapes
+
+
+def _shapes_from_config(c: dict) -> list[tuple[str, int]] | None:
+    """Parameter counts of a Llama-family decoder, for hub ids whose files are not on disk."""
+    try:
+        hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+        inter = c["intermediate_size"]
+    except KeyError:
+        return None
+    heads = c.get("num_attention_heads", 1)
+    head_dim = c.get("head_dim") or hidden // heads
+    kv = c.get("num_key_value_heads") or heads
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter
+    shapes = [("model.embed_tokens.weight", vocab * hidden), ("model.layers.linear", per_layer * layers)]
+    if not c.get("tie_word_embeddings", False):
+        shapes.append(("lm_head.weight", vocab * hidden))
+    return shapes
+
+
+def estimate_weight_bytes(shapes: list[tuple[str, int]], dtype: str, quant: str) -> int:
+    """Bytes of the loaded weights. bitsandbytes quantizes the Linear layers only: not embeddings nor lm_head."""
+    total = 0.0
+    for name, count in shapes:
+        linear = count > 0 and not any(k in name for k in ("embed", "lm_head", "wte", "wpe"))
+        count = abs(count)
+        if linear and quant == "int8":
+            total += count * 1.0
+        elif linear and quant.startswith("4-bit"):
+            # 4 bits plus one absmax per 64 weights (fp32, or 8-bit with double quantization)
+            total += count * (0.5 + (1.0 / 64 + 4 / 256 / 64 if "double" in quant else 4.0 / 64))
+        else:
+            total += count * _DTYPE_BYTES[dtype]
+    return int(total)
+
+
+def kv_cache_bytes(c: dict, context: int, dtype_bytes: float) -> int | None:
+    try:
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        kv = c.get("num_key_value_heads") or heads
+        return int(2 * c["num_hidden_layers"] * kv * head_dim * context * dtype_bytes)
+    except KeyError:
+        return None
+
+
+def _bnb_description(s: Settings) -> str:
+    if s.load_8bit:
+        return "int8"
+    if not s.load_4bit:
+        return "none"
+    return {0: "4-bit FP4 (bitsandbytes defaults)", 1: "4-bit NF4, double quantization", 2: "4-bit NF4",
+            3: "4-bit FP4, double quantization", 4: "4-bit NF4, double quantization"}[s.low_bit_mode]
+
+
+def _placement(s: Settings) -> tuple[str, Any, str, list[str]]:
+    """(devices shown to the user, accelerate device_map, dtype name, notes)."""
+    import torch
+    notes = []
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        half = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        dtype = "float32" if s.load_half is False else half
+        if s.use_gpu_id or count == 1:
+            if s.gpu_id >= count:
+                raise UserError(f"--gpu_id={s.gpu_id}, but only {count} GPU(s) are visible "
+                                "(check CUDA_VISIBLE_DEVICES)")
+            return f"cuda:{s.gpu_id} ({torch.cuda.get_device_name(s.gpu_id)})", {"": s.gpu_id}, dtype, notes
+        return f"{count} GPUs, balanced (cuda:0-{count - 1})", "balanced", dtype, notes
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps", {"": "mps"}, "float32" if s.load_half is False else "float16", notes
+    notes.append("no GPU found: running on the CPU, which is slow for models beyond a few hundred million parameters")
+    return "cpu", {"": "cpu"}, "bfloat16" if s.load_half else "float32", notes
+
+
+def _rope(config: dict, s: Settings) -> dict | None:
+    """h2oGPT's {'type': 'dynamic', 'factor': 4} as transformers 5's rope_parameters."""
+    if not s.rope_scaling:
+        return None
+    if "alpha_value" in s.rope_scaling:
+        raise UserError("--rope_scaling with alpha_value is ExLlama's NTK scaling: the Hugging Face backend takes "
+                        "{'type': 'dynamic'|'linear'|'yarn', 'factor': F}")
+    rope = {k: v for k, v in s.rope_scaling.items() if k != "type"}
+    rope["rope_type"] = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
+    base = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
+    return {**base, **rope}
+
+
+def plan(s: Settings, model: str, why: str) -> LoadPlan:
+    devices, device_map, dtype, notes = _placement(s)
+    quant = _bnb_description(s)
+    config = _load_config(model, s) or {}
+    saved_quant = (config.get("quantization_config") or {}).get("quant_method")
+    if saved_quant and quant != "none":
+        raise UserError(f"{model} is already quantized ({saved_quant}): drop --load_8bit/--load_4bit")
+    if saved_quant:
+        quant = f"{saved_quant} (from config.json)"
+    rope = _rope(config, s)
+    trained = config.get("max_position_embeddings")
+    if s.max_seq_len:
+        context = s.max_seq_len
+    elif trained and rope and rope.get("factor"):
+        context = int(trained * rope["factor"])
+    else:
+        context = trained
+    folder = Path(model)
+    shapes = (_safetensors_shapes(folder) if folder.is_dir() else None) or _shapes_from_config(config)
+    weights = estimate_weight_bytes(shapes, dtype, quant) if shapes and not saved_quant else None
+    kv = kv_cache_bytes(config, context, _DTYPE_BYTES[dtype]) if context else None
+    options = {"device_map": device_map, "dtype": dtype, "rope_parameters": rope, "max_seq_len": context,
+               "tokenizer": s.tokenizer_base_model or model, "revision": s.revision,
+               "use_safetensors": True if s.use_safetensors else None, "trust_remote_code": s.trust_remote_code,
+               "offload_folder": s.offload_folder, "flash_attention_2": s.use_flash_attention_2,
+               "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode}
+    return LoadPlan("hf", why, model, devices, dtype, quant, context, weights, kv, options, notes)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _bnb_config(o: dict, compute_dtype):
+    from transformers import BitsAndBytesConfig
+    if o["load_8bit"]:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    mode = o["low_bit_mode"]
+    if mode == 0:
+        return BitsAndBytesConfig(load_in_4bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_type="fp4" if mode == 3 else "nf4",
+                              bnb_4bit_use_double_quant=mode in (1, 3, 4))
+
+
+class _TokenQueue:
+    """A transformers streamer that hands each generated token id to the consuming thread."""
+
+    def __init__(self):
+        self.tokens: queue.Queue[int | None] = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(token)
+
+    def end(self) -> None:
+        self.tokens.put(None)
+
+
+class Detokenizer:
+    """Incremental decoding: emits text only once it is stable (no half UTF-8 character, no merge pending)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+class HFModel:
+    def __init__(self, p: LoadPlan):
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        o = p.options
+        self.torch = torch
+        dtype = getattr(torch, o["dtype"])
+        common = {"revision": o["revision"], "trust_remote_code": o["trust_remote_code"]}
+        kwargs: dict[str, Any] = {"dtype": dtype, "device_map": o["device_map"], "offload_folder": o["offload_folder"],
+                                  "use_safetensors": o["use_safetensors"], **common}
+        if o["load_8bit"] or o["load_4bit"]:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise missing_package("bitsandbytes", "bnb", "--load_8bit/--load_4bit")
+            kwargs["quantization_config"] = _bnb_config(o, dtype)
+        if o["flash_attention_2"]:
+            if importlib.util.find_spec("flash_attn") is None:
+                raise missing_package("flash-attn", "flash", "--use_flash_attention_2")
+            kwargs["attn_implementation"] = "flash_attention_2"
+        transformers.logging.set_verbosity_error()
+        try:
+            config = AutoConfig.from_pretrained(p.model, **common)
+            if o["rope_parameters"]:
+                config.rope_parameters = o["rope_parameters"]
+            self.tokenizer = AutoTokenizer.from_pretrained(o["tokenizer"], **common)
+            self.model = AutoModelForCausalLM.from_pretrained(p.model, config=config, **kwargs).eval()
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"{p.model} does not fit in GPU memory: try --load_4bit=True, --load_8bit=True or "
+                            "--use_gpu_id=False to spread it over all GPUs") from None
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UserError(f"cannot load {p.model}: {first}") from None
+        tok = self.tokenizer
+        self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id)) | set(_as_list(tok.eos_token_id))
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        footprint = self.model.get_memory_footprint()
+        device_map = getattr(self.model, "hf_device_map", None)
+        devices = p.devices if not device_map or len(set(device_map.values())) <= 1 else \
+            ", ".join(sorted({str(v) for v in device_map.values()}))
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        self.info = ModelInfo("hf (transformers %s)" % transformers.__version__, p.model, devices, p.dtype,
+                              p.quantization, p.context_length or 2048, footprint, template,
+                              tok.bos_token or "", tok.eos_token or "")
+        self.device = self.model.get_input_embeddings().weight.device
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _encode(self, prompt: str):
+        bos = self.tokenizer.bos_token
+        ids = self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)),
+                             return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def _generation_kwargs(self, params: GenParams, cancel: threading.Event) -> dict:
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return cancel.is_set()
+
+        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k} \
+            if params.do_sample else {}
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
+                                  do_sample=params.do_sample, num_beams=params.num_beams,
+                                  repetition_penalty=params.repetition_penalty, eos_token_id=sorted(self.eos_ids),
+                                  pad_token_id=self.pad_id, **sampling)
+        return {"generation_config": config, "stopping_criteria": StoppingCriteriaList([Cancelled()])}
+
+    def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
+        torch = self.torch
+        ids = self._encode(prompt)
+        stop = threading.Event()
+        either = _Either(cancel, stop)
+        kwargs = self._generation_kwargs(params, either)
+        streamer = _TokenQueue()
+        failure: list[BaseException] = []
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                              streamer=streamer if params.num_beams == 1 else None, **kwargs)
+                if params.num_beams > 1:  # beam search cannot stream: hand over the finished sequence
+                    streamer.put(ids)
+                    streamer.put(out[0, ids.shape[1]:])
+            except BaseException as e:  # re-raised in the consuming thread
+                failure.append(e)
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="hf-generate", daemon=True)
+        worker.start()
+        detok = Detokenizer(self.tokenizer)
+        try:
+            while (token := streamer.tokens.get()) is not None:
+                if token in self.eos_ids:
+                    continue
+                yield detok.add(token)
+        finally:
+            stop.set()
+            worker.join()
+        if failure:
+            error = failure[0]
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+                raise UserError("the GPU ran out of memory during this generation: ask for fewer new tokens "
+                                "or a shorter conversation") from None
+            raise error
+
+    def close(self) -> None:
+        del self.model
+        if self.torch.cuda.is_available():
+            self.torch.cuda.empty_cache()
+
+
+class _Either:
+    """is_set() of either event: the caller's cancel, or our own stop when the consumer goes away."""
+
+    def __init__(self, a: threading.Event, b: threading.Event):
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,189 @@
+"""llama.cpp backend (llama-cpp-python) for GGUF files."""
+from __future__ import annotations
+
+import codecs
+import difflib
+import inspect
+import os
+import sys
+import threading
+from typing import Iterator
+
+from ..errors import UsageError, UserError, missing_package
+from ..settings import Settings
+from .base import GenParams, LoadPlan, ModelInfo
+
+# llama.cpp allocates the whole KV cache up front: without --max_seq_len or n_ctx, use at most this much
+DEFAULT_MAX_CONTEXT = 8192
+# h2oGPT's llamacpp_dict defaults, where llama-cpp-python still has the key
+H2OGPT_DEFAULTS = {"n_batch": 1024, "use_mlock": True}
+OBSOLETE_KEYS = {"n_gqa": "GGUF files carry the grouped-query layout themselves"}
+
+
+def read_gguf_metadata(path: str) -> dict:
+    """The GGUF key/value metadata (architecture, context, chat template ...), read without the weights."""
+    from gguf import GGUFReader
+    from gguf.constants import GGUFValueType
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # truncated or not a GGUF at all
+        raise UserError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+    meta = {}
+    for name, f in reader.fields.items():
+        if not f.types or f.types[0] == GGUFValueType.ARRAY:
+            continue  # vocabularies and merges: large and not needed here
+        meta[name] = f.contents()
+    return meta
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise missing_package("llama-cpp-python", "llamacpp", "GGUF models (llama.cpp backend)") from None
+    return llama_cpp
+
+
+def _gpu_offload_supported() -> bool | None:
+    try:
+        return bool(_llama_cpp().llama_supports_gpu_offload())
+    except UserError:
+        return None
+
+
+def _rope_options(s: Settings) -> dict:
+    if not s.rope_scaling:
+        return {}
+    kind = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
+    factor = float(s.rope_scaling.get("factor", 1.0))
+    if kind == "linear":
+        return {"rope_freq_scale": 1.0 / factor}
+    if kind == "yarn":
+        return {"rope_scaling_type": 2, "rope_freq_scale": 1.0 / factor}  # LLAMA_ROPE_SCALING_TYPE_YARN
+    raise UserError(f"llama.cpp cannot do rope_scaling type {kind!r}: use 'linear' or 'yarn', "
+                    "or set rope_freq_base in --llamacpp_dict")
+
+
+def _check_keys(options: dict) -> None:
+    """Unknown llamacpp_dict keys are typos: say which, with the closest real one."""
+    try:
+        llama_cpp = _llama_cpp()
+    except UserError:
+        return  # the load will report the missing package
+    known = set(inspect.signature(llama_cpp.Llama.__init__).parameters) - {"self", "kwargs"}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"--llamacpp_dict: llama_cpp.Llama has no option {key!r}{hint}")
+
+
+def plan(s: Settings, path: str, why: str) -> LoadPlan:
+    if s.load_8bit or s.load_4bit:
+        raise UsageError("--load_8bit/--load_4bit do not apply to a GGUF file: its quantization is fixed by the "
+                         "file; pick a GGUF of another type (Q8_0, Q4_K_M ...) instead")
+    meta = read_gguf_metadata(path)
+    arch = meta.get("general.architecture", "llama")
+    trained = meta.get(f"{arch}.context_length")
+    notes: list[str] = []
+    user = dict(s.llamacpp_dict)
+    for key, reason in OBSOLETE_KEYS.items():
+        if user.pop(key, None) is not None:
+            notes.append(f"llamacpp_dict key {key!r} ignored: {reason}")
+    context = user.get("n_ctx") or s.max_seq_len or min(trained or 2048, DEFAULT_MAX_CONTEXT)
+    gpu = _gpu_offload_supported()
+    layers = meta.get(f"{arch}.block_count")
+    asked = s.n_gpu_layers if s.n_gpu_layers is not None else user.get("n_gpu_layers")
+    n_gpu_layers = asked if asked is not None else (-1 if gpu else 0)
+    if asked and gpu is False:
+        notes.append(f"{asked} GPU layers asked for, but this llama-cpp-python build has no GPU support: "
+                     "everything runs on the CPU (reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\", see docs/backends.md)")
+    on_gpu = 0 if not gpu else (layers if n_gpu_layers < 0 or (layers and n_gpu_layers >= layers) else n_gpu_layers)
+    if gpu is None:
+        devices = "unknown (llama-cpp-python is not installed)"
+    elif on_gpu:
+        devices = f"GPU {s.gpu_id}: {on_gpu} of {layers} layers" + ("" if on_gpu == layers else ", the rest on the CPU")
+    else:
+        devices = "cpu"
+    if trained and context > trained and not s.rope_scaling:
+        notes.append(f"context {context} is longer than the {trained} tokens the model was trained on")
+    options = {**H2OGPT_DEFAULTS, "model_path": path, "n_ctx": context, "n_gpu_layers": n_gpu_layers,
+               "main_gpu": s.gpu_id, "verbose": s.verbose, **_rope_options(s), **user}
+    options["n_ctx"], options["n_gpu_layers"] = context, n_gpu_layers
+    options["n_batch"] = min(options["n_batch"], context)
+    if s.seed is not None:
+        options.setdefault("seed", s.seed)
+    _check_keys(options)
+    file_type = meta.get("general.file_type")
+    quant = _file_type_name(file_type)
+    heads_kv = meta.get(f"{arch}.attention.head_count_kv")
+    key_len = meta.get(f"{arch}.attention.key_length") or (
+        meta.get(f"{arch}.embedding_length", 0) // max(meta.get(f"{arch}.attention.head_count", 1), 1))
+    value_len = meta.get(f"{arch}.attention.value_length") or key_len
+    kv = int(layers * heads_kv * (key_len + value_len) * context * 2) if layers and heads_kv and key_len else None
+    options["_layers"], options["_on_gpu"] = layers, on_gpu
+    return LoadPlan("llamacpp", why, path, devices, "as stored in the file", quant, context,
+                    os.path.getsize(path), kv, options, notes)
+
+
+def _file_type_name(file_type) -> str:
+    if file_type is None:
+        return "unknown GGUF type"
+    try:
+        from gguf import LlamaFileType
+        return "GGUF " + LlamaFileType(int(file_type)).name.replace("MOSTLY_", "")
+    except (ImportError, ValueError):
+        return f"GGUF file type {file_type}"
+
+
+class LlamaCppModel:
+    def __init__(self, p: LoadPlan):
+        llama_cpp = _llama_cpp()
+        options = {k: v for k, v in p.options.items() if not k.startswith("_")}
+        try:
+            self.llm = llama_cpp.Llama(**options)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise UserError(f"llama.cpp cannot load {p.model}: {e} (is the file complete? run with --verbose=True "
+                            "to see llama.cpp's log)") from None
+        meta = self.llm.metadata
+        self.vocab = self.llm._model.vocab
+        self.is_eog = llama_cpp.llama_vocab_is_eog
+        self.bos = self._token_text(self.llm.token_bos())
+        devices = p.devices
+        print(f"llama.cpp: {p.options['_on_gpu']} of {p.options['_layers']} layers on the GPU", file=sys.stderr)
+        self.info = ModelInfo(f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", p.model, devices, p.dtype,
+                              p.quantization, self.llm.n_ctx(), p.weight_bytes, meta.get("tokenizer.chat_template"),
+                              self.bos, self._token_text(self.llm.token_eos()))
+        self._lock = threading.Lock()
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
+        add_bos = not (self.bos and prompt.startswith(self.bos))
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        if len(tokens) >= self.llm.n_ctx():
+            raise UserError(f"the prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")
+        budget = min(params.max_new_tokens, self.llm.n_ctx() - len(tokens))
+        if params.seed is not None:
+            self.llm.set_seed(params.seed)
+        temp = params.temperature if params.do_sample else 0.0  # 0: greedy
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with self._lock:  # one llama.cpp context: one generation at a time
+            generated = 0
+            for token in self.llm.generate(tokens, temp=temp, top_p=params.top_p, top_k=params.top_k, min_p=0.0,
+                                           repeat_penalty=params.repetition_penalty, reset=True):
+                if cancel.is_set() or self.is_eog(self.vocab, token):
+                    break
+                generated += 1
+                yield decoder.decode(self.llm.detokenize([token], special=False))
+                if generated >= budget:
+                    break
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,239 @@
+"""Every command-line flag in one dataclass: name, default, meaning, parsing and validation.
+
+Flag names and meanings follow h2oGPT's generate.py so existing command lines keep working;
+docs/flags.md lists each flag and where quantchat deliberately differs.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+
+# Flags that h2oGPT has and that belong to work not done yet: accepted, and refused with one line
+# when set to anything but their default, so that nobody believes they took effect.
+NOT_YET = "is not supported yet in this version of quantchat"
+
+
+def flag(default: Any, help: str, kind: str | None = None, later: bool = False):
+    """A dataclass field with its help text and value kind (str, bool, int, float, dict, list, text)."""
+    if kind is None:
+        kind = {bool: "bool", int: "int", float: "float", dict: "dict", list: "list"}.get(type(default), "str")
+    factory = (lambda d=default: type(d)(d)) if isinstance(default, (dict, list)) else None
+    meta = {"help": help, "kind": kind, "later": later}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    # --- which model, and how it is loaded
+    base_model: str = flag("", "model: a local folder, a .gguf file, a hub id, or 'llama' with --model_path_llama; "
+                               "empty: the built-in Gemma 3 270M GGUF")
+    tokenizer_base_model: str = flag("", "tokenizer folder or hub id, when it differs from base_model")
+    load_8bit: bool = flag(False, "load weights as int8 with bitsandbytes")
+    load_4bit: bool = flag(False, "load weights as 4-bit with bitsandbytes (see low_bit_mode)")
+    low_bit_mode: int = flag(1, "4-bit details: 0 bitsandbytes defaults (FP4, fp32 compute); 1 NF4 + double quantization; "
+                                "2 NF4; 3 FP4 + double quantization; 4 NF4 + double quantization (1-4 compute in the model dtype)")
+    load_half: bool | None = flag(None, "True: fp16/bf16 weights even on the CPU; False: fp32; None: automatic", kind="bool?")
+    use_flash_attention_2: bool = flag(False, "attention through the flash-attn package (Hugging Face backend)")
+    revision: str | None = flag(None, "hub revision (branch, tag or commit) of base_model", kind="str?")
+    use_safetensors: bool = flag(False, "only load .safetensors weights")
+    trust_remote_code: bool = flag(False, "run Python code shipped with the model repository (h2oGPT: True)")
+    offload_folder: str = flag("offline_folder", "where weights that fit neither GPU nor RAM are offloaded")
+    use_gpu_id: bool = flag(True, "True: one GPU (gpu_id); False: spread the model over all GPUs")
+    gpu_id: int = flag(0, "the GPU used when use_gpu_id is True")
+    rope_scaling: dict | None = flag(None, "RoPE scaling, e.g. \"{'type':'dynamic','factor':4}\"", kind="dict?")
+    max_seq_len: int | None = flag(None, "context length in tokens (default: the model's)", kind="int?")
+    # --- llama.cpp
+    model_path_llama: str = flag("", "GGUF file used with --base_model=llama")
+    llamacpp_dict: dict = flag({}, "keyword arguments for llama_cpp.Llama, e.g. \"{'n_gpu_layers':20,'n_batch':512}\"")
+    n_gpu_layers: int | None = flag(None, "layers llama.cpp puts on the GPU (default: all, when a GPU build and GPU exist)",
+                                    kind="int?")
+    llamacpp_path: str = flag("llamacpp_path", "folder searched for GGUF files named by base_model")
+    # --- prompts
+    prompt_type: str | None = flag(None, "prompt format (plain, llama2, llama3, chatml, ...; default: the model's chat "
+                                         "template)", kind="str?")
+    prompt_dict: dict | None = flag(None, "a custom prompt format (see docs/prompts.md)", kind="dict?")
+    system_prompt: str = flag("", "system prompt; 'auto': the prompt format's default; empty: none", kind="text")
+    chat_template: str | None = flag(None, "a Jinja chat template (text or a file) overriding the model's", kind="str?")
+    # --- generation
+    max_new_tokens: int | None = flag(None, "tokens to generate at most (default 256)", kind="int?")
+    max_max_new_tokens: int | None = flag(None, "cap on max_new_tokens any request may ask for (default 4096)", kind="int?")
+    min_new_tokens: int | None = flag(None, "tokens to generate at least (default 0)", kind="int?")
+    max_time: float | None = flag(None, "seconds a generation may take at most (default 600)", kind="float?")
+    max_max_time: float | None = flag(None, "cap on max_time any request may ask for (default 1800)", kind="float?")
+    temperature: float | None = flag(None, "sampling temperature (default 0.1; used when do_sample)", kind="float?")
+    top_k: int | None = flag(None, "top-k sampling (default 40)", kind="int?")
+    top_p: float | None = flag(None, "nucleus sampling (default 0.75)", kind="float?")
+    num_beams: int | None = flag(None, "beam search width (default 1; Hugging Face backend only, not streamed)", kind="int?")
+    repetition_penalty: float | None = flag(None, "repetition penalty (default 1.07)", kind="float?")
+    do_sample: bool | None = flag(None, "sample instead of greedy decoding (default False)", kind="bool?")
+    seed: int | None = flag(None, "random seed for sampling", kind="int?")
+    # --- front ends
+    stream_output: bool = flag(True, "stream answers token by token")
+    cli: bool = flag(False, "chat in the terminal instead of the browser")
+    gradio: bool = flag(True, "serve the web UI (when not --cli)")
+    share: bool = flag(False, "make a public gradio.live link")
+    server_name: str = flag("localhost", "address the web UI listens on (h2oGPT: 0.0.0.0)")
+    server_port: int | None = flag(None, "web UI port (default: $GRADIO_SERVER_PORT or 7860)", kind="int?")
+    auth: Any = flag(None, "web UI logins: \"[('user','pass')]\" or a JSON file of [user, password] pairs", kind="auth?")
+    concurrency_count: int = flag(1, "generations run at once per model (llama.cpp and the default path run one)")
+    h2ocolors: bool = flag(True, "h2o.ai colours in the web UI")
+    verbose: bool = flag(False, "print rendered prompts and timings")
+    save_dir: str | None = flag(None, "folder where conversations are saved", kind="str?", later=True)
+    score_model: str | None = flag(None, "reward model scoring answers (default None: off; h2oGPT: 'auto')",
+                                   kind="str?", later=True)
+    dry_run: bool = flag(False, "print the load plan (backend, devices, dtype, memory) and exit without reading weights")
+    # --- accepted for h2oGPT command lines; each is refused with one line until it is supported
+    load_gptq: str = flag("", "GPTQ weight file base name", later=True)
+    use_autogptq: bool = flag(False, "GPTQ through AutoGPTQ (old command lines)", later=True)
+    gptq_dict: dict = flag({}, "GPTQ loading options", later=True)
+    load_awq: str = flag("", "AWQ weight file base name", later=True)
+    load_exllama: bool = flag(False, "load through ExLlama", later=True)
+    exllama_dict: dict = flag({}, "ExLlama options", later=True)
+    lora_weights: str = flag("", "PEFT LoRA adapter folder", later=True)
+    inference_server: str = flag("", "a running engine to use instead of a local model", later=True)
+    langchain_mode: str | None = flag(None, "documents Q&A mode (LLM or Disabled: plain chat)", kind="str?", later=True)
+    user_path: str | None = flag(None, "folder of documents for langchain_mode=UserData", kind="str?", later=True)
+    hf_embedding_model: str | None = flag(None, "embedding model for documents Q&A", kind="str?", later=True)
+    openai_server: bool = flag(False, "serve the OpenAI-compatible API", later=True)
+    model_lock: Any = flag(None, "several models side by side", kind="list?", later=True)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+# Values that mean "not set" for a later-work flag, beyond its default.
+_PLAIN_CHAT_MODES = {None, "", "LLM", "Disabled", "None"}
+
+
+def _parse_literal(text: str) -> Any:
+    """JSON or a Python literal, parsed without eval (shell users write both)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return ast.literal_eval(text)
+
+
+def coerce(name: str, value: Any, kind: str) -> Any:
+    """Turn a value fire parsed (or left as a string) into the flag's kind, or raise UsageError."""
+    optional = kind.endswith("?")
+    base = kind.rstrip("?")
+    if optional and (value is None or (isinstance(value, str) and value.strip() in ("None", "none", "null", ""))):
+        return None
+    bad = UsageError(f"--{name}={value!r} is not a valid {_KIND_WORDS[base]}")
+    if base in ("str", "text"):
+        # fire turns --x=123 into an int and --x=a,b into a tuple; a string flag wants the text back
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise bad
+    if base in ("int", "float"):
+        if isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if base == "int":
+            if not number.is_integer():
+                raise bad
+            return int(number)
+        return number
+    if base in ("dict", "list", "auth"):
+        if isinstance(value, str):
+            if base == "auth" and os.path.isfile(value):
+                return value  # a file of logins, read by the web UI
+            try:
+                value = _parse_literal(value)
+            except (ValueError, SyntaxError):
+                raise UsageError(f"--{name}: cannot parse {value!r}; write a dict like "
+                                 f"\"{{'key': 1}}\" (JSON or Python literal)" if base == "dict" else
+                                 f"--{name}: cannot parse {value!r} as a list") from None
+        wanted = dict if base == "dict" else (list, tuple)
+        if not isinstance(value, wanted):
+            raise bad
+        return value
+    raise AssertionError(kind)
+
+
+_KIND_WORDS = {"str": "text", "text": "text", "bool": "boolean (True or False)", "int": "whole number",
+               "float": "number", "dict": "dict", "list": "list", "auth": "list of (user, password) pairs or a file"}
+
+
+def from_flags(flags: dict[str, Any]) -> Settings:
+    """Build Settings from {flag: value} as fire parsed it; unknown names and bad values raise UsageError."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    for raw_name, value in flags.items():
+        name = raw_name.replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+            hint = f"; did you mean --{close[0]}?" if close else "; run  python generate.py --help  for the list"
+            raise UsageError(f"unknown flag --{raw_name}{hint}")
+        values[name] = coerce(name, value, fields[name].metadata["kind"])
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Clashing flags and out-of-range values: one line each, exit code 2."""
+    if s.load_8bit and s.load_4bit:
+        raise UsageError("--load_8bit and --load_4bit clash: choose one")
+    if s.low_bit_mode not in range(5):
+        raise UsageError(f"--low_bit_mode={s.low_bit_mode}: choose 0, 1, 2, 3 or 4")
+    if s.load_half is not None and s.load_8bit:
+        raise UsageError("--load_half and --load_8bit clash: int8 weights are not half precision; choose one")
+    if s.cli and s.share:
+        raise UsageError("--cli and --share clash: share publishes the web UI, which --cli does not start")
+    checks = [
+        ("max_new_tokens", s.max_new_tokens, 1, None), ("max_max_new_tokens", s.max_max_new_tokens, 1, None),
+        ("min_new_tokens", s.min_new_tokens, 0, None), ("max_time", s.max_time, 0.001, None),
+        ("max_max_time", s.max_max_time, 0.001, None), ("temperature", s.temperature, 0.0, 100.0),
+        ("top_k", s.top_k, 0, None), ("top_p", s.top_p, 0.0, 1.0), ("num_beams", s.num_beams, 1, 64),
+        ("repetition_penalty", s.repetition_penalty, 0.01, 100.0), ("max_seq_len", s.max_seq_len, 16, None),
+        ("n_gpu_layers", s.n_gpu_layers, -1, None), ("gpu_id", s.gpu_id, 0, None),
+        ("server_port", s.server_port, 1, 65535), ("concurrency_count", s.concurrency_count, 1, 1024),
+    ]
+    for name, value, low, high in checks:
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise UsageError(f"--{name}={value}: must be {span}")
+    if s.rope_scaling is not None:
+        kind = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
+        if "alpha_value" not in s.rope_scaling and (kind is None or "factor" not in s.rope_scaling):
+            raise UsageError("--rope_scaling needs a type and a factor, e.g. \"{'type':'dynamic','factor':4}\"")
+    for f in dataclasses.fields(Settings):
+        if not f.metadata["later"]:
+            continue
+        value, default = getattr(s, f.name), (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                              else f.default)
+        if f.name == "langchain_mode" and value in _PLAIN_CHAT_MODES:
+            continue
+        if value != default and not (f.name == "score_model" and value in ("", "None")):
+            raise UsageError(f"--{f.name} {NOT_YET}; drop the flag to chat without it")
+
+
+def help_text() -> str:
+    """The flag list for --help, grouped as in the dataclass."""
+    lines = ["usage: python generate.py --base_model=MODEL [--flag=value ...]", ""]
+    for f in dataclasses.fields(Settings):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        note = " (not supported yet)" if f.metadata["later"] else ""
+        lines.append(f"  --{f.name:<22} {f.metadata['help']}{note} [default: {default!r}]")
+    return "\n".join(lines)

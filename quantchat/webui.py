@@ -1,0 +1,177 @@
+"""The web UI (Gradio): streaming chat, Stop, Regenerate, Undo, Clear, settings, model panel, timings."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from typing import Any
+
+import gradio as gr
+
+from .engine import ChatEngine
+from .errors import UserError
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+SETTINGS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "max_time"]
+
+
+def read_auth(auth: Any) -> list[tuple[str, str]] | None:
+    """--auth as a list of (user, password) pairs, or a JSON file holding such a list."""
+    if not auth:
+        return None
+    if isinstance(auth, str):
+        try:
+            with open(auth, encoding="utf-8") as f:
+                auth = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--auth={auth}: cannot read it as a JSON list of [user, password] pairs ({e})") from None
+    try:
+        return [(str(u), str(p)) for u, p in auth]
+    except (TypeError, ValueError):
+        raise UserError("--auth: write it as [('user', 'password'), ...]") from None
+
+
+def _display(history: list[dict]) -> list[dict]:
+    """Chat messages for the Chatbot: each answer carries its timing line below it."""
+    shown = []
+    for m in history:
+        content = m["content"]
+        if m.get("stats"):
+            content += f"\n\n<sub>{m['stats']}</sub>"
+        shown.append({"role": m["role"], "content": content})
+    return shown
+
+
+class WebUI:
+    def __init__(self, engine: ChatEngine, system_prompt: str = "", title: str = "quantchat", h2ocolors: bool = True):
+        self.engine = engine
+        self.system_prompt = system_prompt
+        self.title = title
+        self.h2ocolors = h2ocolors
+        self.cancels: dict[str, threading.Event] = {}
+
+    # --- handlers (plain functions of their inputs, so tests can call them too)
+    def answer(self, history: list[dict], system: str, settings: tuple, session: str):
+        """Stream the answer to the last user message in `history`; yields (display, history)."""
+        cancel = self.cancels[session] = threading.Event()
+        overrides = dict(zip(SETTINGS, settings))
+        for key in ("max_new_tokens", "top_k"):
+            overrides[key] = int(overrides[key])
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
+                   [{"role": m["role"], "content": m["content"]} for m in history]
+        history = history + [{"role": "assistant", "content": ""}]
+        try:
+            reply = self.engine.chat(messages, self.engine.params(**overrides), cancel)
+            for chunk in reply:
+                history[-1]["content"] += chunk
+                yield _display(history), history
+        except UserError as e:
+            history[-1] = {"role": "assistant", "content": f"⚠️ {e}", "error": True}
+            yield _display(history), history
+            return
+        history[-1]["stats"] = " · ".join([reply.stats.line(), *reply.notices])
+        yield _display(history), history
+
+    def send(self, message: str, history: list[dict], system: str, max_new_tokens, temperature, top_p, top_k,
+             repetition_penalty, do_sample, max_time, request: gr.Request = None):
+        settings = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample, max_time)
+        message = (message or "").strip()
+        if not message:
+            yield _display(history), history, ""
+            return
+        history = [m for m in history if not m.get("error")] + [{"role": "user", "content": message}]
+        for display, history in self.answer(history, system, settings, _session(request)):
+            yield display, history, ""
+
+    def regenerate(self, history: list[dict], system: str, max_new_tokens, temperature, top_p, top_k,
+                   repetition_penalty, do_sample, max_time, request: gr.Request = None):
+        settings = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample, max_time)
+        while history and history[-1]["role"] == "assistant":
+            history = history[:-1]
+        if not history:
+            yield [], []
+            return
+        yield from self.answer(history, system, settings, _session(request))
+
+    def stop(self, request: gr.Request = None) -> None:
+        event = self.cancels.get(_session(request))
+        if event:
+            event.set()
+
+    @staticmethod
+    def undo(history: list[dict]):
+        history = list(history)
+        while history and history[-1]["role"] == "assistant":
+            history.pop()
+        if history:
+            history.pop()
+        return _display(history), history
+
+    def model_panel(self) -> str:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in self.engine.model.info.summary())
+        return f"| | |\n|---|---|\n{rows}\n\nprompt format: {self.engine.prompter.source}"
+
+    def build(self) -> gr.Blocks:
+        p = self.engine.defaults
+        limits = self.engine.limits
+        theme = gr.themes.Soft(primary_hue="yellow") if self.h2ocolors else gr.themes.Soft()
+        with gr.Blocks(title=self.title, theme=theme) as demo:
+            gr.Markdown(f"## {self.title}")
+            history = gr.State([])
+            with gr.Row():
+                with gr.Column(scale=4):
+                    chatbot = gr.Chatbot(label="chat", height=520, elem_id="chat")
+                    message = gr.Textbox(placeholder="Ask anything; Enter sends", show_label=False, elem_id="message")
+                    with gr.Row():
+                        send = gr.Button("Send", variant="primary", elem_id="send")
+                        stop = gr.Button("Stop", elem_id="stop")
+                        regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                        undo = gr.Button("Undo", elem_id="undo")
+                        clear = gr.Button("Clear", elem_id="clear")
+                with gr.Column(scale=2):
+                    with gr.Accordion("Model", open=True):
+                        gr.Markdown(self.model_panel(), elem_id="model-panel")
+                    with gr.Accordion("Settings", open=False):
+                        system = gr.Textbox(self.system_prompt, label="system prompt", lines=3)
+                        controls = [
+                            gr.Slider(1, limits.max_max_new_tokens, p.max_new_tokens, step=1, label="max new tokens"),
+                            gr.Slider(0, 2, p.temperature, step=0.01, label="temperature"),
+                            gr.Slider(0.01, 1, p.top_p, step=0.01, label="top p"),
+                            gr.Slider(0, 200, p.top_k, step=1, label="top k"),
+                            gr.Slider(1, 2, p.repetition_penalty, step=0.01, label="repetition penalty"),
+                            gr.Checkbox(p.do_sample, label="sample (off: greedy)"),
+                            gr.Slider(1, limits.max_max_time, p.max_time, step=1, label="max time (s)"),
+                        ]
+            inputs = [message, history, system, *controls]
+            sending = [
+                send.click(self.send, inputs, [chatbot, history, message], api_name="send", concurrency_limit=None),
+                message.submit(self.send, inputs, [chatbot, history, message], api_name=False,
+                               concurrency_limit=None),
+            ]
+            again = regenerate.click(self.regenerate, [history, system, *controls], [chatbot, history],
+                                     api_name="regenerate", concurrency_limit=None)
+            stop.click(self.stop, None, None, cancels=[*sending, again], api_name="stop", concurrency_limit=None)
+            undo.click(self.undo, [history], [chatbot, history], api_name="undo")
+            clear.click(lambda: ([], []), None, [chatbot, history], api_name="clear")
+        return demo
+
+    def launch(self, server_name: str, server_port: int, share: bool, auth: Any = None, block: bool = True):
+        logins = read_auth(auth)
+        if server_name not in LOOPBACK and not logins:
+            print(f"warning: the web UI listens on {server_name} without --auth: anyone who reaches this machine "
+                  "can use the model", file=sys.stderr)
+        if share and not logins:
+            print("warning: --share publishes the web UI on a public link without --auth", file=sys.stderr)
+        demo = self.build()
+        demo.queue(default_concurrency_limit=None)
+        try:
+            demo.launch(server_name=server_name, server_port=server_port, share=share, auth=logins,
+                        prevent_thread_lock=not block, show_error=True)
+        except OSError as e:
+            raise UserError(f"cannot listen on {server_name}:{server_port} ({e}): choose another --server_port") \
+                from None
+        return demo
+
+
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or "default"
