@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import UserError
 from .loaders.base import ChatModel, GenParams
@@ -95,21 +96,24 @@ class Limits:
 
 
 class Reply:
-    """One answer: iterate for text deltas; afterwards `.text`, `.stats` and `.notices` are set."""
+    """One answer: iterate for text deltas; afterwards `.text`, `.stats` and `.notices` are set.
 
-    def __init__(self, run: Callable[["Reply"], Iterator[str]]):
+    Leaving the loop early (a client that disconnects, Ctrl-C) ends the generation and frees its place.
+    """
+
+    def __init__(self, chunks: Iterator[str], stats: Stats, notices: list[str]):
         self.text = ""
-        self.stats = Stats()
-        self.notices: list[str] = []
-        self._chunks = run(self)
+        self.stats = stats
+        self.notices = notices
+        self._chunks = chunks
 
     def __iter__(self) -> Iterator[str]:
-        for chunk in self._chunks:
-            self.text += chunk
-            yield chunk
-
-    def __del__(self):
-        self._chunks.close()
+        try:
+            for chunk in self._chunks:
+                self.text += chunk
+                yield chunk
+        finally:
+            self._chunks.close()
 
     def finish(self) -> str:
         """Consume the whole answer; returns its text."""
@@ -195,8 +199,9 @@ class ChatEngine:
         if self.verbose:
             self.log(f"prompt ({n_prompt} tokens):\n{prompt}")
 
-        def run(reply: Reply) -> Iterator[str]:
-            reply.stats = stats = Stats(prompt_tokens=n_prompt, dropped_turns=dropped)
+        stats = Stats(prompt_tokens=n_prompt, dropped_turns=dropped)
+
+        def run() -> Iterator[str]:
             asked = time.perf_counter()
             if not self.queue.acquire(cancel):
                 stats.finish_reason = "cancelled"
@@ -211,9 +216,7 @@ class ChatEngine:
                 if self.verbose:
                     self.log(stats.line())
 
-        reply = Reply(run)
-        reply.notices.extend(notices)
-        return reply
+        return Reply(run(), stats, notices)
 
     def _generate(self, prompt: str, params: GenParams, cancel: threading.Event, stats: Stats,
                   start: float) -> Iterator[str]:

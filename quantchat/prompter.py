@@ -56,7 +56,7 @@ FORMATS: dict[str, PromptFormat] = {f.name: f for f in [
     PromptFormat("instruct", user="### Instruction:\n{content}\n\n", assistant="### Response:\n{content}\n\n",
                  generation="### Response:\n", system="{system}\n\n", default_system=_ALPACA_SYSTEM,
                  stop=("### Instruction:",)),
-    PromptFormat("human_bot", user="<human>: {content}\n", assistant="<bot>: {content}\n", generation="<bot>:",
+    PromptFormat("human_bot", system="{system}\n", user="<human>: {content}\n", assistant="<bot>: {content}\n", generation="<bot>:",
                  stop=("<human>:", "<bot>:")),
     PromptFormat("prompt_answer", user="<|prompt|>{content}</s>", assistant="<|answer|>{content}</s>",
                  generation="<|answer|>", stop=("<|prompt|>", "<|answer|>", "</s>")),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from .engine import ChatEngine
 from .errors import UserError

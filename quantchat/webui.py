@@ -54,7 +54,7 @@ class WebUI:
     def answer(self, history: list[dict], system: str, settings: tuple, session: str):
         """Stream the answer to the last user message in `history`; yields (display, history)."""
         cancel = self.cancels[session] = threading.Event()
-        overrides = dict(zip(SETTINGS, settings))
+        overrides = dict(zip(SETTINGS, settings, strict=True))
         for key in ("max_new_tokens", "top_k"):
             overrides[key] = int(overrides[key])
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import UserError, UsageError, missing_package
+from ..errors import UsageError, UserError, missing_package
 from ..settings import Settings
 from .base import ChatModel, GenParams, LoadPlan, ModelInfo
 
@@ -31,7 +31,7 @@ def builtin_gguf() -> str:
 def _find_gguf(name: str, llamacpp_path: str) -> str:
     if re.match(r"https?://", name):
         raise UserError(f"{name} is a URL: download the .gguf file into {llamacpp_path}/ and pass its path")
-    for candidate in (Path(name).expanduser(), Path(llamacpp_path) / name):
+    for candidate in (Path(name).expanduser(), Path(llamacpp_path).expanduser() / name):
         if candidate.is_file():
             return str(candidate)
     raise UserError(f"GGUF file not found: {name} (looked here and in --llamacpp_path={llamacpp_path})")

@@ -6,8 +6,9 @@ import json
 import queue
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import UserError, missing_package
 from ..settings import Settings
@@ -260,7 +261,7 @@ class HFModel:
         devices = p.devices if not device_map or len(set(device_map.values())) <= 1 else \
             ", ".join(sorted({str(v) for v in device_map.values()}))
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
-        self.info = ModelInfo("hf (transformers %s)" % transformers.__version__, p.model, devices, p.dtype,
+        self.info = ModelInfo(f"hf (transformers {transformers.__version__})", p.model, devices, p.dtype,
                               p.quantization, p.context_length or 2048, footprint, template,
                               tok.bos_token or "", tok.eos_token or "")
         self.device = self.model.get_input_embeddings().weight.device

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import difflib
 import inspect
 import os
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import UsageError, UserError, missing_package
 from ..settings import Settings
@@ -21,19 +22,38 @@ OBSOLETE_KEYS = {"n_gqa": "GGUF files carry the grouped-query layout themselves"
 
 
 def read_gguf_metadata(path: str) -> dict:
-    """The GGUF key/value metadata (architecture, context, chat template ...), read without the weights."""
-    from gguf import GGUFReader
-    from gguf.constants import GGUFValueType
+    """The GGUF key/value metadata (architecture, context, chat template ...), read without the weights.
+
+    llama.cpp's vocab-only load takes a fraction of a second; numbers come back as text and are converted.
+    """
+    llama_cpp = _llama_cpp()
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # truncated or not a GGUF at all
-        raise UserError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})") from None
-    meta = {}
-    for name, f in reader.fields.items():
-        if not f.types or f.types[0] == GGUFValueType.ARRAY:
-            continue  # vocabularies and merges: large and not needed here
-        meta[name] = f.contents()
+        with _quiet_stderr():
+            vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"{path} is not a readable GGUF file ({e})") from None
+    meta = dict(vocab.metadata)
+    vocab.close()
+    for key, value in meta.items():
+        try:
+            meta[key] = int(value) if value.lstrip("-").isdigit() else value
+        except AttributeError:
+            pass
     return meta
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp's C code writes to file descriptor 2 even when asked not to: hide it for metadata reads."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _llama_cpp():
@@ -42,13 +62,6 @@ def _llama_cpp():
     except ImportError:
         raise missing_package("llama-cpp-python", "llamacpp", "GGUF models (llama.cpp backend)") from None
     return llama_cpp
-
-
-def _gpu_offload_supported() -> bool | None:
-    try:
-        return bool(_llama_cpp().llama_supports_gpu_offload())
-    except UserError:
-        return None
 
 
 def _rope_options(s: Settings) -> dict:
@@ -66,11 +79,7 @@ def _rope_options(s: Settings) -> dict:
 
 def _check_keys(options: dict) -> None:
     """Unknown llamacpp_dict keys are typos: say which, with the closest real one."""
-    try:
-        llama_cpp = _llama_cpp()
-    except UserError:
-        return  # the load will report the missing package
-    known = set(inspect.signature(llama_cpp.Llama.__init__).parameters) - {"self", "kwargs"}
+    known = set(inspect.signature(_llama_cpp().Llama.__init__).parameters) - {"self", "kwargs"}
     for key in options:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -91,17 +100,15 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
         if user.pop(key, None) is not None:
             notes.append(f"llamacpp_dict key {key!r} ignored: {reason}")
     context = user.get("n_ctx") or s.max_seq_len or min(trained or 2048, DEFAULT_MAX_CONTEXT)
-    gpu = _gpu_offload_supported()
+    gpu = bool(_llama_cpp().llama_supports_gpu_offload())
     layers = meta.get(f"{arch}.block_count")
     asked = s.n_gpu_layers if s.n_gpu_layers is not None else user.get("n_gpu_layers")
     n_gpu_layers = asked if asked is not None else (-1 if gpu else 0)
-    if asked and gpu is False:
+    if asked and not gpu:
         notes.append(f"{asked} GPU layers asked for, but this llama-cpp-python build has no GPU support: "
                      "everything runs on the CPU (reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\", see docs/backends.md)")
     on_gpu = 0 if not gpu else (layers if n_gpu_layers < 0 or (layers and n_gpu_layers >= layers) else n_gpu_layers)
-    if gpu is None:
-        devices = "unknown (llama-cpp-python is not installed)"
-    elif on_gpu:
+    if on_gpu:
         devices = f"GPU {s.gpu_id}: {on_gpu} of {layers} layers" + ("" if on_gpu == layers else ", the rest on the CPU")
     else:
         devices = "cpu"
@@ -127,13 +134,9 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
 
 
 def _file_type_name(file_type) -> str:
-    if file_type is None:
-        return "unknown GGUF type"
-    try:
-        from gguf import LlamaFileType
-        return "GGUF " + LlamaFileType(int(file_type)).name.replace("MOSTLY_", "")
-    except (ImportError, ValueError):
-        return f"GGUF file type {file_type}"
+    names = {getattr(llama_cpp, n): n.replace("LLAMA_FTYPE_", "").replace("MOSTLY_", "")
+             for llama_cpp in [_llama_cpp()] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_")}
+    return f"GGUF {names.get(file_type, f'file type {file_type}')}"
 
 
 class LlamaCppModel:

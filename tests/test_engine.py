@@ -1,0 +1,175 @@
+"""The chat engine on a scripted model: stop strings, caps, time limit, cancel, queueing, history fitting."""
+import threading
+import time
+
+import pytest
+from conftest import FakeModel
+
+from quantchat.engine import ChatEngine, Limits, Turnstile
+from quantchat.errors import UserError
+from quantchat.loaders.base import GenParams
+from quantchat.prompter import FORMATS, Prompter
+
+PLAIN = Prompter("plain", FORMATS["plain"])
+CHATML = Prompter("chatml", FORMATS["chatml"], stop=["<|im_end|>"])
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def engine(script, delay=0.0, context=4096, prompter=PLAIN, **limits):
+    return ChatEngine(FakeModel(script, delay, context), prompter, limits=Limits(context, **limits))
+
+
+def test_streams_every_token_and_counts_them():
+    e = engine(["Hel", "lo", " there"])
+    reply = e.chat(user("hi"))
+    assert list(reply) == ["Hel", "lo", " there"]
+    assert reply.text == "Hello there"
+    assert reply.stats.completion_tokens == 3 and reply.stats.finish_reason == "eos"
+    assert reply.stats.ttft_s is not None and reply.stats.prompt_tokens == 1
+
+
+def test_stop_string_split_across_tokens_is_cut_and_never_shown():
+    e = engine(["Four", ".", "<|im", "_end|>", "junk"], prompter=CHATML)
+    reply = e.chat(user("2+2?"))
+    shown = "".join(reply)
+    assert shown == "Four." and reply.stats.finish_reason == "stop"
+
+
+def test_request_stop_strings_come_with_the_formats():
+    e = engine(["a", "b", "STOP", "c"])
+    reply = e.chat(user("x"), e.params(stop=["STOP"]))
+    assert reply.finish() == "ab" and reply.stats.finish_reason == "stop"
+
+
+def test_max_new_tokens_is_capped_by_max_max_new_tokens():
+    e = engine(["t"] * 50, max_max_new_tokens=5)
+    reply = e.chat(user("x"), e.params(max_new_tokens=40))
+    assert reply.finish() == "ttttt" and reply.stats.finish_reason == "length"
+
+
+def test_max_time_stops_generation():
+    e = engine(["t"] * 200, delay=0.01)
+    reply = e.chat(user("x"), e.params(max_new_tokens=200, max_time=0.1))
+    started = time.perf_counter()
+    reply.finish()
+    assert time.perf_counter() - started < 1.0
+    assert reply.stats.finish_reason == "time" and 3 <= reply.stats.completion_tokens < 100
+
+
+def test_cancel_stops_mid_answer():
+    e = engine(["t"] * 100)
+    cancel = threading.Event()
+    reply = e.chat(user("x"), e.params(max_new_tokens=100), cancel)
+    got = []
+    for chunk in reply:
+        got.append(chunk)
+        if len(got) == 3:
+            cancel.set()
+    assert reply.stats.finish_reason == "cancelled" and len(got) <= 4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_new_tokens": -1}, "at least 1"), ({"temperature": 1e9}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"max_time": 0}, "max_time"), ({"bogus": 1}, "unknown generation settings"),
+])
+def test_absurd_settings_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message):
+        engine(["t"]).params(**overrides)
+
+
+def test_empty_message_is_refused():
+    with pytest.raises(UserError, match="non-empty user message"):
+        engine(["t"]).chat(user("   "))
+
+
+def test_oldest_turns_are_dropped_to_fit_the_context():
+    e = engine(["ok"], context=40)
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} " + "w " * 5},
+                    {"role": "assistant", "content": f"answer {i} " + "w " * 5}]
+    history.append({"role": "user", "content": "last question"})
+    reply = e.chat(history, e.params(max_new_tokens=10))
+    reply.finish()
+    prompt = e.model.prompts[-1]
+    assert "last question" in prompt and "question 0" not in prompt
+    assert reply.stats.dropped_turns > 0 and any("dropped" in n for n in reply.notices)
+    assert e.model.count_tokens(prompt) + 10 <= 40
+
+
+def test_message_longer_than_the_context_is_refused():
+    e = engine(["t"], context=16)
+    with pytest.raises(UserError, match="shorten it"):
+        e.chat(user("w " * 40))
+
+
+def test_answer_is_shortened_when_only_the_last_message_remains():
+    e = engine(["t"] * 50, context=20)
+    reply = e.chat(user("w " * 15), e.params(max_new_tokens=50))
+    assert reply.finish() == "t" * 5 and any("limited to 5" in n for n in reply.notices)
+
+
+def test_concurrent_chats_queue_and_never_mix():
+    """Eight users at once: one generation at a time, each gets exactly its own complete answer."""
+    class Echo(FakeModel):
+        def stream(self, prompt, params, cancel):
+            self.script = [f"[{prompt.strip()}]", "-", "done"]
+            yield from super().stream(prompt, params, cancel)
+
+    e = ChatEngine(Echo([], delay=0.005), PLAIN)
+    results = {}
+
+    def ask(i):
+        results[i] = e.chat(user(f"user{i}")).finish()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {i: f"[user{i}]-done" for i in range(8)}
+    assert e.model.max_active == 1
+
+
+def test_turnstile_is_first_come_first_served_and_skips_the_cancelled():
+    gate = Turnstile(1)
+    assert gate.acquire(threading.Event())
+    order, events = [], {}
+
+    def wait(name):
+        events[name] = threading.Event()
+        if gate.acquire(events[name]):
+            order.append(name)
+            gate.release()
+
+    threads = []
+    for name in "abc":
+        t = threading.Thread(target=wait, args=(name,))
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)  # a arrives before b before c
+    assert gate.waiting == 3
+    events["b"].set()  # b gives up while queued
+    time.sleep(0.1)
+    gate.release()
+    for t in threads:
+        t.join(timeout=5)
+    assert order == ["a", "c"]
+
+
+def test_consumer_that_walks_away_frees_the_queue():
+    e = engine(["t"] * 1000, delay=0.001)
+    reply = e.chat(user("x"), e.params(max_new_tokens=1000))
+    next(iter(reply))
+    del reply  # like a client disconnecting mid-stream
+    second = e.chat(user("y"), e.params(max_new_tokens=3))
+    assert second.finish() == "ttt"
+
+
+def test_defaults_apply_when_a_request_says_none():
+    e = ChatEngine(FakeModel(["t"]), PLAIN, defaults=GenParams(max_new_tokens=7, temperature=0.0))
+    p = e.params(max_new_tokens=None)
+    assert p.max_new_tokens == 7 and p.do_sample is False

@@ -1,0 +1,121 @@
+"""Backend detection from files, dry-run plans, and the errors for paths that are not models."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from test_settings import settings
+
+from quantchat import loaders
+from quantchat.errors import UsageError, UserError
+from quantchat.generate import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_no_base_model_is_the_builtin_gemma_gguf(gemma_gguf):
+    p = loaders.plan(settings())
+    assert p.backend == "llamacpp" and p.model == gemma_gguf and "built-in" in p.reason
+    assert p.quantization == "GGUF Q4_K_M" and p.context_length == 8192
+    assert p.weight_bytes == Path(gemma_gguf).stat().st_size
+
+
+def test_gguf_file_in_llamacpp_path_and_llama_with_model_path(gemma_gguf, tmp_path):
+    shutil.copy(gemma_gguf, tmp_path / "g.gguf")
+    p = loaders.plan(settings("--base_model=g.gguf", f"--llamacpp_path={tmp_path}"))
+    assert p.backend == "llamacpp" and p.model == str(tmp_path / "g.gguf")
+    p = loaders.plan(settings("--base_model=llama", f"--model_path_llama={tmp_path / 'g.gguf'}"))
+    assert p.backend == "llamacpp" and "model_path_llama" in p.reason
+    assert loaders.plan(settings(f"--base_model={tmp_path}")).reason == "a folder holding one .gguf file"
+
+
+def test_llamacpp_options_follow_flags(gemma_gguf):
+    p = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=1024",
+                              "--llamacpp_dict={'n_batch': 256, 'n_gqa': 8}", "--n_gpu_layers=0"))
+    assert p.options["n_ctx"] == 1024 and p.options["n_batch"] == 256 and p.options["n_gpu_layers"] == 0
+    assert "n_gqa" not in p.options and any("n_gqa" in n for n in p.notes)
+    assert p.kv_cache_bytes == 18 * 1 * (256 + 256) * 1024 * 2  # gemma3 270m: 18 layers, 1 KV head of 256
+
+
+def test_gguf_flags_that_do_not_apply(gemma_gguf):
+    with pytest.raises(UsageError, match="fixed by the file"):
+        loaders.plan(settings(f"--base_model={gemma_gguf}", "--load_4bit"))
+    with pytest.raises(UserError, match="rope_scaling type 'dynamic'"):
+        loaders.plan(settings(f"--base_model={gemma_gguf}", "--rope_scaling={'type':'dynamic','factor':2}"))
+    p = loaders.plan(settings(f"--base_model={gemma_gguf}", "--rope_scaling={'type':'linear','factor':2}"))
+    assert p.options["rope_freq_scale"] == 0.5
+
+
+def test_hf_folder_plan_counts_weights_from_safetensors_headers(tiny_llama):
+    fp32 = loaders.plan(settings(f"--base_model={tiny_llama}"))
+    assert fp32.backend == "hf" and fp32.reason == "a folder with config.json"
+    assert fp32.dtype == "float32" and fp32.devices == "cpu" and fp32.context_length == 512
+    file_bytes = (tiny_llama / "model.safetensors").stat().st_size
+    assert abs(fp32.weight_bytes - file_bytes) / file_bytes < 0.01  # fp32 on disk, fp32 in memory
+    half = loaders.plan(settings(f"--base_model={tiny_llama}", "--load_half=True"))
+    int8 = loaders.plan(settings(f"--base_model={tiny_llama}", "--load_8bit"))
+    nf4 = loaders.plan(settings(f"--base_model={tiny_llama}", "--load_4bit"))
+    assert half.dtype == "bfloat16" and half.weight_bytes == pytest.approx(fp32.weight_bytes / 2, rel=0.01)
+    assert nf4.weight_bytes < int8.weight_bytes < fp32.weight_bytes
+    assert int8.quantization == "int8" and nf4.quantization == "4-bit NF4, double quantization"
+
+
+def test_rope_scaling_and_max_seq_len_set_the_context(tiny_llama):
+    p = loaders.plan(settings(f"--base_model={tiny_llama}", "--rope_scaling={'type':'linear','factor':4}"))
+    assert p.context_length == 2048 and p.options["rope_parameters"]["rope_type"] == "linear"
+    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--max_seq_len=300")).context_length == 300
+
+
+def quantized_copy(tiny_llama, tmp_path, method):
+    folder = tmp_path / method
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("method, flag", [("gptq", "--load_gptq"), ("awq", "--load_awq"), ("exl2", "--load_exllama")])
+def test_quantized_folders_are_detected_from_config(tiny_llama, tmp_path, method, flag):
+    folder = quantized_copy(tiny_llama, tmp_path, method)
+    with pytest.raises(UserError, match=f"{method} checkpoint, which needs {flag}"):
+        loaders.plan(settings(f"--base_model={folder}"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "neither an existing path"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "not a model folder"),
+    (lambda p: (p / "notes.txt").write_text("x") and p / "notes.txt", "a file but not a .gguf"),
+    (lambda p: (p / "broken.gguf").write_bytes(b"GGUF\x03\x00garbage") and p / "broken.gguf", "not a readable GGUF"),
+    (lambda p: (p / "bad").mkdir() or (p / "bad" / "config.json").write_text("{oops") and p / "bad", "cannot be read"),
+])
+def test_paths_that_are_not_models(tmp_path, make, message):
+    with pytest.raises(UserError, match=message):
+        loaders.plan(settings(f"--base_model={make(tmp_path)}"))
+
+
+def test_hub_id_is_planned_for_hugging_face_without_files():
+    p = loaders.plan(settings("--base_model=someone/some-model-7b"))
+    assert p.backend == "hf" and "hub id" in p.reason
+
+
+def test_dry_run_prints_the_plan_and_exits_0(capsys, tiny_llama):
+    assert main([f"--base_model={tiny_llama}", "--load_4bit", "--dry_run=True"]) == 0
+    out = capsys.readouterr().out
+    for field in ("backend", "devices", "dtype", "quantization", "context length", "weights (estimate)"):
+        assert field in out
+
+
+def flags_doc_command_lines() -> list[str]:
+    text = (ROOT / "docs" / "flags.md").read_text()
+    lines = [m.group(1) for m in re.finditer(r"^\s*(python generate\.py[^\n]*)$", text, re.M)]
+    assert len(lines) >= 10
+    return lines
+
+
+@pytest.mark.parametrize("line", flags_doc_command_lines())
+def test_every_command_line_in_the_flags_doc_passes_dry_run(line, capsys):
+    import shlex
+    argv = shlex.split(line)[2:]
+    assert main(argv + ["--dry_run=True"]) == 0, capsys.readouterr().err

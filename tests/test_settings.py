@@ -1,0 +1,82 @@
+"""Flag parsing as h2oGPT users write it, and the one-line errors for what they get wrong."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantchat.errors import UsageError
+from quantchat.generate import parse_flags
+from quantchat.settings import Settings, from_flags
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings(*argv: str) -> Settings:
+    return from_flags(parse_flags(list(argv)))
+
+
+def test_defaults_follow_h2ogpt_except_safety():
+    s = settings()
+    assert (s.base_model, s.load_8bit, s.load_4bit, s.low_bit_mode, s.use_gpu_id, s.gpu_id) == ("", False, False, 1,
+                                                                                             True, 0)
+    assert s.trust_remote_code is False and s.share is False and s.server_name == "localhost"
+    assert s.score_model is None and s.offload_folder == "offline_folder" and s.llamacpp_path == "llamacpp_path"
+
+
+def test_h2ogpt_command_line_values():
+    s = settings("--base_model=h2oai/h2ogpt-4096-llama2-7b-chat", "--load_8bit", "--prompt_type=llama2",
+                 "--max_seq_len=4096", "--temperature=0.7", "--use_gpu_id=False", "--gpu_id=1",
+                 "--system_prompt=You are Bob, a bot.", "--n_gpu_layers=20")
+    assert s.base_model == "h2oai/h2ogpt-4096-llama2-7b-chat" and s.load_8bit is True
+    assert (s.prompt_type, s.max_seq_len, s.temperature, s.use_gpu_id, s.gpu_id) == ("llama2", 4096, 0.7, False, 1)
+    assert s.system_prompt == "You are Bob, a bot." and s.n_gpu_layers == 20
+
+
+@pytest.mark.parametrize("text", ["{'type':'dynamic', 'factor':4}", '{"type": "dynamic", "factor": 4}'])
+def test_dict_flags_accept_python_and_json(text):
+    assert settings(f"--rope_scaling={text}").rope_scaling == {"type": "dynamic", "factor": 4}
+
+
+def test_llamacpp_dict_and_space_separated_value():
+    s = settings("--llamacpp_dict", "{'n_gpu_layers':20, 'n_batch': 128}")
+    assert s.llamacpp_dict == {"n_gpu_layers": 20, "n_batch": 128}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rope_scaling={'type':'dynamic', 'factor':4"], "cannot parse"),
+    (["--llamacpp_dict=[1, 2]"], "not a valid dict"),
+    (["--lod_8bit"], "did you mean --load_8bit"),
+    (["--load_8bit", "--load_4bit"], "clash"),
+    (["--low_bit_mode=7"], "choose 0, 1, 2, 3 or 4"),
+    (["--temperature=hot"], "not a valid number"),
+    (["--top_p=1.5"], "between"),
+    (["--max_new_tokens=-3"], "at least 1"),
+    (["--load_8bit=maybe"], "boolean"),
+    (["--rope_scaling={'factor': 2}"], "needs a type and a factor"),
+    (["--load_gptq=model"], "not supported yet"),
+    (["--langchain_mode=UserData"], "not supported yet"),
+    (["--inference_server=vllm:localhost:5000"], "not supported yet"),
+])
+def test_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        settings(*argv)
+
+
+def test_plain_chat_modes_of_later_flags_are_accepted():
+    assert settings("--langchain_mode=LLM", "--score_model=None").langchain_mode == "LLM"
+
+
+def test_bad_command_line_exits_2_with_one_line():
+    run = subprocess.run([sys.executable, "generate.py", "--load_8bit", "--load_4bit"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["error: --load_8bit and --load_4bit clash: choose one"]
+
+
+def test_help_lists_every_flag():
+    run = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0
+    for name in Settings.names():
+        assert f"--{name} " in run.stdout
