@@ -51,26 +51,30 @@ class WebUI:
         self.cancels: dict[str, threading.Event] = {}
 
     # --- handlers (plain functions of their inputs, so tests can call them too)
-    def answer(self, history: list[dict], system: str, settings: tuple, session: str):
-        """Stream the answer to the last user message in `history`; yields (display, history)."""
+    def answer(self, history: list[dict], system: str, settings: tuple, session: str, keep_on_error: bool):
+        """Stream the answer to the last user message in `history`; yields (display, history).
+
+        On an error the chat shows it, and the history goes back to what it was (keep_on_error: with the
+        user's message, as for Regenerate; without it, as for a message that failed).
+        """
         cancel = self.cancels[session] = threading.Event()
         overrides = dict(zip(SETTINGS, settings, strict=True))
         for key in ("max_new_tokens", "top_k"):
             overrides[key] = int(overrides[key])
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
                    [{"role": m["role"], "content": m["content"]} for m in history]
-        history = history + [{"role": "assistant", "content": ""}]
+        answer = {"role": "assistant", "content": ""}
         try:
             reply = self.engine.chat(messages, self.engine.params(**overrides), cancel)
             for chunk in reply:
-                history[-1]["content"] += chunk
-                yield _display(history), history
+                answer["content"] += chunk
+                yield _display([*history, answer]), [*history, answer]
         except UserError as e:
-            history[-1] = {"role": "assistant", "content": f"⚠️ {e}", "error": True}
-            yield _display(history), history
+            yield _display([*history, {"role": "assistant", "content": f"⚠️ {e}"}]), \
+                history if keep_on_error else history[:-1]
             return
-        history[-1]["stats"] = " · ".join([reply.stats.line(), *reply.notices])
-        yield _display(history), history
+        answer["stats"] = " · ".join([reply.stats.line(), *reply.notices])
+        yield _display([*history, answer]), [*history, answer]
 
     def send(self, message: str, history: list[dict], system: str, max_new_tokens, temperature, top_p, top_k,
              repetition_penalty, do_sample, max_time, request: gr.Request = None):
@@ -79,9 +83,9 @@ class WebUI:
         if not message:
             yield _display(history), history, ""
             return
-        history = [m for m in history if not m.get("error")] + [{"role": "user", "content": message}]
-        for display, history in self.answer(history, system, settings, _session(request)):
-            yield display, history, ""
+        history = [*history, {"role": "user", "content": message}]
+        for display, state in self.answer(history, system, settings, _session(request), keep_on_error=False):
+            yield display, state, ""
 
     def regenerate(self, history: list[dict], system: str, max_new_tokens, temperature, top_p, top_k,
                    repetition_penalty, do_sample, max_time, request: gr.Request = None):
@@ -91,7 +95,7 @@ class WebUI:
         if not history:
             yield [], []
             return
-        yield from self.answer(history, system, settings, _session(request))
+        yield from self.answer(history, system, settings, _session(request), keep_on_error=True)
 
     def stop(self, request: gr.Request = None) -> None:
         event = self.cancels.get(_session(request))
@@ -114,8 +118,7 @@ class WebUI:
     def build(self) -> gr.Blocks:
         p = self.engine.defaults
         limits = self.engine.limits
-        theme = gr.themes.Soft(primary_hue="yellow") if self.h2ocolors else gr.themes.Soft()
-        with gr.Blocks(title=self.title, theme=theme) as demo:
+        with gr.Blocks(title=self.title) as demo:
             gr.Markdown(f"## {self.title}")
             history = gr.State([])
             with gr.Row():
@@ -165,7 +168,8 @@ class WebUI:
         demo = self.build()
         demo.queue(default_concurrency_limit=None)
         try:
-            demo.launch(server_name=server_name, server_port=server_port, share=share, auth=logins,
+            theme = gr.themes.Soft(primary_hue="yellow") if self.h2ocolors else gr.themes.Soft()
+            demo.launch(server_name=server_name, server_port=server_port, share=share, auth=logins, theme=theme,
                         prevent_thread_lock=not block, show_error=True)
         except OSError as e:
             raise UserError(f"cannot listen on {server_name}:{server_port} ({e}): choose another --server_port") \

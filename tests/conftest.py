@@ -80,6 +80,10 @@ def gemma_hf(gemma_gguf) -> Path:
         src = Path(gemma_gguf)
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        # the weights are plain fp32 now; forget where they came from so that they can be saved
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         partial = folder.with_suffix(".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)

@@ -225,6 +225,7 @@ class HFModel:
     def __init__(self, p: LoadPlan):
         import torch
         import transformers
+        from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         o = p.options
         self.torch = torch
@@ -250,7 +251,7 @@ class HFModel:
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"{p.model} does not fit in GPU memory: try --load_4bit=True, --load_8bit=True or "
                             "--use_gpu_id=False to spread it over all GPUs") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, damaged or mismatched files
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise UserError(f"cannot load {p.model}: {first}") from None
         tok = self.tokenizer

@@ -30,10 +30,10 @@ def read_gguf_metadata(path: str) -> dict:
     try:
         with _quiet_stderr():
             vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+            meta = dict(vocab.metadata)
+            vocab.close()
     except (ValueError, RuntimeError, OSError) as e:
         raise UserError(f"{path} is not a readable GGUF file ({e})") from None
-    meta = dict(vocab.metadata)
-    vocab.close()
     for key, value in meta.items():
         try:
             meta[key] = int(value) if value.lstrip("-").isdigit() else value
@@ -144,7 +144,8 @@ class LlamaCppModel:
         llama_cpp = _llama_cpp()
         options = {k: v for k, v in p.options.items() if not k.startswith("_")}
         try:
-            self.llm = llama_cpp.Llama(**options)
+            with contextlib.nullcontext() if p.options["verbose"] else _quiet_stderr():
+                self.llm = llama_cpp.Llama(**options)
         except (ValueError, RuntimeError, OSError) as e:
             raise UserError(f"llama.cpp cannot load {p.model}: {e} (is the file complete? run with --verbose=True "
                             "to see llama.cpp's log)") from None
@@ -178,6 +179,9 @@ class LlamaCppModel:
         temp = params.temperature if params.do_sample else 0.0  # 0: greedy
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self._lock:  # one llama.cpp context: one generation at a time
+            # Evaluate the whole prompt every time: reusing a cached prefix changes llama.cpp's batch shapes
+            # and with them the last bits of the logits, so the same request could get another greedy answer.
+            self.llm.reset()
             generated = 0
             for token in self.llm.generate(tokens, temp=temp, top_p=params.top_p, top_k=params.top_k, min_p=0.0,
                                            repeat_penalty=params.repetition_penalty, reset=True):

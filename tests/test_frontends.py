@@ -1,0 +1,140 @@
+"""The terminal chat and the web UI, on real models: the web UI is driven through gradio_client."""
+import io
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FakeModel
+from quantchat import loaders
+from quantchat.engine import ChatEngine
+from quantchat.generate import build_engine
+from quantchat.prompter import FORMATS, Prompter
+from quantchat.terminal import run_terminal
+from test_settings import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scripted(lines):
+    feed = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+def test_terminal_multi_turn_reset_and_exit():
+    model = FakeModel(["Hi", " there"])
+    engine = ChatEngine(model, Prompter("plain", FORMATS["plain"]))
+    out = io.StringIO()
+    run_terminal(engine, read=scripted(["first", "second", "/reset", "third", "/exit", "never"]), out=out)
+    text = out.getvalue()
+    assert text.count("Hi there") == 3 and "(new conversation)" in text and "tokens/s" in text
+    assert "first" in model.prompts[1] and "second" in model.prompts[1]  # the history went along
+    assert "first" not in model.prompts[2]                                # /reset forgot it
+    assert len(model.prompts) == 3                                        # nothing after /exit
+
+
+def test_terminal_reports_errors_and_keeps_going():
+    engine = ChatEngine(FakeModel(["ok"], context=8), Prompter("plain", FORMATS["plain"]))
+    out = io.StringIO()
+    run_terminal(engine, read=scripted(["word " * 20, "short"]), out=out)
+    assert "error: the message is" in out.getvalue() and "ok" in out.getvalue()
+
+
+def test_generate_cli_chats_with_the_builtin_model():
+    run = subprocess.run([sys.executable, "generate.py", "--cli=True", "--max_new_tokens=6", "--max_seq_len=256"],
+                         cwd=ROOT, input="The capital of France is\n/exit\n", capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "6 tokens · length" in run.stdout
+    assert "using the plain format" in run.stderr  # the base model has no chat template
+
+
+def text(message: dict) -> str:
+    """A chat message's text (Gradio returns content as a list of typed parts)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def web(gemma_gguf):
+    from gradio_client import Client
+
+    from quantchat.webui import WebUI
+    model = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    engine = build_engine(settings("--max_new_tokens=8"), model)
+    port = free_port()
+    demo = WebUI(engine).launch("127.0.0.1", port, share=False, block=False)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False), engine
+    demo.close()
+    model.close()
+
+
+def test_web_ui_streams_an_answer_with_its_timings(web):
+    client, engine = web
+    client.predict(api_name="/clear")
+    job = client.submit("The capital of France is", api_name="/send")
+    updates = list(job)
+    chat = job.result()[0]
+    assert len(updates) >= 3  # streamed: several updates before the last
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert "tokens/s" in text(chat[1]) and "8 tokens · length" in text(chat[1])
+
+
+def test_web_ui_regenerate_undo_and_clear(web):
+    client, _ = web
+    client.predict(api_name="/clear")
+    first = client.predict("Once upon a time", api_name="/send")[0]
+    again = client.predict(api_name="/regenerate")  # State outputs are not part of the API
+    assert [m["role"] for m in again] == ["user", "assistant"]
+    assert text(again[1]).split("\n\n<sub>")[0] == text(first[1]).split("\n\n<sub>")[0]  # greedy
+    second = client.predict("And then", api_name="/send")[0]
+    assert len(second) == 4
+    assert len(client.predict(api_name="/undo")) == 2
+    assert client.predict(api_name="/clear") == []
+
+
+def test_web_ui_settings_change_the_answer_length(web):
+    client, _ = web
+    client.predict(api_name="/clear")
+    chat = client.predict("Hello", "", 3, api_name="/send")[0]
+    assert "3 tokens · length" in text(chat[1])
+
+
+def test_web_ui_reports_a_user_error_in_the_chat_and_stays_up(web):
+    client, _ = web
+    client.predict(api_name="/clear")
+    chat = client.predict("word " * 600, api_name="/send")[0]
+    assert "shorten it" in text(chat[-1])
+    chat = client.predict("Hello", api_name="/send")[0]
+    assert [m["role"] for m in chat] == ["user", "assistant"]  # the failed message left the history
+    assert text(chat[0]) == "Hello" and "tokens/s" in text(chat[1])
+
+
+def test_web_ui_stop_ends_the_answer_and_frees_the_model(web):
+    import time
+    client, engine = web
+    client.predict(api_name="/clear")
+    job = client.submit("Once upon a time", "", 2000, api_name="/send")  # ~500 tokens (the context): seconds
+    deadline = time.time() + 60
+    while not job.outputs() and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.outputs(), "no streamed output arrived"
+    started = time.perf_counter()
+    client.predict(api_name="/stop")
+    chat = client.predict("Hello", api_name="/send")[0]  # waits for the model to be free
+    assert time.perf_counter() - started < 3  # the stopped answer did not run on
+    assert "8 tokens · length" in text(chat[-1])

@@ -1,0 +1,120 @@
+"""The Hugging Face backend on a tiny random Llama built by the tests (CPU), bitsandbytes included."""
+import importlib.util
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from quantchat import loaders
+from quantchat.errors import UserError
+from quantchat.generate import build_engine
+from quantchat.loaders.base import GenParams
+from test_settings import settings
+
+GREEDY = GenParams(max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}")))
+    yield model
+    model.close()
+
+
+def test_info_describes_the_loaded_model(tiny, tiny_llama):
+    info = tiny.info
+    assert info.backend.startswith("hf") and info.devices == "cpu" and info.dtype == "float32"
+    assert info.context_length == 512 and info.bos_token == "<s>" and "im_start" in info.chat_template
+    assert info.weight_bytes == pytest.approx((tiny_llama / "model.safetensors").stat().st_size, rel=0.01)
+
+
+def test_greedy_stream_equals_transformers_generate_token_for_token(tiny):
+    prompt = "Hello, how are"
+    pieces = list(tiny.stream(prompt, GREEDY, threading.Event()))
+    ids = tiny.tokenizer(prompt, return_tensors="pt").input_ids
+    out = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              pad_token_id=tiny.pad_id)[0, ids.shape[1]:].tolist()
+    kept = [t for t in out if t not in tiny.eos_ids]
+    assert "".join(pieces) == tiny.tokenizer.decode(kept, skip_special_tokens=True)
+    assert len(pieces) == len(kept)  # one item per generated token
+
+
+def test_bos_is_not_doubled_when_the_template_writes_it(tiny):
+    assert tiny._encode("<s>hi")[0].tolist().count(tiny.tokenizer.bos_token_id) == 1
+    assert tiny._encode("hi")[0, 0].item() == tiny.tokenizer.bos_token_id
+
+
+def test_cancel_stops_the_generation_thread(tiny):
+    cancel = threading.Event()
+    stream = tiny.stream("Hello", GenParams(max_new_tokens=400, min_new_tokens=400), cancel)
+    next(stream)
+    cancel.set()
+    rest = list(stream)
+    assert len(rest) < 50
+    assert not any(t.name == "hf-generate" for t in threading.enumerate())
+
+
+def test_engine_uses_the_tokenizers_chat_template(tiny):
+    engine = build_engine(settings("--max_new_tokens=4"), tiny)
+    assert engine.prompter.source == "the model's chat template"
+    reply = engine.chat([{"role": "user", "content": "Hello"}])
+    reply.finish()
+    assert 1 <= reply.stats.completion_tokens <= 4 and reply.stats.prompt_tokens > 3
+
+
+def test_sampling_with_a_seed_repeats(tiny):
+    params = GenParams(max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    first = "".join(tiny.stream("Hello", params, threading.Event()))
+    second = "".join(tiny.stream("Hello", params, threading.Event()))
+    assert first == second
+
+
+@pytest.mark.parametrize("flag, layer_type, quantization", [
+    ("--load_8bit", "Linear8bitLt", "int8"),
+    ("--load_4bit", "Linear4bit", "4-bit NF4, double quantization"),
+    ("--low_bit_mode=3 --load_4bit", "Linear4bit", "4-bit FP4, double quantization"),
+])
+def test_bitsandbytes_on_the_cpu(tiny_llama, tiny, flag, layer_type, quantization):
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", *flag.split())))
+    try:
+        proj = model.model.model.layers[0].self_attn.q_proj
+        assert type(proj).__name__ == layer_type
+        assert model.info.quantization == quantization
+        assert model.info.weight_bytes < tiny.info.weight_bytes
+        assert len(list(model.stream("Hello", GenParams(max_new_tokens=6, min_new_tokens=6), threading.Event()))) == 6
+    finally:
+        model.close()
+
+
+def test_rope_scaling_and_half_precision_reach_the_model(tiny_llama):
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--load_half=True",
+                                               "--rope_scaling={'type':'linear','factor':2}")))
+    assert model.model.config.rope_parameters["rope_type"] == "linear"
+    assert model.model.config.rope_parameters["factor"] == 2
+    assert next(model.model.parameters()).dtype == torch.bfloat16 and model.info.context_length == 1024
+
+
+def test_missing_bitsandbytes_names_the_install_command(tiny_llama, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install -e \"\.\[bnb\]\""):
+        loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--load_4bit")))
+
+
+def test_corrupt_safetensors_is_one_clear_error(tiny_llama, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot load"):
+        loaders.load(loaders.plan(settings(f"--base_model={broken}")))
+
+
+def test_importing_quantchat_imports_no_backend():
+    code = ("import sys, quantchat.generate, quantchat.loaders, quantchat.engine, quantchat.prompter, quantchat.terminal;"
+            "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'bitsandbytes', 'gradio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

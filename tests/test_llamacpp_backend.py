@@ -1,0 +1,106 @@
+"""The llama.cpp backend on the real Gemma 3 270M GGUF, and the same weights through transformers."""
+import sys
+import threading
+
+import pytest
+
+from quantchat import loaders
+from quantchat.errors import UserError
+from quantchat.generate import build_engine
+from quantchat.loaders.base import GenParams
+from test_settings import settings
+
+GREEDY = GenParams(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_gguf):
+    model = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    yield model
+    model.close()
+
+
+def test_builtin_model_loads_with_what_it_is(gemma):
+    info = gemma.info
+    assert info.backend.startswith("llama.cpp") and info.quantization == "GGUF Q4_K_M"
+    assert info.context_length == 512 and info.chat_template is None and info.bos_token == "<bos>"
+
+
+def test_load_says_how_many_layers_went_to_the_gpu(gemma_gguf, capfd):
+    import llama_cpp
+    model = loaders.load(loaders.plan(settings("--max_seq_len=256")))
+    model.close()
+    on_gpu = 18 if llama_cpp.llama_supports_gpu_offload() else 0
+    assert f"llama.cpp: {on_gpu} of 18 layers on the GPU" in capfd.readouterr().err
+
+
+def test_greedy_is_repeatable_and_yields_one_item_per_token(gemma):
+    first = list(gemma.stream(PROMPT, GREEDY, threading.Event()))
+    second = list(gemma.stream(PROMPT, GREEDY, threading.Event()))
+    assert first == second and len(first) == 12
+    assert gemma.count_tokens("".join(first)) == pytest.approx(12, abs=2)
+
+
+def test_cancel_stops_llamacpp(gemma):
+    cancel = threading.Event()
+    stream = gemma.stream(PROMPT, GenParams(max_new_tokens=200), cancel)
+    next(stream)
+    cancel.set()
+    assert list(stream) == []
+
+
+def test_engine_on_a_base_model_falls_back_to_plain_with_a_warning(gemma):
+    engine = build_engine(settings("--max_new_tokens=8"), gemma)
+    assert engine.prompter.source == "plain (fallback)"
+    reply = engine.chat([{"role": "user", "content": PROMPT}])
+    text = reply.finish()
+    assert text and reply.stats.completion_tokens == 8 and reply.stats.finish_reason == "length"
+    assert reply.stats.tokens_per_s and reply.stats.tokens_per_s > 1
+
+
+def test_gemma_prompt_type_renders_the_turn_format(gemma):
+    engine = build_engine(settings("--prompt_type=gemma", "--max_new_tokens=4"), gemma)
+    engine.chat([{"role": "user", "content": "Hi"}]).finish()
+    assert engine.model.count_tokens("<start_of_turn>") == 1  # a special token, not text
+
+
+def test_prompt_longer_than_the_context_is_refused(gemma):
+    engine = build_engine(settings("--max_new_tokens=8"), gemma)
+    with pytest.raises(UserError, match="shorten it"):
+        engine.chat([{"role": "user", "content": "word " * 600}])
+
+
+def test_gpu_layers_on_a_cpu_build_are_warned_about(gemma_gguf):
+    import llama_cpp
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build has GPU support")
+    plan = loaders.plan(settings("--n_gpu_layers=20"))
+    assert plan.devices == "cpu" and any("no GPU support" in n for n in plan.notes)
+
+
+def test_missing_llama_cpp_names_the_install_command(monkeypatch, gemma_gguf):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(UserError, match=r"pip install -e \"\.\[llamacpp\]\""):
+        loaders.plan(settings())
+
+
+def test_same_gguf_in_both_backends_agrees_on_greedy_tokens(gemma, gemma_hf):
+    """llama.cpp computes on the Q4_K_M blocks; transformers on the same weights dequantized to fp32.
+
+    Where two candidates are nearly tied the backends may part ways later in an answer; the first tokens agree.
+    """
+    hf = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}")))
+    prompts = [PROMPT, "Once upon a time", "def fibonacci(n):", "The three primary colors are", "Water boils at",
+               "import numpy as np"]
+    try:
+        params = GenParams(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
+        agreed = []
+        for prompt in prompts:
+            from_llamacpp = list(gemma.stream(prompt, params, threading.Event()))
+            from_hf = list(hf.stream(prompt, params, threading.Event()))
+            assert from_llamacpp[:4] == from_hf[:4], (prompt, from_llamacpp, from_hf)
+            agreed.append(next((i for i, (a, b) in enumerate(zip(from_llamacpp, from_hf)) if a != b), 12))
+        assert sum(agreed) >= 0.75 * 12 * len(prompts), agreed
+    finally:
+        hf.close()
