@@ -1,6 +1,8 @@
 """Load time, GPU memory and speed of each backend and precision, measured through the chat engine.
 
-Run on a GPU machine:  python bench/launcher.py --gguf=PATH.gguf --hf=CONVERTED_DIR --out=results/launcher.json
+Run on a GPU machine (the llama.cpp row in a process of its own: torch and a CUDA llama.cpp clash in one):
+  python bench/launcher.py --gguf=PATH.gguf --hf=CONVERTED_DIR --rows=hf-bf16,hf-int8,hf-nf4 --out=A.json
+  python bench/launcher.py --gguf=PATH.gguf --hf=CONVERTED_DIR --rows=llamacpp-gpu --out=B.json
 The Hugging Face rows load the same Gemma weights dequantized from the GGUF (tests/conftest.py converts them).
 Writes a JSON result file and prints a Markdown table made from it.
 """
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,16 +27,17 @@ PROMPT = "Write a long story about a lighthouse keeper who finds a message in a 
 NEW_TOKENS = 128
 
 
+def nvidia_smi(field: str) -> str:
+    """Asked of the driver, not of torch: the llama.cpp rows run in processes that must not import torch."""
+    return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def gpu_used_bytes() -> int:
-    import torch
-    free, total = torch.cuda.mem_get_info()
-    return total - free
+    return int(nvidia_smi("memory.used")) * 2**20
 
 
 def measure(name: str, argv: list[str], force_fp16: bool = False) -> dict:
-    import torch
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
     before = gpu_used_bytes()
     settings = from_flags(parse_flags(argv + [f"--max_new_tokens={NEW_TOKENS}", "--min_new_tokens=" + str(NEW_TOKENS),
                                               "--max_seq_len=2048", "--repetition_penalty=1.0"]))
@@ -66,9 +71,8 @@ def main() -> None:
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--hf", required=True)
     parser.add_argument("--out", default="bench/results/launcher.json")
-    parser.add_argument("--rows", default="hf-bf16,hf-fp16,hf-int8,hf-nf4,llamacpp-gpu")
+    parser.add_argument("--rows", default="hf-bf16,hf-int8,hf-nf4", help="llamacpp-gpu must run in its own process")
     args = parser.parse_args()
-    import torch
     rows = {
         "hf-bf16": lambda: measure("HF bf16", [f"--base_model={args.hf}"]),
         "hf-fp16": lambda: measure("HF fp16", [f"--base_model={args.hf}"], force_fp16=True),
@@ -83,9 +87,9 @@ def main() -> None:
         except Exception as e:  # one failing row must not lose the others
             results.append({"name": key, "error": f"{e.__class__.__name__}: {e}"})
         print(json.dumps(results[-1]), flush=True)
-    import transformers
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
-              "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": nvidia_smi("name"),
+              "torch": version("torch"), "transformers": version("transformers"),
+              "llama_cpp_python": version("llama_cpp_python"), "python": platform.python_version(),
               "model": "Gemma 3 270M (Q4_K_M GGUF; HF rows: the same weights dequantized)",
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "rows": results}
     out = Path(args.out)
@@ -95,7 +99,8 @@ def main() -> None:
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']}", "",
+    lines = [f"{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, "
+             f"llama-cpp-python {result['llama_cpp_python']}, {result['date']}", "",
              "| row | devices | load s | GPU memory GiB | TTFT ms | decode tokens/s |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:

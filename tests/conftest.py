@@ -22,13 +22,22 @@ CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['co
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def pytest_collection_modifyitems(config, items):
+def cuda_gpu_count() -> int:
+    """GPUs the CUDA driver sees, asked without importing torch: a process that imports torch cannot load a
+    CUDA build of llama.cpp afterwards (docs/backends.md), and the llama.cpp GPU tests must run."""
+    import ctypes
     try:
-        import torch
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
-    if not has_gpu:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def pytest_collection_modifyitems(config, items):
+    if not cuda_gpu_count():
         skip = pytest.mark.skip(reason="needs a CUDA GPU: run on the GPU machine")
         for item in items:
             if "gpu" in item.keywords:

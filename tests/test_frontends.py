@@ -6,14 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FakeModel
+from test_settings import settings
+
 from quantchat import loaders
 from quantchat.engine import ChatEngine
 from quantchat.generate import build_engine
 from quantchat.prompter import FORMATS, Prompter
 from quantchat.terminal import run_terminal
-from test_settings import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 import torch
+from test_settings import settings
 
 from quantchat import loaders
 from quantchat.errors import UserError
 from quantchat.generate import build_engine
 from quantchat.loaders.base import GenParams
-from test_settings import settings
 
 GREEDY = GenParams(max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
 

