@@ -100,7 +100,7 @@ def test_same_gguf_in_both_backends_agrees_on_greedy_tokens(gemma, gemma_hf):
             from_llamacpp = list(gemma.stream(prompt, params, threading.Event()))
             from_hf = list(hf.stream(prompt, params, threading.Event()))
             assert from_llamacpp[:4] == from_hf[:4], (prompt, from_llamacpp, from_hf)
-            agreed.append(next((i for i, (a, b) in enumerate(zip(from_llamacpp, from_hf, strict=True)) if a != b), 12))
+            agreed.append(next((i for i, (a, b) in enumerate(zip(from_llamacpp, from_hf, strict=False)) if a != b), 12))
         assert sum(agreed) >= 0.75 * 12 * len(prompts), agreed
     finally:
         hf.close()
