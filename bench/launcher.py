@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +25,13 @@ from quantchat.settings import from_flags  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 NEW_TOKENS = 128
+
+
+def installed(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def nvidia_smi(field: str) -> str:
@@ -88,8 +95,8 @@ def main() -> None:
             results.append({"name": key, "error": f"{e.__class__.__name__}: {e}"})
         print(json.dumps(results[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": nvidia_smi("name"),
-              "torch": version("torch"), "transformers": version("transformers"),
-              "llama_cpp_python": version("llama_cpp_python"), "python": platform.python_version(),
+              "torch": installed("torch"), "transformers": installed("transformers"),
+              "llama_cpp_python": installed("llama_cpp_python"), "python": platform.python_version(),
               "model": "Gemma 3 270M (Q4_K_M GGUF; HF rows: the same weights dequantized)",
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "rows": results}
     out = Path(args.out)
