@@ -75,11 +75,17 @@ def measure(name: str, argv: list[str], force_fp16: bool = False) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--gguf", required=True)
-    parser.add_argument("--hf", required=True)
+    parser.add_argument("--gguf")
+    parser.add_argument("--hf")
+    parser.add_argument("--table", help="print the Markdown table of a result file and exit")
     parser.add_argument("--out", default="bench/results/launcher.json")
     parser.add_argument("--rows", default="hf-bf16,hf-int8,hf-nf4", help="llamacpp-gpu must run in its own process")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    if not (args.gguf and args.hf):
+        parser.error("--gguf and --hf are required to measure")
     rows = {
         "hf-bf16": lambda: measure("HF bf16", [f"--base_model={args.hf}"]),
         "hf-fp16": lambda: measure("HF fp16", [f"--base_model={args.hf}"], force_fp16=True),

@@ -5,10 +5,12 @@ It renders the prompt, fits the conversation into the context window, queues con
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -131,10 +133,12 @@ class ChatEngine:
     verbose: bool = False
     log: Callable[[str], None] = print
     slots: int = 1
+    save_dir: str | None = None   # every finished answer is appended to save_dir/history.jsonl
 
     def __post_init__(self):
         self.limits = self.limits or Limits(self.model.info.context_length)
         self.queue = Turnstile(self.slots)
+        self._save_lock = threading.Lock()
 
     @property
     def queue_depth(self) -> int:
@@ -208,15 +212,30 @@ class ChatEngine:
                 return
             start = time.perf_counter()
             stats.queue_s = start - asked
+            answer: list[str] = []
             try:
-                yield from self._generate(prompt, params, cancel, stats, start)
+                for chunk in self._generate(prompt, params, cancel, stats, start):
+                    answer.append(chunk)
+                    yield chunk
             finally:
                 stats.total_s = time.perf_counter() - start
                 self.queue.release()
                 if self.verbose:
                     self.log(stats.line())
+                if self.save_dir:
+                    self._save(messages, "".join(answer), params, stats)
 
         return Reply(run(), stats, notices)
+
+    def _save(self, messages: list[Message], answer: str, params: GenParams, stats: Stats) -> None:
+        """One JSON line per answer: the conversation, the answer, the settings, the model and the timings."""
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.model.info.model,
+                  "backend": self.model.info.backend, "messages": messages, "answer": answer,
+                  "params": asdict(params), "stats": {**asdict(stats), "tokens_per_s": stats.tokens_per_s}}
+        folder = Path(self.save_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._save_lock, open(folder / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _generate(self, prompt: str, params: GenParams, cancel: threading.Event, stats: Stats,
                   start: float) -> Iterator[str]:

@@ -55,7 +55,7 @@ def build_engine(s: Settings, model):
               f"{limits.max_max_new_tokens}", file=sys.stderr)
         defaults.max_new_tokens = limits.max_max_new_tokens
     engine = ChatEngine(model, prompter, defaults, limits, verbose=s.verbose,
-                        log=lambda text: print(text, file=sys.stderr))
+                        log=lambda text: print(text, file=sys.stderr), save_dir=s.save_dir)
     engine.params()  # validate the defaults once, now, rather than at the first message
     return engine
 

@@ -85,7 +85,7 @@ class Settings:
     concurrency_count: int = flag(1, "generations run at once per model (llama.cpp and the default path run one)")
     h2ocolors: bool = flag(True, "h2o.ai colours in the web UI")
     verbose: bool = flag(False, "print rendered prompts and timings")
-    save_dir: str | None = flag(None, "folder where conversations are saved", kind="str?", later=True)
+    save_dir: str | None = flag(None, "folder where every answer is appended to history.jsonl", kind="str?")
     score_model: str | None = flag(None, "reward model scoring answers (default None: off; h2oGPT: 'auto')",
                                    kind="str?", later=True)
     dry_run: bool = flag(False, "print the load plan (backend, devices, dtype, memory) and exit without reading weights")

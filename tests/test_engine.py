@@ -173,3 +173,15 @@ def test_defaults_apply_when_a_request_says_none():
     e = ChatEngine(FakeModel(["t"]), PLAIN, defaults=GenParams(max_new_tokens=7, temperature=0.0))
     p = e.params(max_new_tokens=None)
     assert p.max_new_tokens == 7 and p.do_sample is False
+
+
+def test_save_dir_appends_one_json_line_per_answer(tmp_path):
+    import json
+    e = ChatEngine(FakeModel(["a", "b"]), PLAIN, save_dir=str(tmp_path / "saved"))
+    e.chat(user("first")).finish()
+    e.chat(user("second"), e.params(max_new_tokens=1)).finish()
+    lines = (tmp_path / "saved" / "history.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["answer"] for r in records] == ["ab", "a"]
+    assert records[1]["messages"][-1]["content"] == "second" and records[1]["params"]["max_new_tokens"] == 1
+    assert records[0]["stats"]["completion_tokens"] == 2 and records[0]["model"] == "fake"

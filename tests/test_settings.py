@@ -57,6 +57,7 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--load_gptq=model"], "not supported yet"),
     (["--langchain_mode=UserData"], "not supported yet"),
     (["--inference_server=vllm:localhost:5000"], "not supported yet"),
+    (["--lora_weights=adapter"], "not supported yet"),
 ])
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):
