@@ -31,6 +31,17 @@ def read_auth(auth: Any) -> list[tuple[str, str]] | None:
         raise UserError("--auth: write it as [('user', 'password'), ...]") from None
 
 
+def exposure_warnings(server_name: str, share: bool, logins) -> list[str]:
+    """Listening beyond loopback, or on a public link, without logins: say so."""
+    warnings = []
+    if server_name not in LOOPBACK and not logins:
+        warnings.append(f"the web UI listens on {server_name} without --auth: anyone who reaches this machine "
+                        "can use the model")
+    if share and not logins:
+        warnings.append("--share publishes the web UI on a public link without --auth")
+    return warnings
+
+
 def _display(history: list[dict]) -> list[dict]:
     """Chat messages for the Chatbot: each answer carries its timing line below it."""
     shown = []
@@ -160,11 +171,8 @@ class WebUI:
 
     def launch(self, server_name: str, server_port: int, share: bool, auth: Any = None, block: bool = True):
         logins = read_auth(auth)
-        if server_name not in LOOPBACK and not logins:
-            print(f"warning: the web UI listens on {server_name} without --auth: anyone who reaches this machine "
-                  "can use the model", file=sys.stderr)
-        if share and not logins:
-            print("warning: --share publishes the web UI on a public link without --auth", file=sys.stderr)
+        for warning in exposure_warnings(server_name, share, logins):
+            print(f"warning: {warning}", file=sys.stderr)
         demo = self.build()
         demo.queue(default_concurrency_limit=None)
         try:

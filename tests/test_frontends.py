@@ -138,3 +138,18 @@ def test_web_ui_stop_ends_the_answer_and_frees_the_model(web):
     chat = client.predict("Hello", api_name="/send")[0]  # waits for the model to be free
     assert time.perf_counter() - started < 3  # the stopped answer did not run on
     assert "8 tokens · length" in text(chat[-1])
+
+
+def test_exposure_warnings_and_auth_parsing(tmp_path):
+    from quantchat.errors import UserError
+    from quantchat.webui import exposure_warnings, read_auth
+    assert exposure_warnings("localhost", False, None) == []
+    assert "without --auth" in exposure_warnings("0.0.0.0", False, None)[0]
+    assert exposure_warnings("0.0.0.0", False, [("a", "b")]) == []
+    assert "public link" in exposure_warnings("127.0.0.1", True, None)[0]
+    logins = tmp_path / "auth.json"
+    logins.write_text('[["alice", "secret"]]')
+    assert read_auth(str(logins)) == [("alice", "secret")] and read_auth([("bob", "pw")]) == [("bob", "pw")]
+    logins.write_text("not json")
+    with pytest.raises(UserError, match="JSON list"):
+        read_auth(str(logins))

@@ -119,3 +119,8 @@ def test_every_command_line_in_the_flags_doc_passes_dry_run(line, capsys):
     import shlex
     argv = shlex.split(line)[2:]
     assert main(argv + ["--dry_run=True"]) == 0, capsys.readouterr().err
+
+
+def test_beam_search_is_refused_for_gguf(gemma_gguf):
+    with pytest.raises(UsageError, match="beam search"):
+        loaders.plan(settings("--num_beams=4"))

@@ -62,6 +62,7 @@ class LoadPlan:
     kv_cache_bytes: int | None   # estimate of the KV cache at full context
     options: dict[str, Any] = field(default_factory=dict)   # backend-specific load arguments
     notes: list[str] = field(default_factory=list)          # warnings to show the user
+    gpu_layers: tuple[int, int] | None = None               # (layers on the GPU, all layers) where known
 
     def describe(self) -> str:
         def gib(n: int | None) -> str:

@@ -91,6 +91,8 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
     if s.load_8bit or s.load_4bit:
         raise UsageError("--load_8bit/--load_4bit do not apply to a GGUF file: its quantization is fixed by the "
                          "file; pick a GGUF of another type (Q8_0, Q4_K_M ...) instead")
+    if s.num_beams and s.num_beams > 1:
+        raise UsageError("--num_beams: llama.cpp does not do beam search; drop the flag (greedy or sampling)")
     meta = read_gguf_metadata(path)
     arch = meta.get("general.architecture", "llama")
     trained = meta.get(f"{arch}.context_length")
@@ -128,9 +130,8 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
         meta.get(f"{arch}.embedding_length", 0) // max(meta.get(f"{arch}.attention.head_count", 1), 1))
     value_len = meta.get(f"{arch}.attention.value_length") or key_len
     kv = int(layers * heads_kv * (key_len + value_len) * context * 2) if layers and heads_kv and key_len else None
-    options["_layers"], options["_on_gpu"] = layers, on_gpu
     return LoadPlan("llamacpp", why, path, devices, "as stored in the file", quant, context,
-                    os.path.getsize(path), kv, options, notes)
+                    os.path.getsize(path), kv, options, notes, (on_gpu, layers))
 
 
 def _file_type_name(file_type) -> str:
@@ -142,10 +143,9 @@ def _file_type_name(file_type) -> str:
 class LlamaCppModel:
     def __init__(self, p: LoadPlan):
         llama_cpp = _llama_cpp()
-        options = {k: v for k, v in p.options.items() if not k.startswith("_")}
         try:
             with contextlib.nullcontext() if p.options["verbose"] else _quiet_stderr():
-                self.llm = llama_cpp.Llama(**options)
+                self.llm = llama_cpp.Llama(**p.options)
         except (ValueError, RuntimeError, OSError) as e:
             raise UserError(f"llama.cpp cannot load {p.model}: {e} (is the file complete? run with --verbose=True "
                             "to see llama.cpp's log)") from None
@@ -153,9 +153,8 @@ class LlamaCppModel:
         self.vocab = self.llm._model.vocab
         self.is_eog = llama_cpp.llama_vocab_is_eog
         self.bos = self._token_text(self.llm.token_bos())
-        devices = p.devices
-        print(f"llama.cpp: {p.options['_on_gpu']} of {p.options['_layers']} layers on the GPU", file=sys.stderr)
-        self.info = ModelInfo(f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", p.model, devices, p.dtype,
+        print("llama.cpp: {} of {} layers on the GPU".format(*p.gpu_layers), file=sys.stderr)
+        self.info = ModelInfo(f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", p.model, p.devices, p.dtype,
                               p.quantization, self.llm.n_ctx(), p.weight_bytes, meta.get("tokenizer.chat_template"),
                               self.bos, self._token_text(self.llm.token_eos()))
         self._lock = threading.Lock()
