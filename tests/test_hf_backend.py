@@ -118,3 +118,17 @@ def test_importing_quantchat_imports_no_backend():
             "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'bitsandbytes', 'gradio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tokenizer_base_model_names_another_folder(tiny_llama, tmp_path):
+    import shutil
+    weights, tokenizer = tmp_path / "weights", tmp_path / "tokenizer"
+    shutil.copytree(tiny_llama, weights)
+    tokenizer.mkdir()
+    for f in weights.glob("tokenizer*"):
+        shutil.move(str(f), tokenizer / f.name)
+    with pytest.raises(UserError):
+        loaders.load(loaders.plan(settings(f"--base_model={weights}")))
+    model = loaders.load(loaders.plan(settings(f"--base_model={weights}", f"--tokenizer_base_model={tokenizer}")))
+    assert model.tokenizer.bos_token == "<s>"
+    assert len(list(model.stream("Hello", GenParams(max_new_tokens=3, min_new_tokens=3), threading.Event()))) == 3
