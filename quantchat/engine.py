@@ -195,15 +195,32 @@ class ChatEngine:
              cancel: threading.Event | None = None) -> Reply:
         """Answer the conversation. Errors a user causes raise UserError before the first token."""
         params = params or self.params()
-        cancel = cancel or threading.Event()
         if self.prompter.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.prompter.system_prompt}, *messages]
         prompt, n_prompt, dropped, params, notices = self.fit(messages, params)
         params = replace(params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])))
+        return self._reply(prompt, n_prompt, params, cancel or threading.Event(), notices, messages,
+                           Stats(prompt_tokens=n_prompt, dropped_turns=dropped))
+
+    def complete(self, prompt: str, params: GenParams | None = None, cancel: threading.Event | None = None) -> Reply:
+        """Continue raw text: no prompt format, no history to fit (a prompt too long for the context is refused)."""
+        params = params or self.params()
+        n_prompt = self.model.count_tokens(prompt)
+        context = self.limits.context_length
+        if n_prompt >= context:
+            raise UserError(f"the prompt is {n_prompt} tokens, and the context holds {context}: shorten it")
+        notices = []
+        if n_prompt + params.max_new_tokens > context:
+            params = replace(params, max_new_tokens=context - n_prompt)
+            notices.append(f"answer limited to {context - n_prompt} tokens by the {context}-token context")
+        return self._reply(prompt, n_prompt, params, cancel or threading.Event(), notices,
+                           [{"role": "prompt", "content": prompt}], Stats(prompt_tokens=n_prompt))
+
+    def _reply(self, prompt: str, n_prompt: int, params: GenParams, cancel: threading.Event, notices: list[str],
+               saved_as: list[Message], stats: Stats) -> Reply:
+        """Queue, generate and time one answer; nothing runs until the Reply is iterated."""
         if self.verbose:
             self.log(f"prompt ({n_prompt} tokens):\n{prompt}")
-
-        stats = Stats(prompt_tokens=n_prompt, dropped_turns=dropped)
 
         def run() -> Iterator[str]:
             asked = time.perf_counter()
@@ -223,7 +240,7 @@ class ChatEngine:
                 if self.verbose:
                     self.log(stats.line())
                 if self.save_dir:
-                    self._save(messages, "".join(answer), params, stats)
+                    self._save(saved_as, "".join(answer), params, stats)
 
         return Reply(run(), stats, notices)
 

@@ -60,6 +60,21 @@ def build_engine(s: Settings, model):
     return engine
 
 
+def start_api(s: Settings):
+    """The OpenAI-compatible API starts before the model loads, so /health can say 503 meanwhile."""
+    from .api import OpenAIServer, read_api_keys, serve
+    from .webui import LOOPBACK
+    keys = read_api_keys(s.openai_api_key)
+    host = s.server_name
+    if host not in LOOPBACK and not keys:
+        print(f"warning: no --openai_api_key: the API listens on 127.0.0.1 only, not on {host}", file=sys.stderr)
+        host = "127.0.0.1"
+    api = OpenAIServer(keys)
+    thread = serve(api, host, s.openai_port)
+    print(f"OpenAI-compatible API on http://{host}:{s.openai_port}/v1", file=sys.stderr)
+    return api, thread
+
+
 def run(s: Settings) -> int:
     from . import loaders
 
@@ -69,17 +84,22 @@ def run(s: Settings) -> int:
         return 0
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    api, api_thread = start_api(s) if s.openai_server else (None, None)
     model = loaders.load(plan)
     try:
         engine = build_engine(s, model)
         print(f"prompt format: {engine.prompter.source}", file=sys.stderr)
+        if api:
+            api.ready(engine)
         if s.cli:
             from .terminal import run_terminal
             run_terminal(engine, s.stream_output)
         elif s.gradio:
             from .webui import WebUI
-            port = s.server_port or int(os.environ.get("GRADIO_SERVER_PORT", 7860))
+            port = s.server_port or int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
             WebUI(engine, s.system_prompt, h2ocolors=s.h2ocolors).launch(s.server_name, port, s.share, s.auth)
+        elif api_thread:
+            api_thread.join()  # --gradio=False: serve the API only, until Ctrl-C
     finally:
         model.close()
     return 0

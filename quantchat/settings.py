@@ -85,6 +85,10 @@ class Settings:
     concurrency_count: int = flag(1, "generations run at once per model (llama.cpp and the default path run one)")
     h2ocolors: bool = flag(True, "h2o.ai colours in the web UI")
     verbose: bool = flag(False, "print rendered prompts and timings")
+    openai_server: bool = flag(False, "also serve the OpenAI-compatible API (/v1/chat/completions ...)")
+    openai_port: int = flag(5000, "port of the OpenAI-compatible API")
+    openai_api_key: str | None = flag(None, "API key clients must send (or a file of keys, one per line); "
+                                            "without one the API listens on localhost only", kind="str?")
     save_dir: str | None = flag(None, "folder where every answer is appended to history.jsonl", kind="str?")
     score_model: str | None = flag(None, "reward model scoring answers (default None: off; h2oGPT: 'auto')",
                                    kind="str?", later=True)
@@ -101,7 +105,6 @@ class Settings:
     langchain_mode: str | None = flag(None, "documents Q&A mode (LLM or Disabled: plain chat)", kind="str?", later=True)
     user_path: str | None = flag(None, "folder of documents for langchain_mode=UserData", kind="str?", later=True)
     hf_embedding_model: str | None = flag(None, "embedding model for documents Q&A", kind="str?", later=True)
-    openai_server: bool = flag(False, "serve the OpenAI-compatible API", later=True)
     model_lock: Any = flag(None, "several models side by side", kind="list?", later=True)
 
     @classmethod
@@ -207,6 +210,7 @@ def validate(s: Settings) -> None:
         ("repetition_penalty", s.repetition_penalty, 0.01, 100.0), ("max_seq_len", s.max_seq_len, 16, None),
         ("n_gpu_layers", s.n_gpu_layers, -1, None), ("gpu_id", s.gpu_id, 0, None),
         ("server_port", s.server_port, 1, 65535), ("concurrency_count", s.concurrency_count, 1, 1024),
+        ("openai_port", s.openai_port, 1, 65535),
     ]
     for name, value, low, high in checks:
         if value is None:

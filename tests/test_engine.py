@@ -185,3 +185,11 @@ def test_save_dir_appends_one_json_line_per_answer(tmp_path):
     assert [r["answer"] for r in records] == ["ab", "a"]
     assert records[1]["messages"][-1]["content"] == "second" and records[1]["params"]["max_new_tokens"] == 1
     assert records[0]["stats"]["completion_tokens"] == 2 and records[0]["model"] == "fake"
+
+
+def test_complete_continues_raw_text_without_a_format():
+    e = engine(["x", "y"], prompter=CHATML)
+    reply = e.complete("Once upon a time")
+    assert reply.finish() == "xy" and e.model.prompts[-1] == "Once upon a time"
+    with pytest.raises(UserError, match="shorten it"):
+        engine(["t"], context=8).complete("w " * 20)

@@ -1,0 +1,175 @@
+"""The OpenAI-compatible API on the built-in Gemma model: the official openai client, and plain HTTP for errors."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from quantchat import loaders
+from quantchat.api import OpenAIServer, serve
+from quantchat.generate import build_engine
+from test_settings import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(gemma_gguf):
+    model = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    yield build_engine(settings("--max_new_tokens=8"), model)
+    model.close()
+
+
+def start(engine, keys=None):
+    server = OpenAIServer(keys)
+    port = free_port()
+    serve(server, "127.0.0.1", port)
+    if engine is not None:
+        server.ready(engine)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def api(engine):
+    server, url = start(engine)
+    yield url
+    server.uvicorn.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def client(api):
+    return openai.OpenAI(base_url=f"{api}/v1", api_key="unused")
+
+
+def test_health_is_503_while_loading_then_200(engine):
+    server, url = start(None)
+    try:
+        assert httpx.get(f"{url}/health").status_code == 503
+        error = httpx.post(f"{url}/v1/chat/completions", json={"messages": []})
+        assert error.status_code == 503 and error.json()["error"]["code"] == "loading"
+        server.ready(engine)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+    finally:
+        server.uvicorn.should_exit = True
+
+
+def test_chat_not_streamed_with_usage(client, engine):
+    answer = client.chat.completions.create(model="anything", messages=[{"role": "user", "content": "Water boils at"}],
+                                            temperature=0)
+    assert answer.choices[0].message.role == "assistant" and answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 8
+    assert answer.usage.prompt_tokens > 2 and answer.model == engine.model.info.model
+
+
+def test_chat_streamed_equals_not_streamed(client):
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    whole = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=12,
+                                                 stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len(chunks) >= 5 and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completions_continue_raw_text(client):
+    answer = client.completions.create(model="m", prompt="Water boils at", max_tokens=8, temperature=0)
+    assert "100 degrees" in answer.choices[0].text and answer.usage.completion_tokens == 8
+    streamed = client.completions.create(model="m", prompt="Water boils at", max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
+
+
+def test_stop_strings_and_models(client, engine):
+    answer = client.completions.create(model="m", prompt="Water boils at", max_tokens=12, temperature=0, stop=["Celsius"])
+    assert "Celsius" not in answer.choices[0].text and answer.choices[0].finish_reason == "stop"
+    models = client.models.list().data
+    assert [m.id for m in models] == [engine.model.info.model]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e9}, 400, None),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 700}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "x" * (5 * 2**20)}]}, 413, None),
+])
+def test_bad_requests_get_openai_shaped_errors(api, body, status, param):
+    response = httpx.post(f"{api}/v1/chat/completions", content=body if isinstance(body, bytes) else json.dumps(body),
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_api_keys(engine):
+    server, url = start(engine, [KEY])
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        ok = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+        assert ok.completions.create(model="m", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.uvicorn.should_exit = True
+
+
+def test_client_that_disconnects_mid_stream_frees_the_model(api, engine):
+    body = {"messages": [{"role": "user", "content": "Tell a long story"}], "max_tokens": 480, "stream": True}
+    with httpx.stream("POST", f"{api}/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                break  # the first real token: now hang up
+    started = time.perf_counter()
+    quick = httpx.post(f"{api}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=30)
+    assert quick.status_code == 200 and time.perf_counter() - started < 3  # not behind ~480 tokens
+    assert engine.queue_depth == 0
+
+
+def test_metrics_count_requests_tokens_and_timings(api, client):
+    client.completions.create(model="m", prompt="Hi", max_tokens=3)
+    text = httpx.get(f"{api}/metrics").text
+    assert 'quantchat_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert 'quantchat_requests_total{endpoint="/v1/chat/completions",status="400"}' in text
+    assert "quantchat_completion_tokens_total" in text and "quantchat_time_to_first_token_seconds_bucket" in text
+    assert "quantchat_decode_tokens_per_second_count" in text and "quantchat_queue_depth 0.0" in text
+
+
+def test_generate_serves_the_api_only(gemma_gguf):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "generate.py", "--openai_server=True", "--gradio=False",
+                                f"--openai_port={port}", "--max_seq_len=256", "--max_new_tokens=4"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi"}).json()
+        assert answer["usage"]["completion_tokens"] == 4
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
