@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from test_settings import settings
 
 from quantchat import loaders
 from quantchat.api import OpenAIServer, serve
 from quantchat.generate import build_engine
-from test_settings import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
