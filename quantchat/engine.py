@@ -90,6 +90,17 @@ class Turnstile:
 
 
 @dataclass
+class Fitted:
+    """A conversation fitted into the context: what the model is given, and what was given up to fit it."""
+    prompt: str
+    messages: list[Message]
+    tokens: int
+    dropped: int
+    params: GenParams
+    notices: list[str]
+
+
+@dataclass
 class Limits:
     """Caps that no request can exceed."""
     context_length: int
@@ -166,8 +177,8 @@ class ChatEngine:
             p.do_sample = False
         return p
 
-    def fit(self, messages: list[Message], params: GenParams) -> tuple[str, int, int, GenParams, list[str]]:
-        """(prompt, its tokens, turns dropped, params, notices): drop the oldest turns until the answer fits."""
+    def fit(self, messages: list[Message], params: GenParams) -> Fitted:
+        """Drop the oldest turns until the prompt and the answer fit into the context."""
         context = self.limits.context_length
         system = [m for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
@@ -189,7 +200,7 @@ class ChatEngine:
         if n + params.max_new_tokens > context:
             params = replace(params, max_new_tokens=context - n)
             notices.append(f"answer limited to {context - n} tokens by the {context}-token context")
-        return prompt, n, dropped, params, notices
+        return Fitted(prompt, system + turns, n, dropped, params, notices)
 
     def chat(self, messages: list[Message], params: GenParams | None = None,
              cancel: threading.Event | None = None) -> Reply:
@@ -197,10 +208,17 @@ class ChatEngine:
         params = params or self.params()
         if self.prompter.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.prompter.system_prompt}, *messages]
-        prompt, n_prompt, dropped, params, notices = self.fit(messages, params)
-        params = replace(params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])))
-        return self._reply(prompt, n_prompt, params, cancel or threading.Event(), notices, messages,
-                           Stats(prompt_tokens=n_prompt, dropped_turns=dropped))
+        fitted = self.fit(messages, params)
+        params = replace(fitted.params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])))
+        cancel = cancel or threading.Event()
+        if getattr(self.model, "takes_messages", False):  # a chat API: the server applies its template
+            def tokens() -> Iterator[str]:
+                return self.model.stream_chat(fitted.messages, params, cancel)
+        else:
+            def tokens() -> Iterator[str]:
+                return self.model.stream(fitted.prompt, params, cancel)
+        return self._reply(tokens, fitted.prompt, params, cancel, fitted.notices, messages,
+                           Stats(prompt_tokens=fitted.tokens, dropped_turns=fitted.dropped))
 
     def complete(self, prompt: str, params: GenParams | None = None, cancel: threading.Event | None = None) -> Reply:
         """Continue raw text: no prompt format, no history to fit (a prompt too long for the context is refused)."""
@@ -213,14 +231,15 @@ class ChatEngine:
         if n_prompt + params.max_new_tokens > context:
             params = replace(params, max_new_tokens=context - n_prompt)
             notices.append(f"answer limited to {context - n_prompt} tokens by the {context}-token context")
-        return self._reply(prompt, n_prompt, params, cancel or threading.Event(), notices,
+        cancel = cancel or threading.Event()
+        return self._reply(lambda: self.model.stream(prompt, params, cancel), prompt, params, cancel, notices,
                            [{"role": "prompt", "content": prompt}], Stats(prompt_tokens=n_prompt))
 
-    def _reply(self, prompt: str, n_prompt: int, params: GenParams, cancel: threading.Event, notices: list[str],
-               saved_as: list[Message], stats: Stats) -> Reply:
+    def _reply(self, tokens: Callable[[], Iterator[str]], prompt: str, params: GenParams, cancel: threading.Event,
+               notices: list[str], saved_as: list[Message], stats: Stats) -> Reply:
         """Queue, generate and time one answer; nothing runs until the Reply is iterated."""
         if self.verbose:
-            self.log(f"prompt ({n_prompt} tokens):\n{prompt}")
+            self.log(f"prompt ({stats.prompt_tokens} tokens):\n{prompt}")
 
         def run() -> Iterator[str]:
             asked = time.perf_counter()
@@ -231,7 +250,7 @@ class ChatEngine:
             stats.queue_s = start - asked
             answer: list[str] = []
             try:
-                for chunk in self._generate(prompt, params, cancel, stats, start):
+                for chunk in self._generate(tokens(), params, cancel, stats, start):
                     answer.append(chunk)
                     yield chunk
             finally:
@@ -254,13 +273,12 @@ class ChatEngine:
         with self._save_lock, open(folder / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def _generate(self, prompt: str, params: GenParams, cancel: threading.Event, stats: Stats,
+    def _generate(self, tokens: Iterator[str], params: GenParams, cancel: threading.Event, stats: Stats,
                   start: float) -> Iterator[str]:
         stop_strings = [s for s in params.stop if s]
         hold = max((len(s) for s in stop_strings), default=1) - 1
         text, sent = "", 0  # all text so far; how much of it has been handed out
         stats.finish_reason = "eos"
-        tokens = self.model.stream(prompt, params, cancel)
         try:
             for piece in tokens:
                 if stats.ttft_s is None:

@@ -34,11 +34,14 @@ def parse_flags(argv: list[str]) -> dict[str, Any]:
 def build_engine(s: Settings, model):
     from .engine import ChatEngine, Limits
     from .loaders.base import GenParams
-    from .prompter import make_prompter
+    from .prompter import FORMATS, Prompter, make_prompter, system_prompt_for
 
     info = model.info
-    prompter = make_prompter(s.prompt_type, s.prompt_dict, s.chat_template, s.system_prompt, info.chat_template,
-                             info.bos_token, info.eos_token)
+    if getattr(model, "takes_messages", False):  # a chat API: the server formats the conversation
+        prompter = Prompter("the server's chat template", FORMATS["plain"], system_prompt_for(s.system_prompt, ""))
+    else:
+        prompter = make_prompter(s.prompt_type, s.prompt_dict, s.chat_template, s.system_prompt, info.chat_template,
+                                 info.bos_token, info.eos_token)
     if prompter.warning:
         print(f"warning: {prompter.warning}", file=sys.stderr)
     given = {"max_new_tokens": s.max_new_tokens, "min_new_tokens": s.min_new_tokens, "max_time": s.max_time,

@@ -183,10 +183,10 @@ def make_prompter(prompt_type: str | None, prompt_dict: dict | None, chat_templa
         if os.path.isfile(chat_template):
             with open(chat_template, encoding="utf-8") as f:
                 chat_template = f.read()
-        return Prompter("--chat_template", TemplatePrompter(chat_template, bos, eos), _system(system_prompt, ""))
+        return Prompter("--chat_template", TemplatePrompter(chat_template, bos, eos), system_prompt_for(system_prompt, ""))
     if prompt_dict:
         fmt = format_from_dict(prompt_dict)
-        return Prompter("--prompt_dict", fmt, _system(system_prompt, fmt.default_system), list(fmt.stop))
+        return Prompter("--prompt_dict", fmt, system_prompt_for(system_prompt, fmt.default_system), list(fmt.stop))
     name = ALIASES.get(prompt_type, prompt_type) if prompt_type else None
     if name and name not in TEMPLATE_TYPES:
         if name not in FORMATS:
@@ -196,17 +196,18 @@ def make_prompter(prompt_type: str | None, prompt_dict: dict | None, chat_templa
             raise UsageError(f"--prompt_type={prompt_type!r} is not known; {hint}known: {', '.join(FORMATS)}, "
                              "openai_chat (the model's chat template)")
         fmt = FORMATS[name]
-        return Prompter(f"prompt_type={name}", fmt, _system(system_prompt, fmt.default_system), list(fmt.stop))
+        return Prompter(f"prompt_type={name}", fmt, system_prompt_for(system_prompt, fmt.default_system), list(fmt.stop))
     if model_template:
         return Prompter("the model's chat template", TemplatePrompter(model_template, bos, eos),
-                        _system(system_prompt, ""))
+                        system_prompt_for(system_prompt, ""))
     warning = ("the model has no chat template and no --prompt_type was given: using the plain format "
                "(name one with --prompt_type, e.g. llama2, chatml, gemma)")
     fmt = FORMATS["plain"]
-    return Prompter("plain (fallback)", fmt, _system(system_prompt, ""), [], warning)
+    return Prompter("plain (fallback)", fmt, system_prompt_for(system_prompt, ""), [], warning)
 
 
-def _system(flag_value: str, default: str) -> str:
+def system_prompt_for(flag_value: str, default: str) -> str:
+    """--system_prompt: 'auto' means the format's default, '' or 'None' none, anything else itself."""
     if flag_value in ("auto", "None") or flag_value is None:
         return default if flag_value == "auto" else ""
     return flag_value

@@ -85,6 +85,9 @@ class Settings:
     concurrency_count: int = flag(1, "generations run at once per model (llama.cpp and the default path run one)")
     h2ocolors: bool = flag(True, "h2o.ai colours in the web UI")
     verbose: bool = flag(False, "print rendered prompts and timings")
+    inference_server: str = flag("", "a running engine to chat with instead of a local model: vllm:HOST:PORT, "
+                                     "vllm_chat:HOST:PORT, openai_chat:URL or an http(s) base URL")
+    inference_server_api_key: str | None = flag(None, "API key for --inference_server", kind="str?")
     openai_server: bool = flag(False, "also serve the OpenAI-compatible API (/v1/chat/completions ...)")
     openai_port: int = flag(5000, "port of the OpenAI-compatible API")
     openai_api_key: str | None = flag(None, "API key clients must send (or a file of keys, one per line); "
@@ -101,7 +104,6 @@ class Settings:
     load_exllama: bool = flag(False, "load through ExLlama", later=True)
     exllama_dict: dict = flag({}, "ExLlama options", later=True)
     lora_weights: str = flag("", "PEFT LoRA adapter folder", later=True)
-    inference_server: str = flag("", "a running engine to use instead of a local model", later=True)
     langchain_mode: str | None = flag(None, "documents Q&A mode (LLM or Disabled: plain chat)", kind="str?", later=True)
     user_path: str | None = flag(None, "folder of documents for langchain_mode=UserData", kind="str?", later=True)
     hf_embedding_model: str | None = flag(None, "embedding model for documents Q&A", kind="str?", later=True)

@@ -56,7 +56,7 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--rope_scaling={'factor': 2}"], "needs a type and a factor"),
     (["--load_gptq=model"], "not supported yet"),
     (["--langchain_mode=UserData"], "not supported yet"),
-    (["--inference_server=vllm:localhost:5000"], "not supported yet"),
+    (["--hf_embedding_model=x"], "not supported yet"),
     (["--lora_weights=adapter"], "not supported yet"),
 ])
 def test_usage_errors(argv, message):

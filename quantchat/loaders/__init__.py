@@ -80,6 +80,9 @@ def detect(s: Settings) -> tuple[str, str, str]:
 
 
 def plan(s: Settings) -> LoadPlan:
+    if s.inference_server:
+        from . import remote
+        return remote.plan(s)
     backend, model, why = detect(s)
     if backend == "llamacpp":
         from . import llamacpp
@@ -89,6 +92,9 @@ def plan(s: Settings) -> LoadPlan:
 
 
 def load(p: LoadPlan) -> ChatModel:
+    if p.backend == "remote":
+        from .remote import RemoteModel
+        return RemoteModel(p)
     if p.backend == "llamacpp":
         from .llamacpp import LlamaCppModel
         return LlamaCppModel(p)

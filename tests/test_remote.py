@@ -1,0 +1,121 @@
+"""--inference_server against a real OpenAI-compatible server started here: llama-cpp-python's, with the Gemma GGUF."""
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from test_settings import settings
+
+from quantchat import loaders
+from quantchat.errors import UsageError, UserError
+from quantchat.generate import build_engine, main
+from quantchat.loaders.base import GenParams
+from quantchat.loaders.remote import parse_inference_server
+
+KEY = "sk-remote"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(gemma_gguf):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gemma_gguf, "--host", "127.0.0.1",
+                                "--port", str(port), "--n_ctx", "512", "--api_key", KEY, "--chat_format", "gemma"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+            break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("value, url, api", [
+    ("vllm:gpu-box:5000", "http://gpu-box:5000/v1", "completions"),
+    ("vllm_chat:http://gpu-box:5000", "http://gpu-box:5000/v1", "chat"),
+    ("http://127.0.0.1:8080/v1/", "http://127.0.0.1:8080/v1", "chat"),
+    ("openai_chat", "https://api.openai.com/v1", "chat"),
+    ("openai:http://h:1", "http://h:1/v1", "completions"),
+])
+def test_inference_server_forms(value, url, api):
+    assert parse_inference_server(value) == (url, api)
+
+
+def test_unknown_form_is_a_usage_error():
+    with pytest.raises(UsageError, match="not understood"):
+        parse_inference_server("tgi-ish:thing")
+
+
+def test_dry_run_shows_the_remote_model(server, gemma_gguf, capsys):
+    assert main([f"--inference_server=vllm_chat:{server}", f"--inference_server_api_key={KEY}",
+                 "--max_seq_len=512", "--dry_run=True"]) == 0
+    out = capsys.readouterr().out
+    assert gemma_gguf in out and "512 tokens" in out and "chat completions" in out
+
+
+def test_unreachable_server_and_wrong_key_are_one_line_errors(server):
+    with pytest.raises(UserError, match="cannot reach the inference server"):
+        loaders.plan(settings(f"--inference_server=vllm:127.0.0.1:{free_port()}"))
+    with pytest.raises(UserError, match="refused the API key"):
+        loaders.plan(settings(f"--inference_server=vllm:{server}", "--inference_server_api_key=wrong"))
+
+
+def test_text_completions_render_our_prompt_and_match_local_llamacpp(server):
+    remote = loaders.load(loaders.plan(settings(f"--inference_server=vllm:{server}",
+                                                f"--inference_server_api_key={KEY}")))
+    local = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    try:
+        params = GenParams(max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+        from_server = "".join(remote.stream("Water boils at", params, threading.Event()))
+        assert from_server == "".join(local.stream("Water boils at", params, threading.Event()))
+        assert "100 degrees" in from_server
+    finally:
+        remote.close()
+        local.close()
+
+
+def test_chat_through_the_engine_streams_and_stops(server):
+    model = loaders.load(loaders.plan(settings(f"--inference_server=vllm_chat:{server}",
+                                               f"--inference_server_api_key={KEY}", "--max_seq_len=512")))
+    engine = build_engine(settings("--max_new_tokens=6"), model)
+    assert engine.prompter.source == "the server's chat template"
+    reply = engine.chat([{"role": "user", "content": "Hello"}])
+    pieces = list(reply)
+    assert len(pieces) >= 2 and reply.stats.finish_reason == "length" and reply.stats.completion_tokens == 6
+    cancel = threading.Event()
+    long = engine.chat([{"role": "user", "content": "Tell a story"}], engine.params(max_new_tokens=300), cancel)
+    for _ in long:
+        cancel.set()
+    assert long.stats.finish_reason == "cancelled" and long.stats.completion_tokens < 20
+    model.close()
+
+
+def test_terminal_chat_through_a_remote_server(server):
+    from pathlib import Path
+    run = subprocess.run([sys.executable, "generate.py", "--cli=True", f"--inference_server=vllm_chat:{server}",
+                          f"--inference_server_api_key={KEY}", "--max_new_tokens=5"],
+                         cwd=Path(__file__).resolve().parent.parent, input="Hello\n/exit\n", capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "5 tokens · length" in run.stdout and "remote (chat completions)" in run.stdout
+
+
+def test_base_model_names_the_served_model(server, gemma_gguf):
+    plan = loaders.plan(settings(f"--inference_server=vllm:{server}", f"--inference_server_api_key={KEY}",
+                                 f"--base_model={gemma_gguf}"))
+    assert plan.model == gemma_gguf and plan.backend == "remote"
+    with pytest.raises(UserError, match="not some/other-model"):
+        loaders.plan(settings(f"--inference_server=vllm:{server}", f"--inference_server_api_key={KEY}",
+                              "--base_model=some/other-model"))
