@@ -173,3 +173,40 @@ def test_generate_serves_the_api_only(gemma_gguf):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_api_without_a_key_stays_on_loopback(capsys):
+    from quantchat.generate import start_api
+    s = settings("--server_name=0.0.0.0", f"--openai_port={free_port()}")
+    api, _ = start_api(s)
+    try:
+        assert api.uvicorn.config.host == "127.0.0.1"
+        assert "listens on 127.0.0.1 only" in capsys.readouterr().err
+    finally:
+        api.uvicorn.should_exit = True
+
+
+def test_web_ui_and_api_share_one_engine_in_one_process(gemma_gguf):
+    from gradio_client import Client
+    web_port, api_port = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "generate.py", "--openai_server=True", f"--openai_port={api_port}",
+                                f"--server_port={web_port}", "--max_seq_len=256", "--max_new_tokens=4"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{web_port}/").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        chat = Client(f"http://127.0.0.1:{web_port}/", verbose=False).predict("Hi", api_name="/send")[0]
+        assert len(chat) == 2
+        api_answer = httpx.post(f"http://127.0.0.1:{api_port}/v1/completions", json={"prompt": "Hi"}).json()
+        assert api_answer["usage"]["completion_tokens"] == 4
+        metrics = httpx.get(f"http://127.0.0.1:{api_port}/metrics").text
+        assert 'quantchat_requests_total{endpoint="/v1/completions",status="200"} 1.0' in metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
