@@ -124,7 +124,7 @@ class WebUI:
 
     def model_panel(self) -> str:
         rows = "\n".join(f"| {k} | {v} |" for k, v in self.engine.model.info.summary())
-        return f"| | |\n|---|---|\n{rows}\n\nprompt format: {self.engine.prompter.source}"
+        return f"| | model |\n|---|---|\n{rows}\n\nprompt format: {self.engine.prompter.source}"
 
     def build(self) -> gr.Blocks:
         p = self.engine.defaults
@@ -145,10 +145,11 @@ class WebUI:
                 with gr.Column(scale=2):
                     with gr.Accordion("Model", open=True):
                         gr.Markdown(self.model_panel(), elem_id="model-panel")
-                    with gr.Accordion("Settings", open=False):
+                    with gr.Accordion("Settings", open=False, elem_id="settings"):
                         system = gr.Textbox(self.system_prompt, label="system prompt", lines=3)
                         controls = [
-                            gr.Slider(1, limits.max_max_new_tokens, p.max_new_tokens, step=1, label="max new tokens"),
+                            gr.Slider(1, limits.max_max_new_tokens, p.max_new_tokens, step=1, label="max new tokens",
+                                      elem_id="max-new-tokens"),
                             gr.Slider(0, 2, p.temperature, step=0.01, label="temperature"),
                             gr.Slider(0.01, 1, p.top_p, step=0.01, label="top p"),
                             gr.Slider(0, 200, p.top_k, step=1, label="top k"),

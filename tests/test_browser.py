@@ -1,0 +1,140 @@
+"""The web UI in a real browser: headless Chromium (Debian's) driven by Playwright, against generate.py.
+
+Screenshots land in tests/artifacts/. Needs /usr/bin/chromium (.ci/run installs it).
+"""
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium's own connections are refused on a closed network: keep it from making them
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium: apt-get install chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page(gemma_gguf):
+    from playwright.sync_api import sync_playwright
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_new_tokens=24",
+                               "--max_seq_len=1024"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.goto(url)
+        page.wait_for_selector("#message textarea")
+        yield page
+        browser.close()
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator('#chat [data-testid="bot"]').all_inner_texts()
+
+
+def send(page, text: str) -> None:
+    page.fill("#message textarea", text)
+    page.click("#send")
+
+
+def wait_for_stats(page, answers: int = 1, timeout: float = 60.0) -> str:
+    """The last answer's text once `answers` answers are shown and the last one is finished."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        texts = bot_texts(page)
+        if len(texts) == answers and "tokens/s" in texts[-1]:
+            return texts[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no finished answer; chat shows {bot_texts(page)}")
+
+
+def test_a_message_streams_and_shows_its_speed(page):
+    send(page, "The capital of France is")
+    seen = set()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        texts = bot_texts(page)
+        if texts:
+            seen.add(len(texts[-1]))
+            if "tokens/s" in texts[-1]:
+                break
+        time.sleep(0.02)
+    final = bot_texts(page)[-1]
+    assert "tokens/s" in final and "ms to first token" in final and "24 tokens · length" in final
+    assert len(seen) >= 3  # the answer grew in steps: streamed
+    page.screenshot(path=str(ARTIFACTS / "chat.png"))
+
+
+def test_regenerate_replaces_the_answer(page):
+    before = bot_texts(page)
+    page.click("#regenerate")
+    page.wait_for_function("!document.querySelector('#chat [data-testid=\"bot\"]') || "
+                           "!document.querySelector('#chat [data-testid=\"bot\"]').innerText.includes('tokens/s')")
+    after = wait_for_stats(page)
+    assert len(bot_texts(page)) == len(before) == 1
+    assert after.split("tokens/s")[0].rsplit("\n", 1)[0] == before[-1].split("tokens/s")[0].rsplit("\n", 1)[0]
+
+
+def test_undo_and_clear(page):
+    send(page, "And then")
+    wait_for_stats(page, answers=2)
+    page.click("#undo")
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"bot\"]').length == 1")
+    page.click("#clear")
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"bot\"]').length == 0")
+
+
+def test_a_setting_changes_the_answer(page):
+    page.click("#settings button, #settings .label-wrap")
+    box = page.locator("#max-new-tokens input[type=number]")
+    box.fill("5")
+    box.press("Enter")
+    send(page, "Once upon a time")
+    assert "5 tokens · length" in wait_for_stats(page)
+    box.fill("600")
+    box.press("Enter")
+    page.click("#clear")
+
+
+def test_stop_ends_the_answer_mid_stream(page):
+    send(page, "Tell me a very long story about a lighthouse keeper.")
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"bot\"]').length == 1 && "
+                           "document.querySelector('#chat [data-testid=\"bot\"]').innerText.length > 20")
+    page.click("#stop")
+    time.sleep(1.0)
+    stopped = bot_texts(page)[-1]
+    time.sleep(1.5)
+    assert bot_texts(page)[-1] == stopped  # nothing more arrives
+    assert "cancelled" in stopped and "600 tokens" not in stopped
+    page.screenshot(path=str(ARTIFACTS / "stopped.png"))
+    box = page.locator("#max-new-tokens input[type=number]")
+    box.fill("8")
+    box.press("Enter")
+    send(page, "Hello")  # the model is free again
+    assert "8 tokens · length" in wait_for_stats(page, answers=2)
