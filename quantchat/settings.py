@@ -44,6 +44,8 @@ class Settings:
     revision: str | None = flag(None, "hub revision (branch, tag or commit) of base_model", kind="str?")
     use_safetensors: bool = flag(False, "only load .safetensors weights")
     trust_remote_code: bool = flag(False, "run Python code shipped with the model repository (h2oGPT: True)")
+    allow_pickle: bool = flag(False, "load pickle (.bin/.pt) weights, which can run code when loaded: only if you "
+                                     "trust their source")
     offload_folder: str = flag("offline_folder", "where weights that fit neither GPU nor RAM are offloaded")
     use_gpu_id: bool = flag(True, "True: one GPU (gpu_id); False: spread the model over all GPUs")
     gpu_id: int = flag(0, "the GPU used when use_gpu_id is True")

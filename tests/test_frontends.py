@@ -153,3 +153,25 @@ def test_exposure_warnings_and_auth_parsing(tmp_path):
     logins.write_text("not json")
     with pytest.raises(UserError, match="JSON list"):
         read_auth(str(logins))
+
+
+def test_ctrl_c_shuts_the_web_ui_down_cleanly(gemma_gguf):
+    import signal
+    import time
+
+    import httpx
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_seq_len=256"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0 and "Traceback" not in err  # gradio closes its server on Ctrl-C
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free again

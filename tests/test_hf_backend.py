@@ -132,3 +132,16 @@ def test_tokenizer_base_model_names_another_folder(tiny_llama, tmp_path):
     model = loaders.load(loaders.plan(settings(f"--base_model={weights}", f"--tokenizer_base_model={tokenizer}")))
     assert model.tokenizer.bos_token == "<s>"
     assert len(list(model.stream("Hello", GenParams(max_new_tokens=3, min_new_tokens=3), threading.Event()))) == 3
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_llama, tmp_path):
+    import shutil
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    from safetensors.torch import load_file
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="pickle weights"):
+        loaders.plan(settings(f"--base_model={pickled}"))
+    model = loaders.load(loaders.plan(settings(f"--base_model={pickled}", "--allow_pickle=True")))
+    assert len(list(model.stream("Hello", GenParams(max_new_tokens=3, min_new_tokens=3), threading.Event()))) == 3

@@ -160,12 +160,18 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
     else:
         context = trained
     folder = Path(model)
+    if folder.is_dir() and not s.allow_pickle and not any(folder.glob("*.safetensors")) and \
+            any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+        raise UserError(f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded: convert "
+                        "them to safetensors, or pass --allow_pickle=True if you trust their source")
     shapes = (_safetensors_shapes(folder) if folder.is_dir() else None) or _shapes_from_config(config)
     weights = estimate_weight_bytes(shapes, dtype, quant) if shapes and not saved_quant else None
     kv = kv_cache_bytes(config, context, _DTYPE_BYTES[dtype]) if context else None
     options = {"device_map": device_map, "dtype": dtype, "rope_parameters": rope, "max_seq_len": context,
                "tokenizer": s.tokenizer_base_model or model, "revision": s.revision,
-               "use_safetensors": True if s.use_safetensors else None, "trust_remote_code": s.trust_remote_code,
+               # pickle weights only where the user allowed them (transformers then refuses .bin files)
+               "use_safetensors": True if s.use_safetensors or not s.allow_pickle else None,
+               "trust_remote_code": s.trust_remote_code,
                "offload_folder": s.offload_folder, "flash_attention_2": s.use_flash_attention_2,
                "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode}
     return LoadPlan("hf", why, model, devices, dtype, quant, context, weights, kv, options, notes)
