@@ -1,6 +1,7 @@
 """Hugging Face backend: transformers + accelerate, bitsandbytes for --load_8bit / --load_4bit."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import queue
@@ -333,11 +334,15 @@ class HFModel:
             stop.set()
             worker.join()
         if failure:
-            error = failure[0]
+            error = failure.pop()
             if isinstance(error, torch.cuda.OutOfMemoryError):
+                # the traceback holds the failed step's tensors: drop it before giving the memory back
+                error.__traceback__ = None
+                del error
+                gc.collect()
                 torch.cuda.empty_cache()
                 raise UserError("the GPU ran out of memory during this generation: ask for fewer new tokens "
-                                "or a shorter conversation") from None
+                                "or a shorter conversation")
             raise error
 
     def close(self) -> None:
