@@ -210,3 +210,14 @@ def test_web_ui_and_api_share_one_engine_in_one_process(gemma_gguf):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_api_keys_from_a_file(tmp_path):
+    from quantchat.api import read_api_keys
+    from quantchat.errors import UserError
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nsk-one\n\nsk-two\n")
+    assert read_api_keys(str(keys)) == ["sk-one", "sk-two"] and read_api_keys("sk-inline") == ["sk-inline"]
+    keys.write_text("# nothing\n")
+    with pytest.raises(UserError, match="holds no keys"):
+        read_api_keys(str(keys))

@@ -124,3 +124,12 @@ def test_every_command_line_in_the_flags_doc_passes_dry_run(line, capsys):
 def test_beam_search_is_refused_for_gguf(gemma_gguf):
     with pytest.raises(UsageError, match="beam search"):
         loaders.plan(settings("--num_beams=4"))
+
+
+def test_unreadable_model_paths(tmp_path):
+    (tmp_path / "dangling.gguf").symlink_to(tmp_path / "gone.gguf")
+    with pytest.raises(UserError, match="GGUF file not found"):
+        loaders.plan(settings(f"--base_model={tmp_path / 'dangling.gguf'}"))
+    (tmp_path / "folder.gguf").mkdir()
+    with pytest.raises(UserError, match="GGUF file not found"):
+        loaders.plan(settings(f"--base_model={tmp_path / 'folder.gguf'}"))
