@@ -158,14 +158,13 @@ class WebUI:
                             gr.Slider(1, limits.max_max_time, p.max_time, step=1, label="max time (s)"),
                         ]
             inputs = [message, history, system, *controls]
-            sending = [
-                send.click(self.send, inputs, [chatbot, history, message], api_name="send", concurrency_limit=None),
-                message.submit(self.send, inputs, [chatbot, history, message], api_name=False,
-                               concurrency_limit=None),
-            ]
-            again = regenerate.click(self.regenerate, [history, system, *controls], [chatbot, history],
-                                     api_name="regenerate", concurrency_limit=None)
-            stop.click(self.stop, None, None, cancels=[*sending, again], api_name="stop", concurrency_limit=None)
+            send.click(self.send, inputs, [chatbot, history, message], api_name="send", concurrency_limit=None)
+            message.submit(self.send, inputs, [chatbot, history, message], api_name=False, concurrency_limit=None)
+            regenerate.click(self.regenerate, [history, system, *controls], [chatbot, history],
+                             api_name="regenerate", concurrency_limit=None)
+            # Stop sets this session's cancel event: the engine ends the answer at the next token, and the
+            # answer keeps what it had, with its timing line (gradio's own cancelling would drop that last update)
+            stop.click(self.stop, None, None, api_name="stop", concurrency_limit=None)
             undo.click(self.undo, [history], [chatbot, history], api_name="undo")
             clear.click(lambda: ([], []), None, [chatbot, history], api_name="clear")
         return demo

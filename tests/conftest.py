@@ -133,3 +133,24 @@ class FakeModel:
 
     def close(self):
         pass
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, timeout: float = 120.0, ready=lambda response: response.status_code == 200) -> None:
+    """Poll url until it answers (and `ready` says so): servers the tests start take a moment."""
+    import httpx
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if ready(httpx.get(url)):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up within {timeout} s")

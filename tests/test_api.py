@@ -1,7 +1,6 @@
 """The OpenAI-compatible API on the built-in Gemma model: the official openai client, and plain HTTP for errors."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import free_port, wait_until_up
 from test_settings import settings
 
 from quantchat import loaders
@@ -19,11 +19,6 @@ from quantchat.generate import build_engine
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +155,7 @@ def test_generate_serves_the_api_only(gemma_gguf):
                                 f"--openai_port={port}", "--max_seq_len=256", "--max_new_tokens=4"], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_up(f"http://127.0.0.1:{port}/health")
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi"}).json()
         assert answer["usage"]["completion_tokens"] == 4
     finally:
@@ -193,14 +181,7 @@ def test_web_ui_and_api_share_one_engine_in_one_process(gemma_gguf):
                                 f"--server_port={web_port}", "--max_seq_len=256", "--max_new_tokens=4"], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{web_port}/").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_until_up(f"http://127.0.0.1:{web_port}/")
         chat = Client(f"http://127.0.0.1:{web_port}/", verbose=False).predict("Hi", api_name="/send")[0]
         assert len(chat) == 2
         api_answer = httpx.post(f"http://127.0.0.1:{api_port}/v1/completions", json={"prompt": "Hi"}).json()

@@ -3,14 +3,13 @@
 Screenshots land in tests/artifacts/. Needs /usr/bin/chromium (.ci/run installs it).
 """
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -22,11 +21,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium: apt-get install chromium")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def page(gemma_gguf):
@@ -35,13 +29,7 @@ def page(gemma_gguf):
     server = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_new_tokens=24",
                                "--max_seq_len=1024"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
+    wait_until_up(url)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -111,30 +99,32 @@ def test_undo_and_clear(page):
 
 
 def test_a_setting_changes_the_answer(page):
-    page.click("#settings button, #settings .label-wrap")
-    box = page.locator("#max-new-tokens input[type=number]")
-    box.fill("5")
-    box.press("Enter")
+    page.click("#clear")
+    set_max_new_tokens(page, 5)
     send(page, "Once upon a time")
     assert "5 tokens · length" in wait_for_stats(page)
-    box.fill("600")
+
+
+def set_max_new_tokens(page, value: int) -> None:
+    if not page.locator("#max-new-tokens").is_visible():
+        page.click("#settings button, #settings .label-wrap")
+    box = page.locator("#max-new-tokens input[type=number]")
+    box.fill(str(value))
     box.press("Enter")
-    page.click("#clear")
 
 
 def test_stop_ends_the_answer_mid_stream(page):
+    page.click("#clear")
+    set_max_new_tokens(page, 600)
     send(page, "Tell me a very long story about a lighthouse keeper.")
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=\"bot\"]').length == 1 && "
                            "document.querySelector('#chat [data-testid=\"bot\"]').innerText.length > 20")
     page.click("#stop")
-    time.sleep(1.0)
-    stopped = bot_texts(page)[-1]
-    time.sleep(1.5)
-    assert bot_texts(page)[-1] == stopped  # nothing more arrives
+    stopped = wait_for_stats(page, answers=1, timeout=10)  # the timing line comes at once, not after 600 tokens
     assert "cancelled" in stopped and "600 tokens" not in stopped
+    time.sleep(1.0)
+    assert bot_texts(page)[-1] == stopped  # nothing more arrives
     page.screenshot(path=str(ARTIFACTS / "stopped.png"))
-    box = page.locator("#max-new-tokens input[type=number]")
-    box.fill("8")
-    box.press("Enter")
+    set_max_new_tokens(page, 8)
     send(page, "Hello")  # the model is free again
     assert "8 tokens · length" in wait_for_stats(page, answers=2)

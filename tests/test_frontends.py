@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FakeModel
+from conftest import FakeModel, free_port, wait_until_up
 from test_settings import settings
 
 from quantchat import loaders
@@ -62,11 +62,6 @@ def text(message: dict) -> str:
     content = message["content"]
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -157,21 +152,14 @@ def test_exposure_warnings_and_auth_parsing(tmp_path):
 
 def test_ctrl_c_shuts_the_web_ui_down_cleanly(gemma_gguf):
     import signal
-    import time
 
-    import httpx
     port = free_port()
     process = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_seq_len=256"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
+    wait_until_up(f"http://127.0.0.1:{port}/")
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
-    assert process.returncode == 0 and "Traceback" not in err  # gradio closes its server on Ctrl-C
+    # gradio closes its server on Ctrl-C and returns (0); a Ctrl-C that lands before it blocks ends in main (130)
+    assert process.returncode in (0, 130) and "Traceback" not in err
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # the port is free again

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_api import free_port
+from conftest import free_port
 from test_settings import settings
 
 from quantchat import loaders

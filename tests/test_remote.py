@@ -1,12 +1,10 @@
 """--inference_server against a real OpenAI-compatible server started here: llama-cpp-python's, with the Gemma GGUF."""
-import socket
 import subprocess
 import sys
 import threading
-import time
 
-import httpx
 import pytest
+from conftest import free_port, wait_until_up
 from test_settings import settings
 
 from quantchat import loaders
@@ -18,11 +16,6 @@ from quantchat.loaders.remote import parse_inference_server
 KEY = "sk-remote"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(gemma_gguf):
@@ -30,13 +23,7 @@ def server(gemma_gguf):
     process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gemma_gguf, "--host", "127.0.0.1",
                                 "--port", str(port), "--n_ctx", "512", "--api_key", KEY, "--chat_format", "gemma"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
-            break
-        except httpx.TransportError:
-            time.sleep(0.2)
+    wait_until_up(f"http://127.0.0.1:{port}/v1/models", ready=lambda response: True)
     yield f"127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=30)
