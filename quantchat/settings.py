@@ -51,6 +51,7 @@ class Settings:
     gpu_id: int = flag(0, "the GPU used when use_gpu_id is True")
     rope_scaling: dict | None = flag(None, "RoPE scaling, e.g. \"{'type':'dynamic','factor':4}\"", kind="dict?")
     max_seq_len: int | None = flag(None, "context length in tokens (default: the model's)", kind="int?")
+    lora_weights: str = flag("", "a PEFT LoRA adapter (folder or hub id) applied over base_model (alias: --lora)")
     # --- llama.cpp
     model_path_llama: str = flag("", "GGUF file used with --base_model=llama")
     llamacpp_dict: dict = flag({}, "keyword arguments for llama_cpp.Llama, e.g. \"{'n_gpu_layers':20,'n_batch':512}\"")
@@ -105,7 +106,6 @@ class Settings:
     load_awq: str = flag("", "AWQ weight file base name", later=True)
     load_exllama: bool = flag(False, "load through ExLlama", later=True)
     exllama_dict: dict = flag({}, "ExLlama options", later=True)
-    lora_weights: str = flag("", "PEFT LoRA adapter folder", later=True)
     langchain_mode: str | None = flag(None, "documents Q&A mode (LLM or Disabled: plain chat)", kind="str?", later=True)
     user_path: str | None = flag(None, "folder of documents for langchain_mode=UserData", kind="str?", later=True)
     hf_embedding_model: str | None = flag(None, "embedding model for documents Q&A", kind="str?", later=True)
@@ -180,12 +180,17 @@ _KIND_WORDS = {"str": "text", "text": "text", "bool": "boolean (True or False)",
                "float": "number", "dict": "dict", "list": "list", "auth": "list of (user, password) pairs or a file"}
 
 
+# other launchers' names for our flags (text-generation-webui's --lora)
+FLAG_ALIASES = {"lora": "lora_weights"}
+
+
 def from_flags(flags: dict[str, Any]) -> Settings:
     """Build Settings from {flag: value} as fire parsed it; unknown names and bad values raise UsageError."""
     fields = {f.name: f for f in dataclasses.fields(Settings)}
     values: dict[str, Any] = {}
     for raw_name, value in flags.items():
         name = raw_name.replace("-", "_")
+        name = FLAG_ALIASES.get(name, name)
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
             hint = f"; did you mean --{close[0]}?" if close else "; run  python generate.py --help  for the list"

@@ -9,7 +9,7 @@ import torch
 from test_settings import settings
 
 from quantchat import loaders
-from quantchat.errors import UserError
+from quantchat.errors import UsageError, UserError
 from quantchat.generate import build_engine
 from quantchat.loaders.base import GenParams
 
@@ -145,3 +145,41 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_llama, tmp_path):
         loaders.plan(settings(f"--base_model={pickled}"))
     model = loaders.load(loaders.plan(settings(f"--base_model={pickled}", "--allow_pickle=True")))
     assert len(list(model.stream("Hello", GenParams(max_new_tokens=3, min_new_tokens=3), threading.Event()))) == 3
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama, tmp_path_factory):
+    """A LoRA adapter made here, with random (non-zero) matrices so that it visibly changes the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    torch.manual_seed(1)
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("adapter")
+    lora.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("precision", [[], ["--load_4bit"]])
+def test_lora_adapter_changes_the_answer_and_leaves_the_base_alone(tiny_llama, tiny, adapter, precision):
+    base = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", *precision)))
+    plan = loaders.plan(settings(f"--base_model={tiny_llama}", f"--lora={adapter}", *precision))
+    assert "LoRA" in plan.quantization
+    tuned = loaders.load(plan)
+    params = GenParams(max_new_tokens=12, min_new_tokens=12, do_sample=False, repetition_penalty=1.0)
+    plain = list(base.stream("Hello, how are", params, threading.Event()))
+    with_adapter = list(tuned.stream("Hello, how are", params, threading.Event()))
+    assert with_adapter != plain
+    with tuned.model.disable_adapter():  # the base weights under the adapter are the base model's
+        assert list(tuned.stream("Hello, how are", params, threading.Event())) == plain
+    base_count = sum(p.numel() for p in base.model.parameters())
+    lora_count = sum(p.numel() for n, p in tuned.model.named_parameters() if "lora_" in n)
+    assert sum(p.numel() for p in tuned.model.parameters()) == base_count + lora_count  # nothing duplicated
+
+
+def test_lora_errors(tiny_llama, tmp_path, gemma_gguf):
+    with pytest.raises(UserError, match="not a PEFT adapter folder"):
+        loaders.plan(settings(f"--base_model={tiny_llama}", f"--lora_weights={tmp_path}"))
+    with pytest.raises(UsageError, match="converted to GGUF"):
+        loaders.plan(settings(f"--lora_weights={tmp_path}"))

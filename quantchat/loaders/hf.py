@@ -152,6 +152,12 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
         raise UserError(f"{model} is already quantized ({saved_quant}): drop --load_8bit/--load_4bit")
     if saved_quant:
         quant = f"{saved_quant} (from config.json)"
+    if s.lora_weights:
+        adapter = Path(s.lora_weights).expanduser()
+        if (adapter.exists() or s.lora_weights.startswith((".", "/", "~"))) and \
+                not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"--lora_weights={s.lora_weights} is not a PEFT adapter folder (no adapter_config.json)")
+        quant += f" + LoRA {adapter.name}"
     rope = _rope(config, s)
     trained = config.get("max_position_embeddings")
     if s.max_seq_len:
@@ -174,7 +180,8 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
                "use_safetensors": True if s.use_safetensors or not s.allow_pickle else None,
                "trust_remote_code": s.trust_remote_code,
                "offload_folder": s.offload_folder, "flash_attention_2": s.use_flash_attention_2,
-               "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode}
+               "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode,
+               "lora_weights": s.lora_weights}
     return LoadPlan("hf", why, model, devices, dtype, quant, context, weights, kv, options, notes)
 
 
@@ -190,6 +197,15 @@ def _bnb_config(o: dict, compute_dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
                               bnb_4bit_quant_type="fp4" if mode == 3 else "nf4",
                               bnb_4bit_use_double_quant=mode in (1, 3, 4))
+
+
+def _with_adapter(model, adapter: str, common: dict):
+    """The adapter's small matrices beside the base weights, which are shared, not copied."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise missing_package("peft", "lora", "--lora_weights") from None
+    return PeftModel.from_pretrained(model, adapter, is_trainable=False, revision=common["revision"]).eval()
 
 
 class _TokenQueue:
@@ -255,6 +271,8 @@ class HFModel:
                 config.rope_parameters = o["rope_parameters"]
             self.tokenizer = AutoTokenizer.from_pretrained(o["tokenizer"], **common)
             self.model = AutoModelForCausalLM.from_pretrained(p.model, config=config, **kwargs).eval()
+            if o["lora_weights"]:
+                self.model = _with_adapter(self.model, o["lora_weights"], common)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"{p.model} does not fit in GPU memory: try --load_4bit=True, --load_8bit=True or "
                             "--use_gpu_id=False to spread it over all GPUs") from None

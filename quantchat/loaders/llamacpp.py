@@ -91,6 +91,9 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
     if s.load_8bit or s.load_4bit:
         raise UsageError("--load_8bit/--load_4bit do not apply to a GGUF file: its quantization is fixed by the "
                          "file; pick a GGUF of another type (Q8_0, Q4_K_M ...) instead")
+    if s.lora_weights and not s.lora_weights.endswith(".gguf"):
+        raise UsageError("--lora_weights with a GGUF model takes a LoRA adapter converted to GGUF "
+                         "(llama.cpp's convert_lora_to_gguf.py); a PEFT folder needs a Hugging Face base model")
     if s.num_beams and s.num_beams > 1:
         raise UsageError("--num_beams: llama.cpp does not do beam search; drop the flag (greedy or sampling)")
     meta = read_gguf_metadata(path)
@@ -118,6 +121,8 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
         notes.append(f"context {context} is longer than the {trained} tokens the model was trained on")
     options = {**H2OGPT_DEFAULTS, "model_path": path, "n_ctx": context, "n_gpu_layers": n_gpu_layers,
                "main_gpu": s.gpu_id, "verbose": s.verbose, **_rope_options(s), **user}
+    if s.lora_weights:
+        options["lora_path"] = s.lora_weights
     options["n_ctx"], options["n_gpu_layers"] = context, n_gpu_layers
     options["n_batch"] = min(options["n_batch"], context)
     if s.seed is not None:

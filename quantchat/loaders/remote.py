@@ -73,6 +73,9 @@ def _context_length(card) -> int | None:
 
 def plan(s: Settings) -> LoadPlan:
     import openai
+    if s.lora_weights or s.load_8bit or s.load_4bit:
+        raise UsageError("--lora_weights, --load_8bit and --load_4bit apply to local models: with --inference_server "
+                         "the server decides how the model is loaded")
     base_url, api = parse_inference_server(s.inference_server)
     client = _client(base_url, s.inference_server_api_key)
     try:
