@@ -31,6 +31,7 @@ class Stats:
     total_s: float = 0.0
     finish_reason: str = ""       # eos, length, stop, time, cancelled, error
     dropped_turns: int = 0
+    score: float | None = None    # the reward model's rating of the answer (--score_model)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -42,7 +43,8 @@ class Stats:
     def line(self) -> str:
         speed = f"{self.tokens_per_s:.1f} tokens/s" if self.tokens_per_s else "- tokens/s"
         ttft = f"{self.ttft_s * 1000:.0f} ms to first token" if self.ttft_s is not None else "no tokens"
-        return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}"
+        score = f" · score {self.score:.2f}" if self.score is not None else ""
+        return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}{score}"
 
 
 class Turnstile:
@@ -145,6 +147,7 @@ class ChatEngine:
     log: Callable[[str], None] = print
     slots: int = 1
     save_dir: str | None = None   # every finished answer is appended to save_dir/history.jsonl
+    scorer: Any = None            # --score_model: has score(question, answer) -> float
 
     def __post_init__(self):
         self.limits = self.limits or Limits(self.model.info.context_length)
@@ -256,6 +259,9 @@ class ChatEngine:
             finally:
                 stats.total_s = time.perf_counter() - start
                 self.queue.release()
+                if self.scorer and answer and stats.finish_reason != "error":
+                    question = next((m["content"] for m in reversed(saved_as) if m["role"] in ("user", "prompt")), "")
+                    stats.score = self.scorer.score(question, "".join(answer))
                 if self.verbose:
                     self.log(stats.line())
                 if self.save_dir:

@@ -57,8 +57,12 @@ def build_engine(s: Settings, model):
         print(f"note: max_new_tokens {defaults.max_new_tokens} capped at max_max_new_tokens "
               f"{limits.max_max_new_tokens}", file=sys.stderr)
         defaults.max_new_tokens = limits.max_max_new_tokens
+    scorer = None
+    if s.score_model:
+        from .scoring import RewardScorer
+        scorer = RewardScorer(s.score_model, s.gpu_id)
     engine = ChatEngine(model, prompter, defaults, limits, verbose=s.verbose,
-                        log=lambda text: print(text, file=sys.stderr), save_dir=s.save_dir)
+                        log=lambda text: print(text, file=sys.stderr), save_dir=s.save_dir, scorer=scorer)
     engine.params()  # validate the defaults once, now, rather than at the first message
     return engine
 

@@ -96,8 +96,8 @@ class Settings:
     openai_api_key: str | None = flag(None, "API key clients must send (or a file of keys, one per line); "
                                             "without one the API listens on localhost only", kind="str?")
     save_dir: str | None = flag(None, "folder where every answer is appended to history.jsonl", kind="str?")
-    score_model: str | None = flag(None, "reward model scoring answers (default None: off; h2oGPT: 'auto')",
-                                   kind="str?", later=True)
+    score_model: str | None = flag(None, "reward model that rates each answer 0-1 (a folder or hub id; 'auto': "
+                                         "h2oGPT's DeBERTa reward model; default None: off)", kind="str?")
     dry_run: bool = flag(False, "print the load plan (backend, devices, dtype, memory) and exit without reading weights")
     # --- accepted for h2oGPT command lines; each is refused with one line until it is supported
     load_gptq: str = flag("", "GPTQ weight file base name", later=True)
@@ -238,7 +238,7 @@ def validate(s: Settings) -> None:
                                               else f.default)
         if f.name == "langchain_mode" and value in _PLAIN_CHAT_MODES:
             continue
-        if value != default and not (f.name == "score_model" and value in ("", "None")):
+        if value != default:
             raise UsageError(f"--{f.name} {NOT_YET}; drop the flag to chat without it")
 
 

@@ -154,3 +154,19 @@ def wait_until_up(url: str, timeout: float = 120.0, ready=lambda response: respo
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not come up within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tiny_llama, tmp_path_factory) -> Path:
+    """A random one-output sequence classifier on the tiny Llama: a reward model's shape."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    folder = tmp_path_factory.mktemp("reward")
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, folder)
+    config = LlamaConfig.from_pretrained(tiny_llama, num_labels=1, pad_token_id=2)
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    return folder

@@ -193,3 +193,20 @@ def test_complete_continues_raw_text_without_a_format():
     assert reply.finish() == "xy" and e.model.prompts[-1] == "Once upon a time"
     with pytest.raises(UserError, match="shorten it"):
         engine(["t"], context=8).complete("w " * 20)
+
+
+def test_score_model_rates_each_answer(tiny_reward_model):
+    from quantchat.scoring import RewardScorer
+    scorer = RewardScorer(str(tiny_reward_model))
+    first, again, other = scorer.score("hi", "Hello there"), scorer.score("hi", "Hello there"), scorer.score("hi", "1 2 3")
+    assert 0 < first < 1 and first == again and first != other
+    e = ChatEngine(FakeModel(["Hello", " there"]), PLAIN, scorer=scorer)
+    reply = e.chat(user("hi"))
+    reply.finish()
+    assert reply.stats.score == pytest.approx(first) and f"score {first:.2f}" in reply.stats.line()
+
+
+def test_a_model_that_is_not_a_reward_model_is_refused(tiny_llama):
+    from quantchat.scoring import RewardScorer
+    with pytest.raises(UserError, match="cannot load|not a reward model"):
+        RewardScorer(str(tiny_llama))
