@@ -114,6 +114,28 @@ class WebUI:
             event.set()
 
     @staticmethod
+    def export_chat(history: list[dict]) -> str:
+        """The conversation as a JSON file to download: [{"role", "content"}, ...] (timings left out)."""
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="chat-", delete=False, encoding="utf-8") as f:
+            json.dump([{"role": m["role"], "content": m["content"]} for m in history], f, ensure_ascii=False, indent=1)
+        return f.name
+
+    @staticmethod
+    def import_chat(path: str, history: list[dict]):
+        """A conversation exported before (or any JSON list of role/content messages) replaces the chat."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in loaded]
+            if any(m["role"] not in ("user", "assistant") for m in messages):
+                raise ValueError("roles must be user or assistant")
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            gr.Warning(f"cannot import that file: {e}")
+            return _display(history), history
+        return _display(messages), messages
+
+    @staticmethod
     def undo(history: list[dict]):
         history = list(history)
         while history and history[-1]["role"] == "assistant":
@@ -142,6 +164,10 @@ class WebUI:
                         regenerate = gr.Button("Regenerate", elem_id="regenerate")
                         undo = gr.Button("Undo", elem_id="undo")
                         clear = gr.Button("Clear", elem_id="clear")
+                    with gr.Row():
+                        export = gr.Button("Export chat", elem_id="export", size="sm")
+                        upload = gr.UploadButton("Import chat", file_types=[".json"], elem_id="import", size="sm")
+                    exported = gr.File(label="exported chat", visible=True, elem_id="exported")
                 with gr.Column(scale=2):
                     with gr.Accordion("Model", open=True):
                         gr.Markdown(self.model_panel(), elem_id="model-panel")
@@ -167,6 +193,8 @@ class WebUI:
             stop.click(self.stop, None, None, api_name="stop", concurrency_limit=None)
             undo.click(self.undo, [history], [chatbot, history], api_name="undo")
             clear.click(lambda: ([], []), None, [chatbot, history], api_name="clear")
+            export.click(self.export_chat, [history], [exported], api_name="export")
+            upload.upload(self.import_chat, [upload, history], [chatbot, history], api_name="import")
         return demo
 
     def launch(self, server_name: str, server_port: int, share: bool, auth: Any = None, block: bool = True):

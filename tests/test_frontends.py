@@ -163,3 +163,18 @@ def test_ctrl_c_shuts_the_web_ui_down_cleanly(gemma_gguf):
     assert process.returncode in (0, 130) and "Traceback" not in err
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # the port is free again
+
+
+def test_export_and_import_a_chat(tmp_path):
+    import json
+
+    from quantchat.webui import WebUI
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "stats": "1 tokens/s"}]
+    path = WebUI.export_chat(history)
+    assert json.loads(open(path).read()) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    display, state = WebUI.import_chat(path, [])
+    assert state == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}] and len(display) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a list"}')
+    kept = [{"role": "user", "content": "keep me"}]
+    assert WebUI.import_chat(str(bad), kept)[1] == kept  # a bad file changes nothing
