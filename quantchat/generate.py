@@ -82,20 +82,37 @@ def start_api(s: Settings):
     return api, thread
 
 
-def run(s: Settings) -> int:
+def model_settings(s: Settings, flags: dict[str, Any]) -> list[Settings]:
+    """One Settings per model: the command line's, or with --model_lock each entry's flags over the command line's."""
+    if not s.model_lock:
+        return [s]
+    common = {k: v for k, v in flags.items() if k != "model_lock"}
+    return [from_flags({**common, **entry}) for entry in s.model_lock]
+
+
+def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
     from . import loaders
 
-    plan = loaders.plan(s)
-    print(plan.describe(), file=sys.stdout if s.dry_run else sys.stderr)
+    each = model_settings(s, flags or {})
+    plans = [loaders.plan(one) for one in each]
+    for i, plan in enumerate(plans):
+        heading = f"model {i + 1} of {len(plans)}, " if len(plans) > 1 else ""
+        print(heading + plan.describe(), file=sys.stdout if s.dry_run else sys.stderr)
     if s.dry_run:
         return 0
-    for note in plan.notes:
+    for note in (note for plan in plans for note in plan.notes):
         print(f"note: {note}", file=sys.stderr)
     api, api_thread = start_api(s) if s.openai_server else (None, None)
-    model = loaders.load(plan)
+    models = []
     try:
-        engine = build_engine(s, model)
-        print(f"prompt format: {engine.prompter.source}", file=sys.stderr)
+        for plan in plans:
+            models.append(loaders.load(plan))
+        engines = [build_engine(one, model) for one, model in zip(each, models, strict=True)]
+        engine = engines[0]
+        for one in engines:
+            print(f"prompt format: {one.prompter.source}", file=sys.stderr)
+        if len(engines) > 1 and (api or s.cli):
+            print("note: with --model_lock the terminal chat and the API use the first model", file=sys.stderr)
         if api:
             api.ready(engine)
         if s.cli:
@@ -104,11 +121,12 @@ def run(s: Settings) -> int:
         elif s.gradio:
             from .webui import WebUI
             port = s.server_port or int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-            WebUI(engine, s.system_prompt, h2ocolors=s.h2ocolors).launch(s.server_name, port, s.share, s.auth)
+            WebUI(engines, s.system_prompt, h2ocolors=s.h2ocolors).launch(s.server_name, port, s.share, s.auth)
         elif api_thread:
             api_thread.join()  # --gradio=False: serve the API only, until Ctrl-C
     finally:
-        model.close()
+        for model in models:
+            model.close()
     return 0
 
 
@@ -118,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     try:
-        return run(from_flags(parse_flags(argv)))
+        flags = parse_flags(argv)
+        return run(from_flags(flags), flags)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -51,6 +51,8 @@ class Settings:
     gpu_id: int = flag(0, "the GPU used when use_gpu_id is True")
     rope_scaling: dict | None = flag(None, "RoPE scaling, e.g. \"{'type':'dynamic','factor':4}\"", kind="dict?")
     max_seq_len: int | None = flag(None, "context length in tokens (default: the model's)", kind="int?")
+    model_lock: Any = flag(None, "several models side by side in the web UI: a list of dicts of flags, e.g. "
+                                 "\"[{'base_model':'a.gguf'},{'base_model':'org/b','load_4bit':True}]\"", kind="list?")
     lora_weights: str = flag("", "a PEFT LoRA adapter (folder or hub id) applied over base_model (alias: --lora)")
     # --- llama.cpp
     model_path_llama: str = flag("", "GGUF file used with --base_model=llama")
@@ -109,7 +111,6 @@ class Settings:
     langchain_mode: str | None = flag(None, "documents Q&A mode (LLM or Disabled: plain chat)", kind="str?", later=True)
     user_path: str | None = flag(None, "folder of documents for langchain_mode=UserData", kind="str?", later=True)
     hf_embedding_model: str | None = flag(None, "embedding model for documents Q&A", kind="str?", later=True)
-    model_lock: Any = flag(None, "several models side by side", kind="list?", later=True)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -231,6 +232,11 @@ def validate(s: Settings) -> None:
         kind = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
         if "alpha_value" not in s.rope_scaling and (kind is None or "factor" not in s.rope_scaling):
             raise UsageError("--rope_scaling needs a type and a factor, e.g. \"{'type':'dynamic','factor':4}\"")
+    for item in s.model_lock or []:
+        if not isinstance(item, dict) or not item:
+            raise UsageError("--model_lock: each entry is a dict of flags, e.g. {'base_model': 'org/model'}")
+        if "model_lock" in item:
+            raise UsageError("--model_lock: an entry cannot hold another model_lock")
     for f in dataclasses.fields(Settings):
         if not f.metadata["later"]:
             continue

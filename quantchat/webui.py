@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -54,21 +55,26 @@ def _display(history: list[dict]) -> list[dict]:
 
 
 class WebUI:
-    def __init__(self, engine: ChatEngine, system_prompt: str = "", title: str = "quantchat", h2ocolors: bool = True):
-        self.engine = engine
+    """One chat column per engine (several with --model_lock); every message goes to each model in turn."""
+
+    def __init__(self, engines: ChatEngine | list[ChatEngine], system_prompt: str = "", title: str = "quantchat",
+                 h2ocolors: bool = True):
+        self.engines = engines if isinstance(engines, list) else [engines]
+        self.engine = self.engines[0]  # its defaults and limits set the sliders
         self.system_prompt = system_prompt
         self.title = title
         self.h2ocolors = h2ocolors
         self.cancels: dict[str, threading.Event] = {}
 
-    # --- handlers (plain functions of their inputs, so tests can call them too)
-    def answer(self, history: list[dict], system: str, settings: tuple, session: str, keep_on_error: bool):
-        """Stream the answer to the last user message in `history`; yields (display, history).
+    # --- handlers (plain functions of their inputs, so tests can call them too); `chats` holds one
+    # conversation per engine
+    def answer(self, engine: ChatEngine, history: list[dict], system: str, settings: tuple, cancel: threading.Event,
+               keep_on_error: bool):
+        """Stream one engine's answer to the last user message in `history`; yields (display, history).
 
         On an error the chat shows it, and the history goes back to what it was (keep_on_error: with the
         user's message, as for Regenerate; without it, as for a message that failed).
         """
-        cancel = self.cancels[session] = threading.Event()
         overrides = dict(zip(SETTINGS, settings, strict=True))
         for key in ("max_new_tokens", "top_k"):
             overrides[key] = int(overrides[key])
@@ -76,7 +82,7 @@ class WebUI:
                    [{"role": m["role"], "content": m["content"]} for m in history]
         answer = {"role": "assistant", "content": ""}
         try:
-            reply = self.engine.chat(messages, self.engine.params(**overrides), cancel)
+            reply = engine.chat(messages, engine.params(**overrides), cancel)
             for chunk in reply:
                 answer["content"] += chunk
                 yield _display([*history, answer]), [*history, answer]
@@ -87,26 +93,36 @@ class WebUI:
         answer["stats"] = " · ".join([reply.stats.line(), *reply.notices])
         yield _display([*history, answer]), [*history, answer]
 
-    def send(self, message: str, history: list[dict], system: str, max_new_tokens, temperature, top_p, top_k,
+    def answer_all(self, chats: list[list[dict]], system: str, settings: tuple, session: str, keep_on_error: bool):
+        """Each engine answers in turn; yields (display per engine ..., chats). Stop ends all of them."""
+        cancel = self.cancels[session] = threading.Event()
+        chats = [list(history) for history in chats]
+        displays = [_display(history) for history in chats]
+        for i, engine in enumerate(self.engines):
+            if cancel.is_set():
+                break
+            for displays[i], chats[i] in self.answer(engine, chats[i], system, settings, cancel, keep_on_error):
+                yield (*displays, [list(history) for history in chats])
+
+    def send(self, message: str, chats: list[list[dict]], system: str, max_new_tokens, temperature, top_p, top_k,
              repetition_penalty, do_sample, max_time, request: gr.Request = None):
         settings = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample, max_time)
         message = (message or "").strip()
         if not message:
-            yield _display(history), history, ""
+            yield (*[_display(history) for history in chats], chats, "")
             return
-        history = [*history, {"role": "user", "content": message}]
-        for display, state in self.answer(history, system, settings, _session(request), keep_on_error=False):
-            yield display, state, ""
+        chats = [[*history, {"role": "user", "content": message}] for history in chats]
+        for update in self.answer_all(chats, system, settings, _session(request), keep_on_error=False):
+            yield (*update, "")
 
-    def regenerate(self, history: list[dict], system: str, max_new_tokens, temperature, top_p, top_k,
+    def regenerate(self, chats: list[list[dict]], system: str, max_new_tokens, temperature, top_p, top_k,
                    repetition_penalty, do_sample, max_time, request: gr.Request = None):
         settings = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample, max_time)
-        while history and history[-1]["role"] == "assistant":
-            history = history[:-1]
-        if not history:
-            yield [], []
+        chats = [_without_answer(history) for history in chats]
+        if not any(chats):
+            yield (*[[] for _ in chats], chats)
             return
-        yield from self.answer(history, system, settings, _session(request), keep_on_error=True)
+        yield from self.answer_all(chats, system, settings, _session(request), keep_on_error=True)
 
     def stop(self, request: gr.Request = None) -> None:
         event = self.cancels.get(_session(request))
@@ -114,16 +130,17 @@ class WebUI:
             event.set()
 
     @staticmethod
-    def export_chat(history: list[dict]) -> str:
-        """The conversation as a JSON file to download: [{"role", "content"}, ...] (timings left out)."""
+    def export_chat(chats: list[list[dict]]) -> str:
+        """The conversation (with the first model's answers) as a JSON file: [{"role", "content"}, ...]."""
         import tempfile
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="chat-", delete=False, encoding="utf-8") as f:
-            json.dump([{"role": m["role"], "content": m["content"]} for m in history], f, ensure_ascii=False, indent=1)
+            json.dump([{"role": m["role"], "content": m["content"]} for m in chats[0]], f, ensure_ascii=False,
+                      indent=1)
         return f.name
 
     @staticmethod
-    def import_chat(path: str, history: list[dict]):
-        """A conversation exported before (or any JSON list of role/content messages) replaces the chat."""
+    def import_chat(path: str, chats: list[list[dict]]):
+        """A conversation exported before (or any JSON list of role/content messages) replaces every chat."""
         try:
             with open(path, encoding="utf-8") as f:
                 loaded = json.load(f)
@@ -132,31 +149,35 @@ class WebUI:
                 raise ValueError("roles must be user or assistant")
         except (OSError, ValueError, TypeError, KeyError) as e:
             gr.Warning(f"cannot import that file: {e}")
-            return _display(history), history
-        return _display(messages), messages
+            return (*[_display(history) for history in chats], chats)
+        return (*[_display(messages) for _ in chats], [list(messages) for _ in chats])
 
     @staticmethod
-    def undo(history: list[dict]):
-        history = list(history)
-        while history and history[-1]["role"] == "assistant":
-            history.pop()
-        if history:
-            history.pop()
-        return _display(history), history
+    def undo(chats: list[list[dict]]):
+        chats = [_without_answer(history)[:-1] if history else [] for history in chats]
+        return (*[_display(history) for history in chats], chats)
 
     def model_panel(self) -> str:
-        rows = "\n".join(f"| {k} | {v} |" for k, v in self.engine.model.info.summary())
-        return f"| | model |\n|---|---|\n{rows}\n\nprompt format: {self.engine.prompter.source}"
+        panels = []
+        for i, engine in enumerate(self.engines):
+            rows = "\n".join(f"| {k} | {v} |" for k, v in engine.model.info.summary())
+            head = f"model {i + 1}" if len(self.engines) > 1 else "model"
+            panels.append(f"| | {head} |\n|---|---|\n{rows}\n\nprompt format: {engine.prompter.source}")
+        return "\n\n".join(panels)
 
     def build(self) -> gr.Blocks:
         p = self.engine.defaults
         limits = self.engine.limits
+        several = len(self.engines) > 1
         with gr.Blocks(title=self.title) as demo:
             gr.Markdown(f"## {self.title}")
-            history = gr.State([])
+            chats = gr.State([[] for _ in self.engines])
             with gr.Row():
                 with gr.Column(scale=4):
-                    chatbot = gr.Chatbot(label="chat", height=520, elem_id="chat")
+                    with gr.Row():
+                        chatbots = [gr.Chatbot(label=f"{i + 1}: {Path(e.model.info.model).name}" if several else "chat",
+                                               height=520, elem_id="chat" if i == 0 else f"chat-{i + 1}")
+                                    for i, e in enumerate(self.engines)]
                     message = gr.Textbox(placeholder="Ask anything; Enter sends", show_label=False, elem_id="message")
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="send")
@@ -183,18 +204,20 @@ class WebUI:
                             gr.Checkbox(p.do_sample, label="sample (off: greedy)"),
                             gr.Slider(1, limits.max_max_time, p.max_time, step=1, label="max time (s)"),
                         ]
-            inputs = [message, history, system, *controls]
-            send.click(self.send, inputs, [chatbot, history, message], api_name="send", concurrency_limit=None)
-            message.submit(self.send, inputs, [chatbot, history, message], api_name=False, concurrency_limit=None)
-            regenerate.click(self.regenerate, [history, system, *controls], [chatbot, history],
-                             api_name="regenerate", concurrency_limit=None)
+            inputs = [message, chats, system, *controls]
+            shown = [*chatbots, chats]
+            send.click(self.send, inputs, [*shown, message], api_name="send", concurrency_limit=None)
+            message.submit(self.send, inputs, [*shown, message], api_name=False, concurrency_limit=None)
+            regenerate.click(self.regenerate, [chats, system, *controls], shown, api_name="regenerate",
+                             concurrency_limit=None)
             # Stop sets this session's cancel event: the engine ends the answer at the next token, and the
             # answer keeps what it had, with its timing line (gradio's own cancelling would drop that last update)
             stop.click(self.stop, None, None, api_name="stop", concurrency_limit=None)
-            undo.click(self.undo, [history], [chatbot, history], api_name="undo")
-            clear.click(lambda: ([], []), None, [chatbot, history], api_name="clear")
-            export.click(self.export_chat, [history], [exported], api_name="export")
-            upload.upload(self.import_chat, [upload, history], [chatbot, history], api_name="import")
+            undo.click(self.undo, [chats], shown, api_name="undo")
+            clear.click(lambda: (*[[] for _ in self.engines], [[] for _ in self.engines]), None, shown,
+                        api_name="clear")
+            export.click(self.export_chat, [chats], [exported], api_name="export")
+            upload.upload(self.import_chat, [upload, chats], shown, api_name="import")
         return demo
 
     def launch(self, server_name: str, server_port: int, share: bool, auth: Any = None, block: bool = True):
@@ -211,6 +234,13 @@ class WebUI:
             raise UserError(f"cannot listen on {server_name}:{server_port} ({e}): choose another --server_port") \
                 from None
         return demo
+
+
+def _without_answer(history: list[dict]) -> list[dict]:
+    history = list(history)
+    while history and history[-1]["role"] == "assistant":
+        history.pop()
+    return history
 
 
 def _session(request) -> str:

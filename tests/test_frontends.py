@@ -170,11 +170,44 @@ def test_export_and_import_a_chat(tmp_path):
 
     from quantchat.webui import WebUI
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "stats": "1 tokens/s"}]
-    path = WebUI.export_chat(history)
+    path = WebUI.export_chat([history])
     assert json.loads(open(path).read()) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    display, state = WebUI.import_chat(path, [])
-    assert state == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}] and len(display) == 2
+    display, state = WebUI.import_chat(path, [[]])
+    assert state == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+    assert len(display) == 2
     bad = tmp_path / "bad.json"
     bad.write_text('{"not": "a list"}')
-    kept = [{"role": "user", "content": "keep me"}]
+    kept = [[{"role": "user", "content": "keep me"}]]
     assert WebUI.import_chat(str(bad), kept)[1] == kept  # a bad file changes nothing
+
+
+def test_model_lock_dry_run_plans_each_model(capsys, tiny_llama):
+    from quantchat.generate import main
+    lock = f"[{{'base_model': '{tiny_llama}'}}, {{'max_seq_len': 1024}}]"
+    assert main([f"--model_lock={lock}", "--load_4bit=False", "--dry_run=True"]) == 0
+    out = capsys.readouterr().out
+    assert "model 1 of 2" in out and "model 2 of 2" in out and "backend                   hf" in out
+    assert "llamacpp" in out and "1024 tokens" in out
+
+
+def test_model_lock_web_ui_asks_every_model(gemma_gguf, tiny_llama):
+    from gradio_client import Client
+
+    from quantchat.webui import WebUI
+    gemma = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    tiny = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}")))
+    engines = [build_engine(settings("--max_new_tokens=6"), gemma), build_engine(settings("--max_new_tokens=4"), tiny)]
+    port = free_port()
+    demo = WebUI(engines).launch("127.0.0.1", port, share=False, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        first, second, _ = client.predict("The capital of France is", api_name="/send")
+        assert [m["role"] for m in first] == [m["role"] for m in second] == ["user", "assistant"]
+        assert "6 tokens · length" in text(first[1])
+        assert "tokens · " in text(second[1]) and text(first[1]) != text(second[1])
+        first, second = client.predict(api_name="/undo")
+        assert first == second == []
+    finally:
+        demo.close()
+        gemma.close()
+        tiny.close()

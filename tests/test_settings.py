@@ -57,7 +57,7 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--load_gptq=model"], "not supported yet"),
     (["--langchain_mode=UserData"], "not supported yet"),
     (["--hf_embedding_model=x"], "not supported yet"),
-    (["--model_lock=[]"], "not supported yet"),
+    (["--model_lock=[1, 2]"], "each entry is a dict"),
 ])
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):
