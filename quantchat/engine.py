@@ -198,12 +198,18 @@ class ChatEngine:
             turns, dropped = turns[cut:], dropped + cut
         if dropped:
             notices.append(f"dropped the {dropped} oldest message(s) to fit the {context}-token context")
-        if n >= context:
-            raise UserError(f"the message is {n} tokens, and the context holds {context}: shorten it")
-        if n + params.max_new_tokens > context:
-            params = replace(params, max_new_tokens=context - n)
-            notices.append(f"answer limited to {context - n} tokens by the {context}-token context")
+        params = self._room_for_answer("message", n, params, notices)
         return Fitted(prompt, system + turns, n, dropped, params, notices)
+
+    def _room_for_answer(self, what: str, n_prompt: int, params: GenParams, notices: list[str]) -> GenParams:
+        """Refuse a prompt that fills the context; shorten the answer to what is left of it, saying so."""
+        context = self.limits.context_length
+        if n_prompt >= context:
+            raise UserError(f"the {what} is {n_prompt} tokens, and the context holds {context}: shorten it")
+        if n_prompt + params.max_new_tokens > context:
+            notices.append(f"answer limited to {context - n_prompt} tokens by the {context}-token context")
+            return replace(params, max_new_tokens=context - n_prompt)
+        return params
 
     def chat(self, messages: list[Message], params: GenParams | None = None,
              cancel: threading.Event | None = None) -> Reply:
@@ -225,15 +231,9 @@ class ChatEngine:
 
     def complete(self, prompt: str, params: GenParams | None = None, cancel: threading.Event | None = None) -> Reply:
         """Continue raw text: no prompt format, no history to fit (a prompt too long for the context is refused)."""
-        params = params or self.params()
         n_prompt = self.model.count_tokens(prompt)
-        context = self.limits.context_length
-        if n_prompt >= context:
-            raise UserError(f"the prompt is {n_prompt} tokens, and the context holds {context}: shorten it")
-        notices = []
-        if n_prompt + params.max_new_tokens > context:
-            params = replace(params, max_new_tokens=context - n_prompt)
-            notices.append(f"answer limited to {context - n_prompt} tokens by the {context}-token context")
+        notices: list[str] = []
+        params = self._room_for_answer("prompt", n_prompt, params or self.params(), notices)
         cancel = cancel or threading.Event()
         return self._reply(lambda: self.model.stream(prompt, params, cancel), prompt, params, cancel, notices,
                            [{"role": "prompt", "content": prompt}], Stats(prompt_tokens=n_prompt))
