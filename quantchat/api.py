@@ -3,7 +3,8 @@
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events, or not), GET /v1/models,
 GET /health (503 while the model loads), GET /metrics (Prometheus). Errors have OpenAI's JSON shape.
 It shares the engine, its queue and its cancel with the web UI: a client that disconnects mid-stream
-stops its generation and frees its place.
+stops its generation and frees its place. With documents Q&A, chat requests answer from UserData (or
+"langchain_mode": "LLM" for plain chat) and the response carries "sources" (in the last chunk when streamed).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ MAX_BODY_BYTES = 4 * 2**20
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options", "user",
           "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs"}
 CHAT_ONLY = {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice", "functions",
-             "function_call", "top_logprobs", "parallel_tool_calls"}
+             "function_call", "top_logprobs", "parallel_tool_calls", "langchain_mode"}
 COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length", "time": "length"}
 
@@ -85,12 +86,32 @@ class OpenAIServer:
 
     def __init__(self, api_keys: list[str] | None = None):
         self.engine: ChatEngine | None = None
+        self.library = None  # documents Q&A
         self.api_keys = set(api_keys or [])
         self.metrics = Metrics(lambda: self.engine.queue_depth if self.engine else 0)
         self.app = self._build()
 
-    def ready(self, engine: ChatEngine) -> None:
+    def ready(self, engine: ChatEngine, library=None) -> None:
+        self.library = library
         self.engine = engine
+
+    def _documents(self, mode):
+        """The collection a chat request answers from: its langchain_mode, else the server's (MyData is the web UI's)."""
+        if mode is None:
+            mode = self.library.default_mode if self.library else "LLM"
+            mode = "LLM" if mode == "MyData" else mode
+        if mode in ("LLM", "Disabled"):
+            return None
+        if mode == "MyData":
+            raise ApiError(400, "MyData holds a web UI session's uploads; the API answers from UserData or LLM",
+                           param="langchain_mode")
+        if self.library is None:
+            raise ApiError(400, "documents Q&A is off on this server (start it with --user_path=DIR)",
+                           param="langchain_mode")
+        try:
+            return self.library.collection(mode)
+        except UserError as e:
+            raise ApiError(400, str(e), param="langchain_mode") from None
 
     # --- request checking
     def _check_key(self, request: Request) -> None:
@@ -212,9 +233,10 @@ class OpenAIServer:
         body = await self._body(request)
         params = self._params(body, COMMON | (CHAT_ONLY if chat else COMPLETION_ONLY))
         cancel = threading.Event()
+        documents = self._documents(body.get("langchain_mode")) if chat else None
         try:
             if chat:
-                reply = engine.chat(self._messages(body), params, cancel)
+                reply = engine.chat(self._messages(body), params, cancel, documents)
             else:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1:
@@ -226,9 +248,11 @@ class OpenAIServer:
             raise ApiError(400, str(e)) from None
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": engine.model.info.model}
+        sources = {"sources": [p.as_dict() for p in reply.sources]} if documents is not None else {}
         endpoint = request.url.path
         if body.get("stream"):
-            return StreamingResponse(self._events(reply, cancel, meta, chat, endpoint), media_type="text/event-stream")
+            return StreamingResponse(self._events(reply, cancel, meta, chat, endpoint, sources),
+                                     media_type="text/event-stream")
         try:
             text = await asyncio.to_thread(reply.finish)
         except UserError as e:
@@ -240,10 +264,10 @@ class OpenAIServer:
         choice = {"index": 0, "finish_reason": FINISH.get(reply.stats.finish_reason, "stop")}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": _usage(reply)}
+                "usage": _usage(reply), **sources}
 
     async def _events(self, reply: Reply, cancel: threading.Event, meta: dict, chat: bool,
-                      endpoint: str) -> AsyncIterator[str]:
+                      endpoint: str, sources: dict) -> AsyncIterator[str]:
         """Server-sent events; the generation runs in a thread and stops when the client goes away."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
@@ -282,7 +306,7 @@ class OpenAIServer:
                 else:
                     self.metrics.answered(reply)
                     self.metrics.requests.labels(endpoint, "200").inc()
-                    yield event(None, FINISH.get(reply.stats.finish_reason, "stop"), usage=_usage(reply))
+                    yield event(None, FINISH.get(reply.stats.finish_reason, "stop"), usage=_usage(reply), **sources)
                     break
             yield "data: [DONE]\n\n"
         finally:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .documents.passages import Passage, question_with_context
 from .errors import UserError
 from .loaders.base import ChatModel, GenParams
 from .prompter import Message, Prompter
@@ -20,6 +21,8 @@ from .prompter import Message, Prompter
 # Defaults where neither the flags nor the request say (h2oGPT's, except max_new_tokens' cap)
 DEFAULT_MAX_MAX_NEW_TOKENS = 4096
 DEFAULT_MAX_MAX_TIME = 1800.0
+DEFAULT_TOP_K_DOCS = 4
+MOST_PASSAGES = 100  # top_k_docs=-1: as many as fit, out of at most this many
 
 
 @dataclass
@@ -112,14 +115,16 @@ class Limits:
 
 class Reply:
     """One answer: iterate for text deltas; afterwards `.text`, `.stats` and `.notices` are set.
+    `.sources` holds the document passages the answer was given (documents Q&A), best first.
 
     Leaving the loop early (a client that disconnects, Ctrl-C) ends the generation and frees its place.
     """
 
-    def __init__(self, chunks: Iterator[str], stats: Stats, notices: list[str]):
+    def __init__(self, chunks: Iterator[str], stats: Stats, notices: list[str], sources: list[Passage]):
         self.text = ""
         self.stats = stats
         self.notices = notices
+        self.sources = sources
         self._chunks = chunks
 
     def __iter__(self) -> Iterator[str]:
@@ -148,6 +153,7 @@ class ChatEngine:
     slots: int = 1
     save_dir: str | None = None   # every finished answer is appended to save_dir/history.jsonl
     scorer: Any = None            # --score_model: has score(question, answer) -> float
+    top_k_docs: int = DEFAULT_TOP_K_DOCS  # passages per question in documents Q&A; -1: as many as fit
 
     def __post_init__(self):
         self.limits = self.limits or Limits(self.model.info.context_length)
@@ -211,13 +217,43 @@ class ChatEngine:
             return replace(params, max_new_tokens=context - n_prompt)
         return params
 
-    def chat(self, messages: list[Message], params: GenParams | None = None,
-             cancel: threading.Event | None = None) -> Reply:
-        """Answer the conversation. Errors a user causes raise UserError before the first token."""
+    def fit_with_passages(self, messages: list[Message], passages: list[Passage],
+                          params: GenParams) -> tuple[Fitted, list[Passage]]:
+        """The last question with its passages in front; the weakest passages go until the answer fits too."""
+        if not passages:
+            return self.fit(messages, params), []
+        context = self.limits.context_length
+        for n in range(len(passages), -1, -1):
+            asked = {"role": "user", "content": question_with_context(messages[-1]["content"], passages[:n])}
+            try:
+                fitted = self.fit([*messages[:-1], asked], params)
+            except UserError:
+                if n:
+                    continue
+                raise
+            if n == 0 or fitted.tokens + params.max_new_tokens <= context:
+                break
+        if n < len(passages):
+            fitted.notices.append(f"used {n} of the {len(passages)} passages found, to fit the {context}-token context")
+        return fitted, passages[:n]
+
+    def chat(self, messages: list[Message], params: GenParams | None = None, cancel: threading.Event | None = None,
+             documents: Any = None) -> Reply:
+        """Answer the conversation. Errors a user causes raise UserError before the first token.
+
+        documents: a collection (documents Q&A): the passages nearest to the last question go into the prompt,
+        and the reply lists them as its sources.
+        """
         params = params or self.params()
         if self.prompter.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.prompter.system_prompt}, *messages]
-        fitted = self.fit(messages, params)
+        passages: list[Passage] = []
+        if documents is not None and messages and messages[-1]["role"] == "user":
+            k = self.top_k_docs if self.top_k_docs > 0 else MOST_PASSAGES
+            passages = documents.search(str(messages[-1]["content"]), k)
+        fitted, passages = self.fit_with_passages(messages, passages, params)
+        if documents is not None and not passages:
+            fitted.notices.append(f"no passages from {documents.name}: answered without documents")
         params = replace(fitted.params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])))
         cancel = cancel or threading.Event()
         if getattr(self.model, "takes_messages", False):  # a chat API: the server applies its template
@@ -227,7 +263,7 @@ class ChatEngine:
             def tokens() -> Iterator[str]:
                 return self.model.stream(fitted.prompt, params, cancel)
         return self._reply(tokens, fitted.prompt, params, cancel, fitted.notices, messages,
-                           Stats(prompt_tokens=fitted.tokens, dropped_turns=fitted.dropped))
+                           Stats(prompt_tokens=fitted.tokens, dropped_turns=fitted.dropped), passages)
 
     def complete(self, prompt: str, params: GenParams | None = None, cancel: threading.Event | None = None) -> Reply:
         """Continue raw text: no prompt format, no history to fit (a prompt too long for the context is refused)."""
@@ -239,7 +275,7 @@ class ChatEngine:
                            [{"role": "prompt", "content": prompt}], Stats(prompt_tokens=n_prompt))
 
     def _reply(self, tokens: Callable[[], Iterator[str]], prompt: str, params: GenParams, cancel: threading.Event,
-               notices: list[str], saved_as: list[Message], stats: Stats) -> Reply:
+               notices: list[str], saved_as: list[Message], stats: Stats, sources: list[Passage] | None = None) -> Reply:
         """Queue, generate and time one answer; nothing runs until the Reply is iterated."""
         if self.verbose:
             self.log(f"prompt ({stats.prompt_tokens} tokens):\n{prompt}")
@@ -265,15 +301,19 @@ class ChatEngine:
                 if self.verbose:
                     self.log(stats.line())
                 if self.save_dir:
-                    self._save(saved_as, "".join(answer), params, stats)
+                    self._save(saved_as, "".join(answer), params, stats, sources or [])
 
-        return Reply(run(), stats, notices)
+        return Reply(run(), stats, notices, sources or [])
 
-    def _save(self, messages: list[Message], answer: str, params: GenParams, stats: Stats) -> None:
-        """One JSON line per answer: the conversation, the answer, the settings, the model and the timings."""
+    def _save(self, messages: list[Message], answer: str, params: GenParams, stats: Stats,
+              sources: list[Passage]) -> None:
+        """One JSON line per answer: the conversation, the answer, the settings, the model, the timings
+        and (documents Q&A) the sources."""
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.model.info.model,
                   "backend": self.model.info.backend, "messages": messages, "answer": answer,
                   "params": asdict(params), "stats": {**asdict(stats), "tokens_per_s": stats.tokens_per_s}}
+        if sources:
+            record["sources"] = [p.as_dict() for p in sources]
         folder = Path(self.save_dir)
         folder.mkdir(parents=True, exist_ok=True)
         with self._save_lock, open(folder / "history.jsonl", "a", encoding="utf-8") as f:

@@ -63,6 +63,8 @@ def build_engine(s: Settings, model):
         scorer = RewardScorer(s.score_model, s.gpu_id)
     engine = ChatEngine(model, prompter, defaults, limits, verbose=s.verbose,
                         log=lambda text: print(text, file=sys.stderr), save_dir=s.save_dir, scorer=scorer)
+    if s.top_k_docs is not None:
+        engine.top_k_docs = s.top_k_docs
     engine.params()  # validate the defaults once, now, rather than at the first message
     return engine
 
@@ -82,6 +84,24 @@ def start_api(s: Settings):
     return api, thread
 
 
+def describe_documents(s: Settings) -> str:
+    from .documents.store import DEFAULT_EMBEDDING_MODEL
+    from .engine import DEFAULT_TOP_K_DOCS
+    embeddings = s.hf_embedding_model or DEFAULT_EMBEDDING_MODEL
+    folder = f" from {s.user_path}" if s.user_path else ""
+    k = "as many as fit" if s.top_k_docs == -1 else s.top_k_docs or DEFAULT_TOP_K_DOCS
+    return (f"documents: {s.langchain_mode}{folder}, database {s.persist_directory}, embeddings {embeddings}, "
+            f"{s.chunk_size}-character passages, {k} per question")
+
+
+def documents_for(s: Settings):
+    """Documents Q&A: the collections, UserData brought up to date with --user_path; None for plain chat."""
+    if s.langchain_mode == "LLM" and not s.user_path:
+        return None
+    from .documents.library import open_library
+    return open_library(s.langchain_mode, s.user_path, s.persist_directory, s.hf_embedding_model, s.chunk_size)
+
+
 def model_settings(s: Settings, flags: dict[str, Any]) -> list[Settings]:
     """One Settings per model: the command line's, or with --model_lock each entry's flags over the command line's."""
     if not s.model_lock:
@@ -98,11 +118,14 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
     for i, plan in enumerate(plans):
         heading = f"model {i + 1} of {len(plans)}, " if len(plans) > 1 else ""
         print(heading + plan.describe(), file=sys.stdout if s.dry_run else sys.stderr)
+    if s.langchain_mode != "LLM" or s.user_path:
+        print(describe_documents(s), file=sys.stdout if s.dry_run else sys.stderr)
     if s.dry_run:
         return 0
     for note in (note for plan in plans for note in plan.notes):
         print(f"note: {note}", file=sys.stderr)
     api, api_thread = start_api(s) if s.openai_server else (None, None)
+    library = documents_for(s)
     models = []
     try:
         for plan in plans:
@@ -114,14 +137,15 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
         if len(engines) > 1 and (api or s.cli):
             print("note: with --model_lock the terminal chat and the API use the first model", file=sys.stderr)
         if api:
-            api.ready(engine)
+            api.ready(engine, library)
         if s.cli:
             from .terminal import run_terminal
-            run_terminal(engine, s.stream_output)
+            run_terminal(engine, s.stream_output, library=library)
         elif s.gradio:
             from .webui import WebUI
             port = s.server_port or int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-            WebUI(engines, s.system_prompt, h2ocolors=s.h2ocolors).launch(s.server_name, port, s.share, s.auth)
+            WebUI(engines, s.system_prompt, h2ocolors=s.h2ocolors, library=library).launch(
+                s.server_name, port, s.share, s.auth)
         elif api_thread:
             api_thread.join()  # --gradio=False: serve the API only, until Ctrl-C
     finally:

@@ -100,6 +100,20 @@ class Settings:
     save_dir: str | None = flag(None, "folder where every answer is appended to history.jsonl", kind="str?")
     score_model: str | None = flag(None, "reward model that rates each answer 0-1 (a folder or hub id; 'auto': "
                                          "h2oGPT's DeBERTa reward model; default None: off)", kind="str?")
+    # --- documents Q&A
+    langchain_mode: str | None = flag(None, "UserData: answer from the documents in --user_path; MyData: from files "
+                                            "uploaded in this web session; LLM or Disabled: plain chat (default: "
+                                            "UserData when --user_path is given, else LLM)", kind="str?")
+    user_path: str | None = flag(None, "folder of documents (searched recursively) for langchain_mode=UserData",
+                                 kind="str?")
+    persist_directory: str = flag("db_dir_UserData", "where the UserData collection's database is kept")
+    hf_embedding_model: str | None = flag(None, "sentence-transformers embedding model, a folder or hub id (default: "
+                                                "sentence-transformers/all-MiniLM-L6-v2, offline from PyPI)",
+                                          kind="str?")
+    chunk_size: int = flag(512, "characters per document passage")
+    top_k_docs: int | None = flag(None, "passages put before each question (default 4; -1: as many as fit)",
+                                  kind="int?")
+    db_type: str = flag("chroma", "vector database (chroma is the one there is)")
     dry_run: bool = flag(False, "print the load plan (backend, devices, dtype, memory) and exit without reading weights")
     # --- accepted for h2oGPT command lines; each is refused with one line until it is supported
     load_gptq: str = flag("", "GPTQ weight file base name", later=True)
@@ -108,17 +122,13 @@ class Settings:
     load_awq: str = flag("", "AWQ weight file base name", later=True)
     load_exllama: bool = flag(False, "load through ExLlama", later=True)
     exllama_dict: dict = flag({}, "ExLlama options", later=True)
-    langchain_mode: str | None = flag(None, "documents Q&A mode (LLM or Disabled: plain chat)", kind="str?", later=True)
-    user_path: str | None = flag(None, "folder of documents for langchain_mode=UserData", kind="str?", later=True)
-    hf_embedding_model: str | None = flag(None, "embedding model for documents Q&A", kind="str?", later=True)
 
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
 
-# Values that mean "not set" for a later-work flag, beyond its default.
-_PLAIN_CHAT_MODES = {None, "", "LLM", "Disabled", "None"}
+LANGCHAIN_MODES = ["LLM", "UserData", "MyData"]  # "Disabled" means LLM here, as there are no agents
 
 
 def _parse_literal(text: str) -> Any:
@@ -232,6 +242,7 @@ def validate(s: Settings) -> None:
         kind = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
         if "alpha_value" not in s.rope_scaling and (kind is None or "factor" not in s.rope_scaling):
             raise UsageError("--rope_scaling needs a type and a factor, e.g. \"{'type':'dynamic','factor':4}\"")
+    _settle_documents(s)
     for item in s.model_lock or []:
         if not isinstance(item, dict) or not item:
             raise UsageError("--model_lock: each entry is a dict of flags, e.g. {'base_model': 'org/model'}")
@@ -242,10 +253,26 @@ def validate(s: Settings) -> None:
             continue
         value, default = getattr(s, f.name), (f.default_factory() if f.default_factory is not dataclasses.MISSING
                                               else f.default)
-        if f.name == "langchain_mode" and value in _PLAIN_CHAT_MODES:
-            continue
         if value != default:
             raise UsageError(f"--{f.name} {NOT_YET}; drop the flag to chat without it")
+
+
+def _settle_documents(s: Settings) -> None:
+    """langchain_mode from h2oGPT's spellings; UserData when only --user_path is given."""
+    mode = (s.langchain_mode or "").strip()
+    by_lower = {m.lower(): m for m in LANGCHAIN_MODES} | {"disabled": "LLM", "none": "", "": ""}
+    if mode.lower() not in by_lower:
+        raise UsageError(f"--langchain_mode={mode}: choose one of {', '.join(LANGCHAIN_MODES)}")
+    mode = by_lower[mode.lower()] or ("UserData" if s.user_path else "LLM")
+    if mode == "UserData" and not s.user_path:
+        raise UsageError("--langchain_mode=UserData needs --user_path=DIR, the folder of your documents")
+    s.langchain_mode = mode
+    if s.db_type != "chroma":
+        raise UsageError(f"--db_type={s.db_type}: only chroma is supported")
+    if s.chunk_size < 64:
+        raise UsageError(f"--chunk_size={s.chunk_size}: must be at least 64 characters")
+    if s.top_k_docs is not None and (s.top_k_docs == 0 or s.top_k_docs < -1):
+        raise UsageError(f"--top_k_docs={s.top_k_docs}: a number of passages (at least 1), or -1 for as many as fit")
 
 
 def help_text() -> str:

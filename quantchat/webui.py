@@ -1,4 +1,5 @@
-"""The web UI (Gradio): streaming chat, Stop, Regenerate, Undo, Clear, settings, model panel, timings."""
+"""The web UI (Gradio): streaming chat, Stop, Regenerate, Undo, Clear, settings, model panel, timings;
+with documents Q&A a collection picker, uploads with progress, and each answer's sources."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 
+from .documents.passages import sources_lines
 from .engine import ChatEngine
 from .errors import UserError
 
@@ -44,10 +46,12 @@ def exposure_warnings(server_name: str, share: bool, logins) -> list[str]:
 
 
 def _display(history: list[dict]) -> list[dict]:
-    """Chat messages for the Chatbot: each answer carries its timing line below it."""
+    """Chat messages for the Chatbot: each answer carries its sources and timing line below it."""
     shown = []
     for m in history:
         content = m["content"]
+        if m.get("sources"):
+            content += "\n\n**Sources**\n\n" + "\n".join(f"- {line}" for line in m["sources"])
         if m.get("stats"):
             content += f"\n\n<sub>{m['stats']}</sub>"
         shown.append({"role": m["role"], "content": content})
@@ -58,8 +62,9 @@ class WebUI:
     """One chat column per engine (several with --model_lock); every message goes to each model in turn."""
 
     def __init__(self, engines: ChatEngine | list[ChatEngine], system_prompt: str = "", title: str = "quantchat",
-                 h2ocolors: bool = True):
+                 h2ocolors: bool = True, library=None):
         self.engines = engines if isinstance(engines, list) else [engines]
+        self.library = library  # documents Q&A (documents.library.Library), or None
         self.engine = self.engines[0]  # its defaults and limits set the sliders
         self.system_prompt = system_prompt
         self.title = title
@@ -69,7 +74,7 @@ class WebUI:
     # --- handlers (plain functions of their inputs, so tests can call them too); `chats` holds one
     # conversation per engine
     def answer(self, engine: ChatEngine, history: list[dict], system: str, settings: tuple, cancel: threading.Event,
-               keep_on_error: bool):
+               keep_on_error: bool, documents=None):
         """Stream one engine's answer to the last user message in `history`; yields (display, history).
 
         On an error the chat shows it, and the history goes back to what it was (keep_on_error: with the
@@ -82,7 +87,7 @@ class WebUI:
                    [{"role": m["role"], "content": m["content"]} for m in history]
         answer = {"role": "assistant", "content": ""}
         try:
-            reply = engine.chat(messages, engine.params(**overrides), cancel)
+            reply = engine.chat(messages, engine.params(**overrides), cancel, documents)
             for chunk in reply:
                 answer["content"] += chunk
                 yield _display([*history, answer]), [*history, answer]
@@ -91,38 +96,70 @@ class WebUI:
                 history if keep_on_error else history[:-1]
             return
         answer["stats"] = " · ".join([reply.stats.line(), *reply.notices])
+        answer["sources"] = sources_lines(reply.sources)
         yield _display([*history, answer]), [*history, answer]
 
-    def answer_all(self, chats: list[list[dict]], system: str, settings: tuple, session: str, keep_on_error: bool):
+    def answer_all(self, chats: list[list[dict]], system: str, settings: tuple, mode: str, session: str,
+                   keep_on_error: bool):
         """Each engine answers in turn; yields (display per engine ..., chats). Stop ends all of them."""
         cancel = self.cancels[session] = threading.Event()
         chats = [list(history) for history in chats]
         displays = [_display(history) for history in chats]
+        try:
+            documents = self.library.collection(mode, session) if self.library else None
+        except UserError as e:
+            gr.Warning(str(e))
+            yield (*displays, chats)
+            return
         for i, engine in enumerate(self.engines):
             if cancel.is_set():
                 break
-            for displays[i], chats[i] in self.answer(engine, chats[i], system, settings, cancel, keep_on_error):
+            for displays[i], chats[i] in self.answer(engine, chats[i], system, settings, cancel, keep_on_error,
+                                                     documents):
                 yield (*displays, [list(history) for history in chats])
 
     def send(self, message: str, chats: list[list[dict]], system: str, max_new_tokens, temperature, top_p, top_k,
-             repetition_penalty, do_sample, max_time, request: gr.Request = None):
+             repetition_penalty, do_sample, max_time, mode: str = "LLM", request: gr.Request = None):
         settings = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample, max_time)
         message = (message or "").strip()
         if not message:
             yield (*[_display(history) for history in chats], chats, "")
             return
         chats = [[*history, {"role": "user", "content": message}] for history in chats]
-        for update in self.answer_all(chats, system, settings, _session(request), keep_on_error=False):
+        for update in self.answer_all(chats, system, settings, mode, _session(request), keep_on_error=False):
             yield (*update, "")
 
     def regenerate(self, chats: list[list[dict]], system: str, max_new_tokens, temperature, top_p, top_k,
-                   repetition_penalty, do_sample, max_time, request: gr.Request = None):
+                   repetition_penalty, do_sample, max_time, mode: str = "LLM", request: gr.Request = None):
         settings = (max_new_tokens, temperature, top_p, top_k, repetition_penalty, do_sample, max_time)
         chats = [_without_answer(history) for history in chats]
         if not any(chats):
             yield (*[[] for _ in chats], chats)
             return
-        yield from self.answer_all(chats, system, settings, _session(request), keep_on_error=True)
+        yield from self.answer_all(chats, system, settings, mode, _session(request), keep_on_error=True)
+
+    def add_documents(self, files: list[str] | None, mode: str, request: gr.Request = None,
+                      progress=gr.Progress()):  # noqa: B008 (gradio injects progress through this default)
+        """Uploads into the chosen collection (MyData when plain chat is chosen); yields (status, mode, files)."""
+        session = _session(request)
+        if not files:
+            return self.library.describe(session), mode, None
+        mode = mode if mode != "LLM" else "MyData"
+        paths = [getattr(f, "name", f) for f in files]
+        try:
+            report = self.library.add(paths, mode, session, names=[Path(p).name for p in paths],
+                                      progress=lambda done, total, name: progress(
+                                          done / max(total, 1), desc=f"reading {name}" if name else "done"))
+        except UserError as e:
+            gr.Warning(str(e))
+            return self.library.describe(session), mode, None
+        skipped = "".join(f"\n- skipped {source}: {why}" for source, why in report.skipped)
+        return f"{report.summary(mode)}{skipped}\n\n{self.library.describe(session)}", mode, None
+
+    def end_session(self, request: gr.Request = None) -> None:
+        """A closed browser tab: its MyData uploads go."""
+        if self.library:
+            self.library.store.drop_session(_session(request))
 
     def stop(self, request: gr.Request = None) -> None:
         event = self.cancels.get(_session(request))
@@ -192,6 +229,7 @@ class WebUI:
                 with gr.Column(scale=2):
                     with gr.Accordion("Model", open=True):
                         gr.Markdown(self.model_panel(), elem_id="model-panel")
+                    mode = self._documents_panel() if self.library else gr.State("LLM")
                     with gr.Accordion("Settings", open=False, elem_id="settings"):
                         system = gr.Textbox(self.system_prompt, label="system prompt", lines=3)
                         controls = [
@@ -204,11 +242,11 @@ class WebUI:
                             gr.Checkbox(p.do_sample, label="sample (off: greedy)"),
                             gr.Slider(1, limits.max_max_time, p.max_time, step=1, label="max time (s)"),
                         ]
-            inputs = [message, chats, system, *controls]
+            inputs = [message, chats, system, *controls, mode]
             shown = [*chatbots, chats]
             send.click(self.send, inputs, [*shown, message], api_name="send", concurrency_limit=None)
             message.submit(self.send, inputs, [*shown, message], api_name=False, concurrency_limit=None)
-            regenerate.click(self.regenerate, [chats, system, *controls], shown, api_name="regenerate",
+            regenerate.click(self.regenerate, [chats, system, *controls, mode], shown, api_name="regenerate",
                              concurrency_limit=None)
             # Stop sets this session's cancel event: the engine ends the answer at the next token, and the
             # answer keeps what it had, with its timing line (gradio's own cancelling would drop that last update)
@@ -218,7 +256,21 @@ class WebUI:
                         api_name="clear")
             export.click(self.export_chat, [chats], [exported], api_name="export")
             upload.upload(self.import_chat, [upload, chats], shown, api_name="import")
+            demo.unload(self.end_session)
         return demo
+
+    def _documents_panel(self):
+        """Collection picker, upload box and status; returns the picker (an input of every chat event)."""
+        from .documents.readers import suffixes
+        with gr.Accordion("Documents", open=True, elem_id="documents"):
+            mode = gr.Radio(self.library.modes(), value=self.library.default_mode, label="answer from",
+                            elem_id="collection")
+            files = gr.File(file_count="multiple", file_types=suffixes(), label="add documents",
+                            elem_id="doc-upload")
+            status = gr.Markdown(self.library.describe(), elem_id="doc-status")
+        files.upload(self.add_documents, [files, mode], [status, mode, files], api_name="add_documents",
+                     concurrency_limit=None)
+        return mode
 
     def launch(self, server_name: str, server_port: int, share: bool, auth: Any = None, block: bool = True):
         logins = read_auth(auth)

@@ -128,3 +128,33 @@ def test_stop_ends_the_answer_mid_stream(page):
     set_max_new_tokens(page, 8)
     send(page, "Hello")  # the model is free again
     assert "8 tokens · length" in wait_for_stats(page, answers=2)
+
+
+def test_documents_upload_and_answer_with_sources(gemma_gguf, tmp_path):
+    """MyData: a file uploaded in the browser, read with a progress line, and the answer citing it."""
+    from playwright.sync_api import sync_playwright
+    notes = tmp_path / "lighthouse.txt"
+    notes.write_text("Keeper's log.\nThe Skerry Point lighthouse was built in 1871 from Aberdeen granite.\n")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_new_tokens=16",
+                               "--langchain_mode=MyData", f"--persist_directory={tmp_path / 'db'}"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 960})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#doc-upload input[type=file]", state="attached")
+            page.set_input_files("#doc-upload input[type=file]", str(notes))
+            page.wait_for_function("document.querySelector('#doc-status').innerText.includes('1 added')",
+                                   timeout=60000)
+            assert "MyData: 1 file, 1 passages" in page.locator("#doc-status").inner_text()
+            send(page, "When was the Skerry Point lighthouse built?")
+            answer = wait_for_stats(page)
+            assert "Sources" in answer and "[1] lighthouse.txt, lines 1-2" in answer
+            page.screenshot(path=str(ARTIFACTS / "documents.png"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -115,7 +115,8 @@ def test_corrupt_safetensors_is_one_clear_error(tiny_llama, tmp_path):
 
 def test_importing_quantchat_imports_no_backend():
     code = ("import sys, quantchat.generate, quantchat.loaders, quantchat.engine, quantchat.prompter, quantchat.terminal;"
-            "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'bitsandbytes', 'gradio') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'bitsandbytes', 'gradio', 'chromadb', "
+            "'sentence_transformers', 'pypdf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -55,8 +55,11 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--load_8bit=maybe"], "boolean"),
     (["--rope_scaling={'factor': 2}"], "needs a type and a factor"),
     (["--load_gptq=model"], "not supported yet"),
-    (["--langchain_mode=UserData"], "not supported yet"),
-    (["--hf_embedding_model=x"], "not supported yet"),
+    (["--langchain_mode=UserData"], "needs --user_path=DIR"),
+    (["--langchain_mode=Wiki"], "choose one of LLM, UserData, MyData"),
+    (["--user_path=docs", "--db_type=faiss"], "only chroma"),
+    (["--user_path=docs", "--top_k_docs=0"], "-1 for as many as fit"),
+    (["--chunk_size=10"], "at least 64"),
     (["--model_lock=[1, 2]"], "each entry is a dict"),
 ])
 def test_usage_errors(argv, message):
@@ -64,8 +67,13 @@ def test_usage_errors(argv, message):
         settings(*argv)
 
 
-def test_plain_chat_modes_of_later_flags_are_accepted():
+def test_langchain_modes_in_h2ogpt_spellings():
     assert settings("--langchain_mode=LLM", "--score_model=None").langchain_mode == "LLM"
+    assert settings("--langchain_mode=Disabled").langchain_mode == "LLM"
+    assert settings().langchain_mode == "LLM"
+    assert settings("--user_path=docs").langchain_mode == "UserData"   # h2oGPT: a user_path means UserData
+    assert settings("--langchain_mode=mydata").langchain_mode == "MyData"
+    assert settings("--langchain_mode=LLM", "--user_path=docs").langchain_mode == "LLM"
 
 
 def test_bad_command_line_exits_2_with_one_line():
