@@ -50,6 +50,9 @@ class Settings:
     use_gpu_id: bool = flag(True, "True: one GPU (gpu_id); False: spread the model over all GPUs")
     gpu_id: int = flag(0, "the GPU used when use_gpu_id is True")
     rope_scaling: dict | None = flag(None, "RoPE scaling, e.g. \"{'type':'dynamic','factor':4}\"", kind="dict?")
+    fast_decode: bool | None = flag(None, "Hugging Face models: decode with a static KV cache and a CUDA graph "
+                                          "(default: on with one CUDA GPU; True on the CPU: static cache only)",
+                                    kind="bool?")
     max_seq_len: int | None = flag(None, "context length in tokens (default: the model's)", kind="int?")
     model_lock: Any = flag(None, "several models side by side in the web UI: a list of dicts of flags, e.g. "
                                  "\"[{'base_model':'a.gguf'},{'base_model':'org/b','load_4bit':True}]\"", kind="list?")

@@ -23,21 +23,27 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chrom
 
 
 @pytest.fixture(scope="module")
-def page(gemma_gguf):
+def browser():
     from playwright.sync_api import sync_playwright
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(gemma_gguf, browser):
     port = free_port()
     server = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_new_tokens=24",
                                "--max_seq_len=1024"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     wait_until_up(url)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.goto(url)
-        page.wait_for_selector("#message textarea")
-        yield page
-        browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.goto(url)
+    page.wait_for_selector("#message textarea")
+    yield page
+    page.close()
     server.terminate()
     server.wait(timeout=30)
 
@@ -111,6 +117,10 @@ def set_max_new_tokens(page, value: int) -> None:
     box = page.locator("#max-new-tokens input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+    box.blur()
+    # the slider takes the typed number on its own schedule: wait until its range input shows it
+    page.wait_for_function(f"document.querySelector('#max-new-tokens input[type=range]').value == '{value}'")
+    time.sleep(0.3)
 
 
 def test_stop_ends_the_answer_mid_stream(page):
@@ -130,9 +140,8 @@ def test_stop_ends_the_answer_mid_stream(page):
     assert "8 tokens · length" in wait_for_stats(page, answers=2)
 
 
-def test_documents_upload_and_answer_with_sources(gemma_gguf, tmp_path):
+def test_documents_upload_and_answer_with_sources(gemma_gguf, browser, tmp_path):
     """MyData: a file uploaded in the browser, read with a progress line, and the answer citing it."""
-    from playwright.sync_api import sync_playwright
     notes = tmp_path / "lighthouse.txt"
     notes.write_text("Keeper's log.\nThe Skerry Point lighthouse was built in 1871 from Aberdeen granite.\n")
     port = free_port()
@@ -141,20 +150,17 @@ def test_documents_upload_and_answer_with_sources(gemma_gguf, tmp_path):
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 960})
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#doc-upload input[type=file]", state="attached")
-            page.set_input_files("#doc-upload input[type=file]", str(notes))
-            page.wait_for_function("document.querySelector('#doc-status').innerText.includes('1 added')",
-                                   timeout=60000)
-            assert "MyData: 1 file, 1 passages" in page.locator("#doc-status").inner_text()
-            send(page, "When was the Skerry Point lighthouse built?")
-            answer = wait_for_stats(page)
-            assert "Sources" in answer and "[1] lighthouse.txt, lines 1-2" in answer
-            page.screenshot(path=str(ARTIFACTS / "documents.png"))
-            browser.close()
+        page = browser.new_page(viewport={"width": 1280, "height": 960})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#doc-upload input[type=file]", state="attached")
+        page.set_input_files("#doc-upload input[type=file]", str(notes))
+        page.wait_for_function("document.querySelector('#doc-status').innerText.includes('1 added')", timeout=60000)
+        assert "MyData: 1 file, 1 passages" in page.locator("#doc-status").inner_text()
+        send(page, "When was the Skerry Point lighthouse built?")
+        answer = wait_for_stats(page)
+        assert "Sources" in answer and "[1] lighthouse.txt, lines 1-2" in answer
+        page.screenshot(path=str(ARTIFACTS / "documents.png"))
+        page.close()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -87,3 +87,39 @@ def test_out_of_memory_during_generation_is_reported_freed_and_survived(tmp_path
     reply.finish()
     assert reply.stats.completion_tokens == 4 and engine.queue_depth == 0
     model.close()
+
+
+def greedy_tokens(model, prompt: str, n: int) -> list[int]:
+    """Token ids of a greedy answer of exactly n tokens, from whichever path the model takes."""
+    ids = model._encode(prompt)
+    params = GenParams(max_new_tokens=n, min_new_tokens=n, repetition_penalty=1.0)
+    tokens = model.fast.tokens(ids, params, threading.Event()) if model.fast else \
+        model._generate(ids, params, threading.Event())
+    return list(tokens)
+
+
+@pytest.mark.parametrize("flags", [[], ["--load_4bit"]])
+def test_fast_decode_equals_generate_on_gemma(gemma_hf, flags):
+    fast = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", "--fast_decode=True", *flags)))
+    slow = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", "--fast_decode=False", *flags)))
+    try:
+        assert fast.fast is not None and fast.fast.compiled and fast.info.decode == "static cache + CUDA graph"
+        for prompt in ["Water boils at", "The three primary colours are", "def fibonacci(n):"]:
+            assert greedy_tokens(fast, prompt, 256) == greedy_tokens(slow, prompt, 256)
+    finally:
+        fast.close()
+        slow.close()
+
+
+def test_fast_decode_equals_generate_on_a_7b_shape():
+    from pathlib import Path
+
+    from bench.decode import write_random_model
+    folder = write_random_model("llama2-7b", Path("/tmp/bench-models/llama2-7b"))
+    fast = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=1024")))
+    try:
+        fast_tokens = greedy_tokens(fast, "The quick brown fox", 256)
+        fast.fast = None  # the same weights, through generate
+        assert greedy_tokens(fast, "The quick brown fox", 256) == fast_tokens
+    finally:
+        fast.close()

@@ -11,6 +11,16 @@ def human_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+class Either:
+    """is_set() of either event: the caller's cancel, or a backend's own stop when the consumer goes away."""
+
+    def __init__(self, a: threading.Event, b: threading.Event):
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+
 @dataclass
 class GenParams:
     """Generation settings after defaults and caps are applied (see engine.resolve_params)."""
@@ -40,12 +50,14 @@ class ModelInfo:
     chat_template: str | None = None   # the model's own Jinja template, if it has one
     bos_token: str = ""
     eos_token: str = ""
+    decode: str = ""                   # how tokens are made, where it matters (the HF backend's fast path)
 
     def summary(self) -> list[tuple[str, str]]:
         size = human_bytes(self.weight_bytes) if self.weight_bytes else "unknown"
-        return [("backend", self.backend), ("model", self.model), ("devices", self.devices), ("dtype", self.dtype),
+        rows = [("backend", self.backend), ("model", self.model), ("devices", self.devices), ("dtype", self.dtype),
                 ("quantization", self.quantization), ("context", f"{self.context_length} tokens"),
                 ("weights in memory", size)]
+        return rows + ([("decoding", self.decode)] if self.decode else [])
 
 
 @dataclass

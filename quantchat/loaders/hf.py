@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import UserError, missing_package
 from ..settings import Settings
-from .base import GenParams, LoadPlan, ModelInfo
+from .base import Either, GenParams, LoadPlan, ModelInfo
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -181,7 +181,10 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
                "trust_remote_code": s.trust_remote_code,
                "offload_folder": s.offload_folder, "flash_attention_2": s.use_flash_attention_2,
                "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode,
-               "lora_weights": s.lora_weights}
+               "lora_weights": s.lora_weights,
+               # one GPU: the static-cache decode loop (docs/benchmarks.md); several GPUs or the CPU: generate
+               "fast_decode": s.fast_decode if s.fast_decode is not None else isinstance(device_map, dict)
+               and str(next(iter(device_map.values()))) not in ("cpu", "mps")}
     return LoadPlan("hf", why, model, devices, dtype, quant, context, weights, kv, options, notes)
 
 
@@ -291,6 +294,25 @@ class HFModel:
                               p.quantization, p.context_length or 2048, footprint, template,
                               tok.bos_token or "", tok.eos_token or "")
         self.device = self.model.get_input_embeddings().weight.device
+        self.fast = self._fast_decoder(o["fast_decode"]) if o["fast_decode"] else None
+        if self.fast:
+            self.info.decode = "static cache + CUDA graph" if self.fast.compiled else "static cache"
+
+    def _fast_decoder(self, wanted: bool):
+        """The static-cache decode loop, compiled and warmed up now; None (with a warning) where it cannot run."""
+        import sys
+
+        from .fast_decode import DEFAULT_CACHE_TOKENS, FastDecoder
+        try:
+            fast = FastDecoder(self.model, self.eos_ids, min(self.info.context_length, DEFAULT_CACHE_TOKENS),
+                               compile=self.device.type == "cuda")
+            fast.warm_up()
+            return fast
+        except Exception as e:  # a model whose code the static cache or the compiler cannot take
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"warning: fast decoding is not available for this model ({first}); decoding with generate",
+                  file=sys.stderr)
+            return None
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -319,13 +341,33 @@ class HFModel:
     def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
         torch = self.torch
         ids = self._encode(prompt)
-        stop = threading.Event()
-        either = _Either(cancel, stop)
-        kwargs = self._generation_kwargs(params, either)
-        streamer = _TokenQueue()
-        failure: list[BaseException] = []
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        tokens = self.fast.tokens(ids, params, cancel) if self.fast and self.fast.fits(ids.shape[1], params) \
+            else self._generate(ids, params, cancel)
+        detok = Detokenizer(self.tokenizer)
+        try:
+            for token in tokens:
+                if token not in self.eos_ids:
+                    yield detok.add(token)
+        except torch.cuda.OutOfMemoryError as error:
+            # the traceback holds the failed step's tensors: drop it before giving the memory back
+            error.__traceback__ = None
+            del error
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise UserError("the GPU ran out of memory during this generation: ask for fewer new tokens "
+                            "or a shorter conversation") from None
+        finally:
+            tokens.close()
+
+    def _generate(self, ids, params: GenParams, cancel: threading.Event) -> Iterator[int]:
+        """Token ids from transformers' generate, run in a worker thread (beam search, several GPUs, the CPU)."""
+        torch = self.torch
+        stop = threading.Event()
+        kwargs = self._generation_kwargs(params, Either(cancel, stop))
+        streamer = _TokenQueue()
+        failure: list[BaseException] = []
 
         def run():
             try:
@@ -342,41 +384,19 @@ class HFModel:
 
         worker = threading.Thread(target=run, name="hf-generate", daemon=True)
         worker.start()
-        detok = Detokenizer(self.tokenizer)
         try:
             while (token := streamer.tokens.get()) is not None:
-                if token in self.eos_ids:
-                    continue
-                yield detok.add(token)
+                yield token
         finally:
             stop.set()
             worker.join()
         if failure:
-            error = failure.pop()
-            if isinstance(error, torch.cuda.OutOfMemoryError):
-                # the traceback holds the failed step's tensors: drop it before giving the memory back
-                error.__traceback__ = None
-                del error
-                gc.collect()
-                torch.cuda.empty_cache()
-                raise UserError("the GPU ran out of memory during this generation: ask for fewer new tokens "
-                                "or a shorter conversation")
-            raise error
+            raise failure.pop()
 
     def close(self) -> None:
         del self.model
         if self.torch.cuda.is_available():
             self.torch.cuda.empty_cache()
-
-
-class _Either:
-    """is_set() of either event: the caller's cancel, or our own stop when the consumer goes away."""
-
-    def __init__(self, a: threading.Event, b: threading.Event):
-        self.a, self.b = a, b
-
-    def is_set(self) -> bool:
-        return self.a.is_set() or self.b.is_set()
 
 
 def _as_list(value) -> list[int]:

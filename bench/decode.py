@@ -1,0 +1,258 @@
+"""Decode speed against the memory-bandwidth limit, Hugging Face backend, one GPU: every row in one run.
+
+  python bench/decode.py --models=gemma,llama2-7b --out=bench/results/decode-h100.json
+  python bench/decode.py --table=bench/results/decode-h100.json [--chart=docs/decode-h100.png]
+
+Models: the real Gemma 3 270M (dequantized from its GGUF, where tests/conftest.py caches it) and random weights
+with the exact shapes of Llama-2-7B / Llama-3-8B, written once per run (speed does not depend on the values;
+their tokenizer is the small one the tests train, whose ids all fall inside the vocabulary).
+Per row: load time, peak GPU memory, time to first token for a 2,048-token prompt, prefill tokens/s, decode
+tokens/s at batch 1 for 128 and 512 new tokens after a 16-token prompt, and MBU: decode speed as a fraction of
+(bandwidth measured in this run) / (bytes read per token: the weights without the input embedding table, plus
+the KV cache read at that length).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SHAPES = {  # the public configs' shapes
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+                  "rope_theta": 10000.0},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+                  "rope_theta": 500000.0},
+}
+ROWS = {  # name: (quantchat flags, peer)
+    "generate eager": (["--fast_decode=False"], None),
+    "generate static cache + compile (transformers' own)": (["--fast_decode=False"], "static"),
+    "quantchat fast decode": (["--fast_decode=True"], None),
+    "NF4 generate eager": (["--load_4bit=True", "--fast_decode=False"], None),
+    "NF4 quantchat fast decode": (["--load_4bit=True", "--fast_decode=True"], None),
+}
+
+
+def installed(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def measured_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy (read + write), best of 20: the ceiling decoding can reach."""
+    import torch
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(20):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 2**30 / best
+
+
+def write_random_model(name: str, folder: Path) -> Path:
+    """Random fp16 weights of a public model's shape, made on the GPU and saved once."""
+    import torch
+    from conftest import build_tiny_llama
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer_dir = build_tiny_llama(folder.with_name(folder.name + "-tok"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**SHAPES[name], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False, dtype="float16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).half()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def timed_stream(model, prompt: str, new_tokens: int) -> tuple[float, float, int]:
+    """(time to first token, decode tokens/s after it, tokens) of one greedy answer of exactly new_tokens."""
+    from quantchat.loaders.base import GenParams
+    params = GenParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, repetition_penalty=1.0)
+    start = time.perf_counter()
+    first, count = None, 0
+    for _ in model.stream(prompt, params, threading.Event()):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, (count - 1) / (end - first), count
+
+
+def timed_static_generate(model, prompt: str, new_tokens: int) -> tuple[float, float, int]:
+    """transformers' own static-cache path (it compiles itself): decode rate from two lengths' difference."""
+    import torch
+
+    def run(n: int) -> float:
+        ids = model._encode(prompt)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, cache_implementation="static", pad_token_id=model.pad_id)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    run(new_tokens)  # each length compiles its own graphs (the cache's length changes): not timed
+    short, full = run(1), run(new_tokens)
+    return short, (new_tokens - 1) / (full - short), new_tokens
+
+
+def bytes_per_token(model, context: int) -> int:
+    """Weights read per decode step (the input embedding table is only indexed) plus the KV cache up to context."""
+    import torch
+    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.model.buffers() if b.dtype != torch.bool)
+    embedding = model.model.get_input_embeddings().weight
+    if embedding is not model.model.get_output_embeddings().weight:
+        weights -= embedding.numel() * embedding.element_size()
+    c = model.model.config.get_text_config()
+    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * context * 2
+    return weights + kv
+
+
+def long_prompt(model, tokens: int) -> str:
+    """Text that the model's tokenizer turns into about `tokens` tokens."""
+    from conftest import CORPUS
+    text = ""
+    while model.count_tokens(text) < tokens:
+        text += CORPUS + "\n"
+    words = text.split(" ")
+    while model.count_tokens(" ".join(words)) > tokens:
+        words = words[: int(len(words) * 0.98)]
+    return " ".join(words)
+
+
+def measure(model_name: str, path: Path, row: str, bandwidth: float) -> dict:
+    import torch
+
+    from quantchat import loaders
+    from quantchat.generate import parse_flags
+    from quantchat.settings import from_flags
+    flags, peer = ROWS[row]
+    settings = from_flags(parse_flags([f"--base_model={path}", "--max_seq_len=4096", *flags]))
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    model = loaders.load(loaders.plan(settings))  # includes the fast path's compile and warm-up
+    load_s = time.perf_counter() - started
+    timed = timed_static_generate if peer == "static" else timed_stream
+    short_prompt = long_prompt(model, 16)
+    results = {"model": model_name, "row": row, "decode": model.info.decode or "generate",
+               "quantization": model.info.quantization, "dtype": model.info.dtype, "load_s": round(load_s, 1)}
+    try:
+        first_ttft, _, _ = timed(model, short_prompt, 8)  # the first request pays any remaining warm-up
+        results["start_to_first_token_s"] = round(load_s + first_ttft, 1)
+        for new in (128,) if peer else (128, 512):  # (each length the peer runs costs a compilation)
+            ttft, speed, _ = timed(model, short_prompt, new)
+            per_token = bytes_per_token(model, 16 + new // 2)
+            results[f"decode_{new}_tokens_per_s"] = round(speed, 1)
+            results[f"mbu_{new}"] = round(speed * per_token / bandwidth, 3)
+        prompt = long_prompt(model, 2048)
+        n = model.count_tokens(prompt)
+        ttft, _, _ = timed(model, prompt, 2)
+        results.update({"ttft_2048_ms": round(ttft * 1000, 1), "prefill_tokens_per_s": round(n / ttft),
+                        "prompt_tokens": n})
+    except Exception as e:  # a row that cannot run says why, and the others go on
+        results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    results["bytes_per_token_gib"] = round(bytes_per_token(model, 16) / 2**30, 3)
+    model.close()
+    del model
+    return results
+
+
+def table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"{m['gpu']} · measured bandwidth {m['bandwidth_gb_s']} GB/s · torch {m['torch']} · transformers "
+             f"{m['transformers']} · bitsandbytes {m['bitsandbytes']} · {result['date']}", "",
+             "| model | row | load s | peak GiB | TTFT 2048 ms | prefill tok/s | decode 128 tok/s | decode 512 tok/s "
+             "| MBU (128) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r and "decode_128_tokens_per_s" not in r:
+            lines.append(f"| {r['model']} | {r['row']} | {r['load_s']} | {r['peak_gpu_gib']} | failed: {r['error']} "
+                         "| | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['row']} | {r['load_s']} | {r['peak_gpu_gib']} | {r.get('ttft_2048_ms', '-')} "
+                     f"| {r.get('prefill_tokens_per_s', '-')} | {r['decode_128_tokens_per_s']} "
+                     f"| {r.get('decode_512_tokens_per_s', '-')} | {r['mbu_128']:.0%} |")
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if "decode_128_tokens_per_s" in r]
+    labels = [f"{r['model']}\n{r['row']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    ax.barh(labels, [r["decode_128_tokens_per_s"] for r in rows], color="#f2b705")
+    ax.set_xlabel("decode tokens/s, batch 1, 128 new tokens")
+    ax.invert_yaxis()
+    ax.set_title(f"{result['machine']['gpu']}, {result['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="gemma,llama2-7b")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--workdir", default="/tmp/bench-models")
+    parser.add_argument("--out")
+    parser.add_argument("--table")
+    parser.add_argument("--chart")
+    args = parser.parse_args()
+    if args.table:
+        result = json.loads(Path(args.table).read_text())
+        print(table(result))
+        if args.chart:
+            chart(result, args.chart)
+        return
+    import torch
+    from conftest import CACHE
+    bandwidth = measured_bandwidth()
+    result = {"date": time.strftime("%Y-%m-%d"), "rows": [],
+              "machine": {"gpu": torch.cuda.get_device_name(0), "bandwidth_gb_s": round(bandwidth / 1e9),
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "transformers": installed("transformers"), "bitsandbytes": installed("bitsandbytes")}}
+    for model_name in args.models.split(","):
+        path = CACHE / "gemma3-270m-from-gguf" if model_name == "gemma" else \
+            write_random_model(model_name, Path(args.workdir) / model_name)
+        for row in args.rows.split(","):
+            print(f"{model_name}: {row} ...", file=sys.stderr, flush=True)
+            result["rows"].append(measure(model_name, path, row, bandwidth))
+            print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=1))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

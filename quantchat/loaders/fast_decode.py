@@ -1,0 +1,135 @@
+"""Fast decoding for Hugging Face models: gpt-fast's recipe over transformers' own modules.
+
+A static KV cache (fixed addresses, so the step can be replayed), the one-token step compiled by torch.compile
+with mode="reduce-overhead" (Inductor kernels replayed as one CUDA graph), the next token chosen on the GPU
+(repetition penalty, temperature, top-k, top-p), and one host sync per token: the token id that streaming
+needs. The prompt is prefilled eagerly (its length changes every request). All of it runs in one worker thread,
+because CUDA graph replays belong to the thread that recorded them.
+
+Greedy output equals `generate`'s token for token (tests/test_fast_decode.py), with the same logits
+processors in the same order: repetition penalty, min_new_tokens, then temperature, top-k, top-p.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+from .base import Either, GenParams
+
+DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
+
+
+class FastDecoder:
+    def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool):
+        import torch
+        from transformers import StaticCache
+        self.torch, self.model, self.eos_ids = torch, model, sorted(eos_ids)
+        self.cache_tokens = cache_tokens
+        self.device = model.get_input_embeddings().weight.device
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_tokens)
+        self.compiled = compile
+        self._step = torch.compile(self._forward_one, mode="reduce-overhead", fullgraph=False, dynamic=False) \
+            if compile else self._forward_one
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="fast-decode", daemon=True).start()
+
+    # --- runs in the worker thread
+    def _forward_one(self, token, position):
+        out = self.model(input_ids=token, position_ids=position.view(1, 1), cache_position=position,
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, ids):
+        torch = self.torch
+        self.cache.reset()
+        positions = torch.arange(ids.shape[1], device=self.device)
+        out = self.model(input_ids=ids, position_ids=positions.view(1, -1), cache_position=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            job()
+
+    def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None]) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+            seen[ids[0]] = True
+            eos = torch.tensor(self.eos_ids, device=self.device, dtype=torch.long)
+            logits = self._prefill(ids)
+            position = ids.shape[1]
+            for i in range(params.max_new_tokens):
+                token = choose_token(logits, seen, eos, params, i)
+                token_id = int(token)  # the one sync per token: streaming needs the id on the host
+                emit(token_id)
+                if token_id in self.eos_ids or cancel.is_set() or position + 1 >= self.cache_tokens:
+                    break
+                seen.index_fill_(0, token, True)
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                # clone: the next replay overwrites the graph's output buffer
+                logits = self._step(token.view(1, 1), torch.tensor([position], device=self.device)).clone()
+                position += 1
+
+    # --- called from any thread
+    def fits(self, prompt_tokens: int, params: GenParams) -> bool:
+        return params.num_beams == 1 and prompt_tokens + params.max_new_tokens <= self.cache_tokens
+
+    def tokens(self, ids, params: GenParams, cancel: threading.Event) -> Iterator[int]:
+        """Token ids as the worker makes them; leaving the loop early stops the worker at the next token."""
+        out: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        failure: list[BaseException] = []
+        either = Either(cancel, stop)
+
+        def job():
+            try:
+                self._decode(ids, params, either, out.put)
+            except BaseException as e:  # re-raised in the consuming thread
+                failure.append(e)
+            finally:
+                out.put(None)
+
+        self._jobs.put(job)
+        try:
+            while (token := out.get()) is not None:
+                yield token
+        finally:
+            stop.set()
+            while token is not None:  # wait for the worker to finish with the cache
+                token = out.get()
+        if failure:
+            raise failure.pop()
+
+    def warm_up(self) -> None:
+        """Compile and record the step now, so the first user does not wait for it."""
+        ids = self.torch.tensor([[0, 1, 2, 3]], device=self.device)
+        for _ in self.tokens(ids, GenParams(max_new_tokens=4, repetition_penalty=1.0), threading.Event()):
+            pass
+
+
+def choose_token(logits, seen, eos, params: GenParams, step: int):
+    """The next token from fp32 logits [1, vocab], on the device; no host sync."""
+    import torch
+    if params.repetition_penalty != 1.0:
+        penalty = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if step < params.min_new_tokens:
+        logits = logits.index_fill(1, eos, float("-inf"))
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / max(params.temperature, 1e-5)
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - params.top_p)
+        drop[..., -1:] = False  # keep at least one
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).view(-1)

@@ -1,0 +1,112 @@
+"""The static-cache decode loop (loaders/fast_decode.py) on the CPU: the same tokens as generate.
+
+On CUDA the same loop runs with the step compiled into a CUDA graph; tests/test_gpu_hf.py checks that there.
+"""
+import threading
+
+import pytest
+from test_settings import settings
+
+from quantchat import loaders
+from quantchat.loaders.base import GenParams
+
+
+def load(model, *flags):
+    return loaders.load(loaders.plan(settings(f"--base_model={model}", *flags)))
+
+
+def answer(model, prompt, **params):
+    return "".join(model.stream(prompt, GenParams(**params), threading.Event()))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_llama):
+    fast, slow = load(tiny_llama, "--fast_decode=True"), load(tiny_llama)
+    assert fast.fast is not None and slow.fast is None
+    yield fast, slow
+    fast.close()
+    slow.close()
+
+
+@pytest.mark.parametrize("params", [
+    {"max_new_tokens": 64},                                   # h2oGPT's default repetition penalty 1.07
+    {"max_new_tokens": 64, "repetition_penalty": 1.0},
+    {"max_new_tokens": 40, "repetition_penalty": 1.3, "min_new_tokens": 40},
+])
+def test_greedy_tokens_equal_generate_on_the_tiny_llama(tiny_pair, params):
+    fast, slow = tiny_pair
+    for prompt in ["The quick brown fox", "Hello, how are you today?", "Numbers: one two"]:
+        assert answer(fast, prompt, **params) == answer(slow, prompt, **params)
+
+
+def test_greedy_tokens_equal_generate_on_gemma(gemma_hf):
+    fast, slow = load(gemma_hf, "--fast_decode=True"), load(gemma_hf)
+    try:
+        for prompt in ["Water boils at", "The three primary colours are", "def fibonacci(n):"]:
+            expected = answer(slow, prompt, max_new_tokens=48)
+            assert len(expected) > 20
+            assert answer(fast, prompt, max_new_tokens=48) == expected
+    finally:
+        fast.close()
+        slow.close()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_pair):
+    fast, _ = tiny_pair
+    sampled = {"max_new_tokens": 24, "do_sample": True, "temperature": 1.5, "top_p": 0.95, "top_k": 50, "seed": 7}
+    assert answer(fast, "Hello", **sampled) == answer(fast, "Hello", **sampled)
+    assert answer(fast, "Hello", **{**sampled, "seed": 8}) != answer(fast, "Hello", **sampled)
+    assert answer(fast, "Hello", **{**sampled, "top_k": 1}) == answer(fast, "Hello", max_new_tokens=24)
+
+
+def test_token_choice_matches_transformers_processors():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from quantchat.loaders.fast_decode import choose_token
+    torch.manual_seed(0)
+    logits = torch.randn(1, 300) * 0.3
+    history = torch.tensor([[5, 17, 17, 250]])
+    seen = torch.zeros(300, dtype=torch.bool)
+    seen[history[0]] = True
+    expected = RepetitionPenaltyLogitsProcessor(1.2)(history, logits.clone())
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)):
+        expected = warper(history, expected)
+    params = GenParams(do_sample=True, repetition_penalty=1.2, temperature=0.7, top_k=40, top_p=0.8)
+    allowed = torch.isfinite(expected[0])
+    draws = {int(choose_token(logits, seen, torch.tensor([0]), params, 5)) for _ in range(400)}
+    assert draws <= set(torch.nonzero(allowed).view(-1).tolist())     # never outside what transformers keeps
+    assert 1 < len(draws) and allowed.sum() < 300 * 0.8   # both cut the tail, and sampling spreads
+    greedy = choose_token(logits, seen, torch.tensor([0]), GenParams(repetition_penalty=1.2), 0)
+    assert int(greedy) == int(RepetitionPenaltyLogitsProcessor(1.2)(history, logits.clone()).argmax())
+
+
+def test_cancel_and_early_close_free_the_decoder(tiny_pair):
+    fast, _ = tiny_pair
+    cancel = threading.Event()
+    pieces = []
+    for piece in fast.stream("Hello", GenParams(max_new_tokens=200, repetition_penalty=1.0), cancel):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+    assert 3 <= len(pieces) <= 4
+    stream = fast.stream("Hello", GenParams(max_new_tokens=200), threading.Event())
+    next(stream)
+    stream.close()                                              # a client gone mid-answer
+    assert answer(fast, "The quick brown fox", max_new_tokens=8)  # the next request is served
+
+
+def test_long_requests_fall_back_to_generate(tiny_llama):
+    model = load(tiny_llama, "--fast_decode=True", "--max_seq_len=64")
+    try:
+        assert model.fast.cache_tokens == 64
+        assert model.fast.fits(10, GenParams(max_new_tokens=54)) and not model.fast.fits(10, GenParams(max_new_tokens=55))
+        assert not model.fast.fits(10, GenParams(max_new_tokens=8, num_beams=2))
+        assert answer(model, "Hello", max_new_tokens=60)   # served by generate instead
+    finally:
+        model.close()
+
+
+def test_fast_decode_is_off_on_the_cpu_unless_asked(tiny_llama):
+    assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is False
+    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True")).options["fast_decode"] is True
