@@ -148,7 +148,23 @@ def long_prompt(model, tokens: int) -> str:
     return " ".join(words)
 
 
-def measure(model_name: str, path: Path, row: str, bandwidth: float) -> dict:
+def profiled(model, prompt: str, steps: int = 64) -> dict:
+    """Where a decode step's time goes: GPU busy time per token against wall time per token, and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        timed_stream(model, prompt, steps)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    return {"wall_ms_per_token": round(wall / steps * 1000, 2), "gpu_busy_ms_per_token": round(busy / steps * 1000, 2),
+            "top_kernels": [{"name": e.key[:90], "share": round(e.self_device_time_total / 1e6 / busy, 3),
+                             "calls_per_token": round(e.count / steps, 1)} for e in top]}
+
+
+def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bool = False) -> dict:
     import torch
 
     from quantchat import loaders
@@ -174,6 +190,8 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float) -> dict:
             per_token = bytes_per_token(model, 16 + new // 2)
             results[f"decode_{new}_tokens_per_s"] = round(speed, 1)
             results[f"mbu_{new}"] = round(speed * per_token / bandwidth, 3)
+        if profile:
+            results["profile"] = profiled(model, short_prompt)
         prompt = long_prompt(model, 2048)
         n = model.count_tokens(prompt)
         ttft, _, _ = timed(model, prompt, 2)
@@ -228,6 +246,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--table")
     parser.add_argument("--chart")
+    parser.add_argument("--profile", action="store_true", help="also profile 64 decode steps per row")
     args = parser.parse_args()
     if args.table:
         result = json.loads(Path(args.table).read_text())
@@ -247,7 +266,7 @@ def main() -> None:
             write_random_model(model_name, Path(args.workdir) / model_name)
         for row in args.rows.split(","):
             print(f"{model_name}: {row} ...", file=sys.stderr, flush=True)
-            result["rows"].append(measure(model_name, path, row, bandwidth))
+            result["rows"].append(measure(model_name, path, row, bandwidth, args.profile))
             print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(result, indent=1))

@@ -110,3 +110,30 @@ def test_long_requests_fall_back_to_generate(tiny_llama):
 def test_fast_decode_is_off_on_the_cpu_unless_asked(tiny_llama):
     assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is False
     assert loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True")).options["fast_decode"] is True
+
+
+def test_sliding_window_layers_keep_their_window(tmp_path, tiny_llama):
+    """A Gemma 3 with an 8-token window: 40 tokens past it, the full-length static cache answers as generate does."""
+    import shutil
+
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    folder = tmp_path / "tiny-gemma"
+    folder.mkdir()
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, folder)
+    config = Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                           "full_attention"], max_position_embeddings=256, bos_token_id=1,
+                              eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(1)
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    fast, slow = load(folder, "--fast_decode=True"), load(folder)
+    try:
+        for prompt in ["The quick brown fox jumps over the lazy dog.", "Hello"]:
+            expected = answer(slow, prompt, max_new_tokens=40, repetition_penalty=1.0)
+            assert answer(fast, prompt, max_new_tokens=40, repetition_penalty=1.0) == expected
+    finally:
+        fast.close()
+        slow.close()

@@ -116,7 +116,9 @@ def test_fast_decode_equals_generate_on_a_7b_shape():
 
     from bench.decode import write_random_model
     folder = write_random_model("llama2-7b", Path("/tmp/bench-models/llama2-7b"))
-    fast = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=1024")))
+    # fp32: random weights give near-tied logits, which bf16 rounding (fused differently when compiled) can flip
+    fast = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=1024",
+                                              "--load_half=False")))
     try:
         fast_tokens = greedy_tokens(fast, "The quick brown fox", 256)
         fast.fast = None  # the same weights, through generate

@@ -28,7 +28,7 @@ class FastDecoder:
         self.cache_tokens = cache_tokens
         self.device = model.get_input_embeddings().weight.device
         self.vocab = model.get_output_embeddings().weight.shape[0]
-        self.cache = StaticCache(config=model.config, max_cache_len=cache_tokens)
+        self.cache = StaticCache(config=full_attention_config(model.config), max_cache_len=cache_tokens)
         self.compiled = compile
         self._step = torch.compile(self._forward_one, mode="reduce-overhead", fullgraph=False, dynamic=False) \
             if compile else self._forward_one
@@ -110,6 +110,19 @@ class FastDecoder:
         ids = self.torch.tensor([[0, 1, 2, 3]], device=self.device)
         for _ in self.tokens(ids, GenParams(max_new_tokens=4, repetition_penalty=1.0), threading.Event()):
             pass
+
+
+def full_attention_config(config):
+    """The text config with every layer's cache full-length: sliding-window layers keep their window through the
+    attention mask, which counts absolute positions. transformers' sliding cache layers track their fill level in
+    a Python int, which would make the compiler specialise (recompile) on every step."""
+    import copy
+    text = copy.deepcopy(config.get_text_config(decoder=True))
+    if getattr(text, "layer_types", None):
+        text.layer_types = ["full_attention"] * len(text.layer_types)
+    if hasattr(text, "sliding_window"):
+        text.sliding_window = None
+    return text
 
 
 def choose_token(logits, seen, eos, params: GenParams, step: int):

@@ -309,9 +309,11 @@ class HFModel:
             fast.warm_up()
             return fast
         except Exception as e:  # a model whose code the static cache or the compiler cannot take
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"warning: fast decoding is not available for this model ({first}); decoding with generate",
-                  file=sys.stderr)
+            import traceback
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            print(f"warning: fast decoding is not available for this model ({type(e).__name__} {first} at "
+                  f"{Path(where.filename).name}:{where.lineno}); decoding with generate", file=sys.stderr)
             return None
 
     def count_tokens(self, text: str) -> int:

@@ -1,0 +1,16 @@
+#!/bin/bash
+# On the GPU machine, after the Gemma GGUF was carried to /root/gemma (4 calls, see docs/benchmarks.md):
+#   bash bench/gpu_fast.sh tests   -> the GPU tests of the Hugging Face backend and its fast decode path
+#   bash bench/gpu_fast.sh bench   -> bench/decode.py for Gemma and the Llama-2-7B shape, with profiles
+set -e
+export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
+if [ ! -d /tmp/site/bitsandbytes ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+if [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
+    python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1
+fi
+case "$1" in
+    tests) python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py --durations=12 ;;
+    bench) python3 bench/decode.py --models="${MODELS:-llama2-7b,gemma}" --profile --out="$OUT/decode-h100.json" ;;
+esac
