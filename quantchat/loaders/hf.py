@@ -294,27 +294,28 @@ class HFModel:
                               p.quantization, p.context_length or 2048, footprint, template,
                               tok.bos_token or "", tok.eos_token or "")
         self.device = self.model.get_input_embeddings().weight.device
-        self.fast = self._fast_decoder(o["fast_decode"]) if o["fast_decode"] else None
-        if self.fast:
-            self.info.decode = "static cache + CUDA graph" if self.fast.compiled else "static cache"
+        self.fast = self._fast_decoder() if o["fast_decode"] else None
 
-    def _fast_decoder(self, wanted: bool):
+    def _fast_decoder(self):
         """The static-cache decode loop, compiled and warmed up now; None (with a warning) where it cannot run."""
         import sys
+        import traceback
 
         from .fast_decode import DEFAULT_CACHE_TOKENS, FastDecoder
         try:
             fast = FastDecoder(self.model, self.eos_ids, min(self.info.context_length, DEFAULT_CACHE_TOKENS),
                                compile=self.device.type == "cuda")
             fast.warm_up()
-            return fast
         except Exception as e:  # a model whose code the static cache or the compiler cannot take
-            import traceback
             where = traceback.extract_tb(e.__traceback__)[-1]
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            print(f"warning: fast decoding is not available for this model ({type(e).__name__} {first} at "
-                  f"{Path(where.filename).name}:{where.lineno}); decoding with generate", file=sys.stderr)
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            why = f"{type(e).__name__} {first} at {Path(where.filename).name}:{where.lineno}"
+            print(f"warning: fast decoding is not available for this model ({why}); decoding with generate",
+                  file=sys.stderr)
+            self.info.decode = f"generate (fast decoding failed: {why})"
             return None
+        self.info.decode = "static cache + CUDA graph" if fast.compiled else "static cache"
+        return fast
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
