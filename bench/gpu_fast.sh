@@ -7,7 +7,7 @@ export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m
 if [ ! -d /tmp/site/bitsandbytes ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
-if [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
+if [ -f "$QUANTCHAT_GEMMA_GGUF" ] && [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
     python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1
 fi
 case "$1" in
