@@ -4,7 +4,7 @@ A static KV cache (fixed addresses, so the step can be replayed), the one-token 
 with mode="reduce-overhead" (Inductor kernels replayed as one CUDA graph), the next token chosen on the GPU
 (repetition penalty, temperature, top-k, top-p), and one host sync per token: the token id that streaming
 needs. The prompt is prefilled eagerly (its length changes every request). All of it runs in one worker thread,
-because CUDA graph replays belong to the thread that recorded them.
+shared by every model in the process: torch.compile's CUDA graph trees live in the thread that first used them.
 
 Greedy output equals `generate`'s token for token (tests/test_fast_decode.py), with the same logits
 processors in the same order: repetition penalty, min_new_tokens, then temperature, top-k, top-p.
@@ -20,6 +20,31 @@ from .base import Either, GenParams
 DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
 
 
+_JOBS: queue.Queue | None = None
+_JOBS_LOCK = threading.Lock()
+
+
+def _decode_thread() -> queue.Queue:
+    """The one thread that runs every fast decoder's GPU work (started on first use)."""
+    global _JOBS
+    with _JOBS_LOCK:
+        if _JOBS is None:
+            _JOBS = queue.Queue()
+            threading.Thread(target=_serve, args=(_JOBS,), name="fast-decode", daemon=True).start()
+        return _JOBS
+
+
+def _serve(jobs: queue.Queue) -> None:
+    try:  # torch 2.11 sets up the graph trees' thread-local state only in the thread that imported them
+        from torch._inductor import cudagraph_trees
+        if not hasattr(cudagraph_trees.local, "tree_manager_containers"):
+            cudagraph_trees._initialize_tls(cudagraph_trees.local)
+    except (ImportError, AttributeError):
+        pass
+    while True:
+        jobs.get()()
+
+
 class FastDecoder:
     def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool):
         import torch
@@ -32,8 +57,6 @@ class FastDecoder:
         self.compiled = compile
         self._step = torch.compile(self._forward_one, mode="reduce-overhead", fullgraph=False, dynamic=False) \
             if compile else self._forward_one
-        self._jobs: queue.Queue = queue.Queue()
-        threading.Thread(target=self._serve, name="fast-decode", daemon=True).start()
 
     # --- runs in the worker thread
     def _forward_one(self, token, position):
@@ -48,11 +71,6 @@ class FastDecoder:
         out = self.model(input_ids=ids, position_ids=positions.view(1, -1), cache_position=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
-
-    def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            job()
 
     def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None]) -> None:
         torch = self.torch
@@ -94,7 +112,7 @@ class FastDecoder:
             finally:
                 out.put(None)
 
-        self._jobs.put(job)
+        _decode_thread().put(job)
         try:
             while (token := out.get()) is not None:
                 yield token
