@@ -114,7 +114,7 @@ class FastDecoder:
 
         _decode_thread().put(job)
         try:
-            while (token := out.get()) is not None:
+            while (token := out.get()) is not None and not cancel.is_set():  # (the worker may be ahead)
                 yield token
         finally:
             stop.set()
