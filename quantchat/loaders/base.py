@@ -75,6 +75,7 @@ class LoadPlan:
     options: dict[str, Any] = field(default_factory=dict)   # backend-specific load arguments
     notes: list[str] = field(default_factory=list)          # warnings to show the user
     gpu_layers: tuple[int, int] | None = None               # (layers on the GPU, all layers) where known
+    activation_bytes: int | None = None                     # estimate of the largest prefill's activations
 
     def describe(self) -> str:
         def gib(n: int | None) -> str:
@@ -83,6 +84,12 @@ class LoadPlan:
                 ("dtype", self.dtype), ("quantization", self.quantization),
                 ("context length", f"{self.context_length} tokens" if self.context_length else "unknown"),
                 ("weights (estimate)", gib(self.weight_bytes)), ("KV cache at full context", gib(self.kv_cache_bytes))]
+        if self.activation_bytes and self.weight_bytes and self.kv_cache_bytes:
+            from ..memory import CUDA_CONTEXT
+            on_gpu = not self.devices.startswith(("cpu", "mps"))
+            total = self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + (CUDA_CONTEXT if on_gpu else 0)
+            rows += [("activations (prefill)", gib(self.activation_bytes)),
+                     ("total (estimate)", gib(total) + (" with the CUDA context" if on_gpu else ""))]
         text = "\n".join(f"  {k:<26}{v}" for k, v in rows)
         return "load plan:\n" + text + "".join(f"\n  note: {n}" for n in self.notes)
 

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import memory
 from ..errors import UserError, missing_package
 from ..settings import Settings
 from .base import Either, GenParams, LoadPlan, ModelInfo
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
                       "I32": 4, "I64": 8, "I16": 2, "BOOL": 1}
 
@@ -56,49 +56,6 @@ def _safetensors_shapes(folder: Path) -> list[tuple[str, int]] | None:
                     count *= dim
                 shapes.append((name, count if len(meta["shape"]) == 2 else -count))  # negative: not a matrix
     return shapes
-
-
-def _shapes_from_config(c: dict) -> list[tuple[str, int]] | None:
-    """Parameter counts of a Llama-family decoder, for hub ids whose files are not on disk."""
-    try:
-        hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-        inter = c["intermediate_size"]
-    except KeyError:
-        return None
-    heads = c.get("num_attention_heads", 1)
-    head_dim = c.get("head_dim") or hidden // heads
-    kv = c.get("num_key_value_heads") or heads
-    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter
-    shapes = [("model.embed_tokens.weight", vocab * hidden), ("model.layers.linear", per_layer * layers)]
-    if not c.get("tie_word_embeddings", False):
-        shapes.append(("lm_head.weight", vocab * hidden))
-    return shapes
-
-
-def estimate_weight_bytes(shapes: list[tuple[str, int]], dtype: str, quant: str) -> int:
-    """Bytes of the loaded weights. bitsandbytes quantizes the Linear layers only: not embeddings nor lm_head."""
-    total = 0.0
-    for name, count in shapes:
-        linear = count > 0 and not any(k in name for k in ("embed", "lm_head", "wte", "wpe"))
-        count = abs(count)
-        if linear and quant == "int8":
-            total += count * 1.0
-        elif linear and quant.startswith("4-bit"):
-            # 4 bits plus one absmax per 64 weights (fp32, or 8-bit with double quantization)
-            total += count * (0.5 + (1.0 / 64 + 4 / 256 / 64 if "double" in quant else 4.0 / 64))
-        else:
-            total += count * _DTYPE_BYTES[dtype]
-    return int(total)
-
-
-def kv_cache_bytes(c: dict, context: int, dtype_bytes: float) -> int | None:
-    try:
-        heads = c["num_attention_heads"]
-        head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        kv = c.get("num_key_value_heads") or heads
-        return int(2 * c["num_hidden_layers"] * kv * head_dim * context * dtype_bytes)
-    except KeyError:
-        return None
 
 
 def _bnb_description(s: Settings) -> str:
@@ -171,9 +128,10 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
             any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
         raise UserError(f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded: convert "
                         "them to safetensors, or pass --allow_pickle=True if you trust their source")
-    shapes = (_safetensors_shapes(folder) if folder.is_dir() else None) or _shapes_from_config(config)
-    weights = estimate_weight_bytes(shapes, dtype, quant) if shapes and not saved_quant else None
-    kv = kv_cache_bytes(config, context, _DTYPE_BYTES[dtype]) if context else None
+    # a quantized checkpoint's tensors are packed: count its parameters from the config's shapes instead
+    shapes = (_safetensors_shapes(folder) if folder.is_dir() and not saved_quant else None) or \
+        memory.shapes_from_config(config)
+    need = memory.estimate(config, shapes, dtype, quant, context) if shapes and context else None
     options = {"device_map": device_map, "dtype": dtype, "rope_parameters": rope, "max_seq_len": context,
                "tokenizer": s.tokenizer_base_model or model, "revision": s.revision,
                # pickle weights only where the user allowed them (transformers then refuses .bin files)
@@ -185,7 +143,8 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
                # one GPU: the static-cache decode loop (docs/benchmarks.md); several GPUs or the CPU: generate
                "fast_decode": s.fast_decode if s.fast_decode is not None else isinstance(device_map, dict)
                and str(next(iter(device_map.values()))) not in ("cpu", "mps")}
-    return LoadPlan("hf", why, model, devices, dtype, quant, context, weights, kv, options, notes)
+    return LoadPlan("hf", why, model, devices, dtype, quant, context, need and need.weights, need and need.kv_cache,
+                    options, notes, activation_bytes=need and need.activations)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -1,0 +1,57 @@
+"""The memory estimate (quantchat/memory.py) against the usual guidance and against peaks measured on an H100."""
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.decode import SHAPES
+from quantchat import memory
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA2 = {  # the public Llama-2 configs' shapes
+    "7B": SHAPES["llama2-7b"],
+    "13B": {**SHAPES["llama2-7b"], "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+            "num_attention_heads": 40, "num_key_value_heads": 40},
+    "70B": {**SHAPES["llama2-7b"], "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+            "num_attention_heads": 64, "num_key_value_heads": 8},
+}
+NF4 = "4-bit NF4, double quantization"
+
+
+@pytest.mark.parametrize("size, quant, low, high", [
+    ("7B", "none", 14 * 0.9, 14 * 1.1), ("13B", "none", 26 * 0.9, 26 * 1.1), ("70B", "none", 140 * 0.9, 140 * 1.1),
+    ("7B", "int8", 7 * 0.9, 7 * 1.1), ("13B", "int8", 13 * 0.9, 13 * 1.1), ("70B", "int8", 70 * 0.9, 70 * 1.1),
+    ("7B", NF4, 4, 5), ("13B", NF4, 7, 9), ("70B", NF4, 35, 40),
+])
+def test_weights_match_the_usual_guidance(size, quant, low, high):
+    """Weights plus the CUDA context, in GB, where people quote 7B ~14 GB fp16, ~7 GB 8-bit, ~4-5 GB 4-bit ..."""
+    config = LLAMA2[size]
+    gb = (memory.weight_bytes(memory.shapes_from_config(config), "float16", quant) + memory.CUDA_CONTEXT) / 1e9
+    assert low <= gb <= high, gb
+
+
+def test_gptq_group_size_and_bits():
+    shapes = memory.shapes_from_config(LLAMA2["7B"])
+    g128 = memory.weight_bytes(shapes, "float16", "gptq", {"bits": 4, "group_size": 128})
+    per_column = memory.weight_bytes(shapes, "float16", "gptq", {"bits": 4, "group_size": -1})
+    three_bit = memory.weight_bytes(shapes, "float16", "gptq", {"bits": 3, "group_size": 128})
+    assert three_bit < per_column < g128 < memory.weight_bytes(shapes, "float16", "none") / 3
+    assert 3.5e9 < g128 < 4.2e9   # TheBloke's 4-bit 128g Llama-2-7B GPTQ is 3.9 GB
+
+
+def measured_rows():
+    result = json.loads((ROOT / "bench/results/decode-h100.json").read_text())
+    return [row for row in result["rows"] if "prompt_tokens" in row]
+
+
+@pytest.mark.parametrize("row", measured_rows(), ids=lambda row: row["row"])
+def test_estimate_within_10_percent_of_the_measured_peak(row):
+    """Peaks of torch's allocator on the H100 (bench/decode.py), random weights of Llama-2-7B's shape, bf16 compute.
+    generate's cache grows to the longest sequence of the row (the 2,048-token prompt); the fast path's static
+    cache is allocated at its full length (the bench's --max_seq_len=4096)."""
+    config = SHAPES[row["model"]]
+    quant = row["quantization"]
+    context = 4096 if row["decode"].startswith("static cache") else row["prompt_tokens"] + 2
+    need = memory.estimate(config, memory.shapes_from_config(config), "bfloat16", quant, context)
+    measured = row["peak_gpu_gib"] * 2**30
+    assert abs(need.allocated - measured) / measured < 0.10, (need, measured)
