@@ -103,3 +103,17 @@ def estimate(config: dict, shapes: list[tuple[str, int]], dtype: str, quant: str
         return None
     return MemoryEstimate(weight_bytes(shapes, dtype, quant, quant_config), kv,
                           activation_bytes(config, context, DTYPE_BYTES[dtype]), context)
+
+
+def free_gpu_bytes(gpu: int) -> int | None:
+    """Free memory of one GPU as the driver reports it (asked of nvidia-smi: no CUDA library is loaded here)."""
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return None
+    run = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", str(gpu)],
+                         capture_output=True, text=True, check=False)
+    try:
+        return int(run.stdout.strip().splitlines()[0]) * 2**20
+    except (ValueError, IndexError):
+        return None

@@ -62,6 +62,8 @@ class Settings:
     llamacpp_dict: dict = flag({}, "keyword arguments for llama_cpp.Llama, e.g. \"{'n_gpu_layers':20,'n_batch':512}\"")
     n_gpu_layers: int | None = flag(None, "layers llama.cpp puts on the GPU (default: all, when a GPU build and GPU exist)",
                                     kind="int?")
+    pre_layer: int | None = flag(None, "text-generation-webui's name: layers on the GPU, the rest on the CPU "
+                                       "(llama.cpp: as n_gpu_layers)", kind="int?")
     llamacpp_path: str = flag("llamacpp_path", "folder searched for GGUF files named by base_model")
     # --- prompts
     prompt_type: str | None = flag(None, "prompt format (plain, llama2, llama3, chatml, ...; default: the model's chat "
@@ -231,7 +233,7 @@ def validate(s: Settings) -> None:
         ("max_max_time", s.max_max_time, 0.001, None), ("temperature", s.temperature, 0.0, 100.0),
         ("top_k", s.top_k, 0, None), ("top_p", s.top_p, 0.0, 1.0), ("num_beams", s.num_beams, 1, 64),
         ("repetition_penalty", s.repetition_penalty, 0.01, 100.0), ("max_seq_len", s.max_seq_len, 16, None),
-        ("n_gpu_layers", s.n_gpu_layers, -1, None), ("gpu_id", s.gpu_id, 0, None),
+        ("n_gpu_layers", s.n_gpu_layers, -1, None), ("pre_layer", s.pre_layer, 0, None), ("gpu_id", s.gpu_id, 0, None),
         ("server_port", s.server_port, 1, 65535), ("concurrency_count", s.concurrency_count, 1, 1024),
         ("openai_port", s.openai_port, 1, 65535),
     ]

@@ -133,3 +133,36 @@ def test_unreadable_model_paths(tmp_path):
     (tmp_path / "folder.gguf").mkdir()
     with pytest.raises(UserError, match="GGUF file not found"):
         loaders.plan(settings(f"--base_model={tmp_path / 'folder.gguf'}"))
+
+
+def test_gguf_layers_fit_the_free_gpu_memory(monkeypatch, gemma_gguf):
+    """With a GPU build and too little free memory, some layers stay on the CPU, and the plan says so."""
+    import llama_cpp
+
+    from quantchat import memory
+    from quantchat.loaders import llamacpp
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    size = Path(gemma_gguf).stat().st_size
+    monkeypatch.setattr(memory, "free_gpu_bytes", lambda gpu: llamacpp.LLAMACPP_RESERVE + size // 2)
+    p = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048"))
+    on_gpu, layers = p.gpu_layers
+    assert layers == 18 and 0 < on_gpu < 18 and p.options["n_gpu_layers"] == on_gpu
+    assert any(f"{on_gpu} of 18 layers on the GPU, the rest on the CPU" in n for n in p.notes)
+    monkeypatch.setattr(memory, "free_gpu_bytes", lambda gpu: 80 * 2**30)       # plenty: everything on the GPU
+    assert loaders.plan(settings(f"--base_model={gemma_gguf}")).gpu_layers == (18, 18)
+    pre = loaders.plan(settings(f"--base_model={gemma_gguf}", "--pre_layer=5"))  # text-generation-webui's flag
+    assert pre.gpu_layers == (5, 18) and pre.options["n_gpu_layers"] == 5
+
+
+def test_layers_that_fit():
+    from quantchat.loaders.llamacpp import LLAMACPP_RESERVE, layers_that_fit
+    gib = 2**30
+    assert layers_that_fit(8 * gib, 0, 31, None) is None                        # free memory unknown: no decision
+    assert layers_that_fit(8 * gib, 0, 31, LLAMACPP_RESERVE + 9 * gib) == 31
+    assert layers_that_fit(8 * gib, 0, 31, LLAMACPP_RESERVE + 4 * gib) == 15    # half the file: about half the layers
+    assert layers_that_fit(8 * gib, 0, 31, LLAMACPP_RESERVE) == 0
+
+
+def test_pre_layer_is_for_gguf_models(tiny_llama):
+    with pytest.raises(UsageError, match="--pre_layer .* applies to GGUF models"):
+        loaders.plan(settings(f"--base_model={tiny_llama}", "--pre_layer=10"))

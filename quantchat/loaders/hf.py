@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import memory
-from ..errors import UserError, missing_package
+from ..errors import UsageError, UserError, missing_package
 from ..settings import Settings
 from .base import Either, GenParams, LoadPlan, ModelInfo
 
@@ -101,6 +101,9 @@ def _rope(config: dict, s: Settings) -> dict | None:
 
 
 def plan(s: Settings, model: str, why: str) -> LoadPlan:
+    if s.pre_layer is not None:
+        raise UsageError("--pre_layer (layers on the GPU) applies to GGUF models here; a Hugging Face model that does "
+                         "not fit one GPU loads with --load_4bit=True, or over several GPUs with --use_gpu_id=False")
     devices, device_map, dtype, notes = _placement(s)
     quant = _bnb_description(s)
     config = _load_config(model, s) or {}

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from .. import memory
 from ..errors import UsageError, UserError, missing_package
 from ..settings import Settings
 from .base import GenParams, LoadPlan, ModelInfo
@@ -87,6 +88,9 @@ def _check_keys(options: dict) -> None:
             raise UsageError(f"--llamacpp_dict: llama_cpp.Llama has no option {key!r}{hint}")
 
 
+LLAMACPP_RESERVE = memory.CUDA_CONTEXT + 512 * 2**20  # compute buffers: about this much at 2k-8k contexts
+
+
 def plan(s: Settings, path: str, why: str) -> LoadPlan:
     if s.load_8bit or s.load_4bit:
         raise UsageError("--load_8bit/--load_4bit do not apply to a GGUF file: its quantization is fixed by the "
@@ -107,8 +111,20 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
     context = user.get("n_ctx") or s.max_seq_len or min(trained or 2048, DEFAULT_MAX_CONTEXT)
     gpu = bool(_llama_cpp().llama_supports_gpu_offload())
     layers = meta.get(f"{arch}.block_count")
-    asked = s.n_gpu_layers if s.n_gpu_layers is not None else user.get("n_gpu_layers")
+    heads_kv = meta.get(f"{arch}.attention.head_count_kv")
+    key_len = meta.get(f"{arch}.attention.key_length") or (
+        meta.get(f"{arch}.embedding_length", 0) // max(meta.get(f"{arch}.attention.head_count", 1), 1))
+    value_len = meta.get(f"{arch}.attention.value_length") or key_len
+    kv = int(layers * heads_kv * (key_len + value_len) * context * 2) if layers and heads_kv and key_len else None
+    asked = next((v for v in (s.n_gpu_layers, s.pre_layer, user.get("n_gpu_layers")) if v is not None), None)
     n_gpu_layers = asked if asked is not None else (-1 if gpu else 0)
+    if asked is None and gpu and layers:
+        fit = layers_that_fit(os.path.getsize(path), kv or 0, layers, memory.free_gpu_bytes(s.gpu_id))
+        if fit is not None and fit < layers:
+            n_gpu_layers = fit
+            notes.append(f"the model and its {context}-token KV cache need more than the GPU's free memory: {fit} of "
+                         f"{layers} layers on the GPU, the rest on the CPU (slower; a smaller GGUF type or a "
+                         "shorter --max_seq_len keeps it all on the GPU)")
     if asked and not gpu:
         notes.append(f"{asked} GPU layers asked for, but this llama-cpp-python build has no GPU support: "
                      "everything runs on the CPU (reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\", see docs/backends.md)")
@@ -130,13 +146,18 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
     _check_keys(options)
     file_type = meta.get("general.file_type")
     quant = _file_type_name(file_type)
-    heads_kv = meta.get(f"{arch}.attention.head_count_kv")
-    key_len = meta.get(f"{arch}.attention.key_length") or (
-        meta.get(f"{arch}.embedding_length", 0) // max(meta.get(f"{arch}.attention.head_count", 1), 1))
-    value_len = meta.get(f"{arch}.attention.value_length") or key_len
-    kv = int(layers * heads_kv * (key_len + value_len) * context * 2) if layers and heads_kv and key_len else None
     return LoadPlan("llamacpp", why, path, devices, "as stored in the file", quant, context,
                     os.path.getsize(path), kv, options, notes, (on_gpu, layers))
+
+
+def layers_that_fit(file_bytes: int, kv_bytes: int, layers: int, free: int | None) -> int | None:
+    """How many of the repeating layers (each with its share of the weights and KV cache) fit in `free` bytes,
+    after llama.cpp's compute buffers and the CUDA context; None when the free memory is not known."""
+    if free is None:
+        return None
+    per_layer = (file_bytes + kv_bytes) / (layers + 1)  # the embeddings and output layer count about one layer
+    room = free - LLAMACPP_RESERVE - per_layer            # the output layer goes to the GPU with the last layers
+    return max(0, min(layers, int(room // per_layer)))
 
 
 def _file_type_name(file_type) -> str:
