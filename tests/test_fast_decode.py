@@ -137,3 +137,15 @@ def test_sliding_window_layers_keep_their_window(tmp_path, tiny_llama):
     finally:
         fast.close()
         slow.close()
+
+
+def test_fast_decode_default_on_one_gpu_except_int8(tiny_llama, monkeypatch):
+    from quantchat.loaders import hf
+    monkeypatch.setattr(hf, "_placement", lambda s: ("cuda:0 (a GPU)", {"": 0}, "bfloat16", []))
+    assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is True
+    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--load_4bit")).options["fast_decode"] is True
+    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--load_8bit")).options["fast_decode"] is False
+    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--load_8bit", "--fast_decode=True")).options[
+        "fast_decode"] is True
+    monkeypatch.setattr(hf, "_placement", lambda s: ("2 GPUs, balanced", "balanced", "bfloat16", []))
+    assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is False

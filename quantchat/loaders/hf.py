@@ -100,6 +100,13 @@ def _rope(config: dict, s: Settings) -> dict | None:
     return {**base, **rope}
 
 
+def _fast_decode_by_default(device_map, s: Settings) -> bool:
+    """One GPU, in the precisions measured with it (docs/benchmarks.md): bf16/fp16 and 4-bit. bitsandbytes' int8
+    layers were not measured under the compiler, and a failed compilation would cost every load its time."""
+    one_gpu = isinstance(device_map, dict) and str(next(iter(device_map.values()))) not in ("cpu", "mps")
+    return one_gpu and not s.load_8bit
+
+
 def plan(s: Settings, model: str, why: str) -> LoadPlan:
     if s.pre_layer is not None:
         raise UsageError("--pre_layer (layers on the GPU) applies to GGUF models here; a Hugging Face model that does "
@@ -143,9 +150,7 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
                "offload_folder": s.offload_folder, "flash_attention_2": s.use_flash_attention_2,
                "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode,
                "lora_weights": s.lora_weights,
-               # one GPU: the static-cache decode loop (docs/benchmarks.md); several GPUs or the CPU: generate
-               "fast_decode": s.fast_decode if s.fast_decode is not None else isinstance(device_map, dict)
-               and str(next(iter(device_map.values()))) not in ("cpu", "mps")}
+               "fast_decode": s.fast_decode if s.fast_decode is not None else _fast_decode_by_default(device_map, s)}
     return LoadPlan("hf", why, model, devices, dtype, quant, context, need and need.weights, need and need.kv_cache,
                     options, notes, activation_bytes=need and need.activations)
 
