@@ -124,16 +124,14 @@ def timed_static_generate(model, prompt: str, new_tokens: int) -> tuple[float, f
 def bytes_per_token(model, context: int) -> int:
     """Weights read per decode step (the input embedding table is only indexed) plus the KV cache up to context."""
     import torch
+
+    from quantchat import memory
     weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.model.buffers() if b.dtype != torch.bool)
     embedding = model.model.get_input_embeddings().weight
     if embedding is not model.model.get_output_embeddings().weight:
         weights -= embedding.numel() * embedding.element_size()
-    c = model.model.config.get_text_config()
-    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * context * 2
-    return weights + kv
+    return weights + memory.kv_cache_bytes(model.model.config.get_text_config().to_dict(), context, 2)
 
 
 def long_prompt(model, tokens: int) -> str:

@@ -94,9 +94,13 @@ def describe_documents(s: Settings) -> str:
             f"{s.chunk_size}-character passages, {k} per question")
 
 
+def documents_wanted(s: Settings) -> bool:
+    return s.langchain_mode != "LLM" or bool(s.user_path)
+
+
 def documents_for(s: Settings):
     """Documents Q&A: the collections, UserData brought up to date with --user_path; None for plain chat."""
-    if s.langchain_mode == "LLM" and not s.user_path:
+    if not documents_wanted(s):
         return None
     from .documents.library import open_library
     return open_library(s.langchain_mode, s.user_path, s.persist_directory, s.hf_embedding_model, s.chunk_size)
@@ -118,7 +122,7 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
     for i, plan in enumerate(plans):
         heading = f"model {i + 1} of {len(plans)}, " if len(plans) > 1 else ""
         print(heading + plan.describe(), file=sys.stdout if s.dry_run else sys.stderr)
-    if s.langchain_mode != "LLM" or s.user_path:
+    if documents_wanted(s):
         print(describe_documents(s), file=sys.stdout if s.dry_run else sys.stderr)
     if s.dry_run:
         return 0

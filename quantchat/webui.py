@@ -147,7 +147,7 @@ class WebUI:
         mode = mode if mode != "LLM" else "MyData"
         paths = [getattr(f, "name", f) for f in files]
         try:
-            report = self.library.add(paths, mode, session, names=[Path(p).name for p in paths],
+            report = self.library.add(paths, mode, session,  # (each upload keeps its own file name)
                                       progress=lambda done, total, name: progress(
                                           done / max(total, 1), desc=f"reading {name}" if name else "done"))
         except UserError as e:

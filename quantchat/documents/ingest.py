@@ -155,8 +155,8 @@ def add_uploads(paths: list[str | Path], collection: Collection, chunk_size: int
 
 def _free_name(folder: Path, name: str, content: Path) -> Path:
     """folder/name, or folder/name (2) ... when a different file already has that name (same content: the same)."""
-    target, n = folder / name, 1
-    while target.exists() and sha256_of(target) != sha256_of(content):
+    target, n, wanted = folder / name, 1, sha256_of(content)
+    while target.exists() and sha256_of(target) != wanted:
         n += 1
         target = (folder / name).with_name(f"{Path(name).stem} ({n}){Path(name).suffix}")
     return target

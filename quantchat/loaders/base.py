@@ -85,9 +85,10 @@ class LoadPlan:
                 ("context length", f"{self.context_length} tokens" if self.context_length else "unknown"),
                 ("weights (estimate)", gib(self.weight_bytes)), ("KV cache at full context", gib(self.kv_cache_bytes))]
         if self.activation_bytes and self.weight_bytes and self.kv_cache_bytes:
-            from ..memory import CUDA_CONTEXT
+            from ..memory import MemoryEstimate
+            need = MemoryEstimate(self.weight_bytes, self.kv_cache_bytes, self.activation_bytes, self.context_length)
             on_gpu = not self.devices.startswith(("cpu", "mps"))
-            total = self.weight_bytes + self.kv_cache_bytes + self.activation_bytes + (CUDA_CONTEXT if on_gpu else 0)
+            total = need.total if on_gpu else need.allocated
             rows += [("activations (prefill)", gib(self.activation_bytes)),
                      ("total (estimate)", gib(total) + (" with the CUDA context" if on_gpu else ""))]
         text = "\n".join(f"  {k:<26}{v}" for k, v in rows)
