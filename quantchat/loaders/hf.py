@@ -1,4 +1,5 @@
-"""Hugging Face backend: transformers + accelerate, bitsandbytes for --load_8bit / --load_4bit."""
+"""Hugging Face backend: transformers + accelerate; bitsandbytes for --load_8bit / --load_4bit; gptqmodel's kernels
+for GPTQ and AWQ checkpoints (--load_gptq, --load_awq, or a folder whose config.json says so)."""
 from __future__ import annotations
 
 import gc
@@ -13,7 +14,8 @@ from typing import Any
 
 from .. import memory
 from ..errors import UsageError, UserError, missing_package
-from ..settings import Settings
+from ..settings import AUTOGPTQ_KEYS, Settings
+from . import checkpoint
 from .base import Either, GenParams, LoadPlan, ModelInfo
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -114,11 +116,14 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
     devices, device_map, dtype, notes = _placement(s)
     quant = _bnb_description(s)
     config = _load_config(model, s) or {}
-    saved_quant = (config.get("quantization_config") or {}).get("quant_method")
-    if saved_quant and quant != "none":
-        raise UserError(f"{model} is already quantized ({saved_quant}): drop --load_8bit/--load_4bit")
-    if saved_quant:
-        quant = f"{saved_quant} (from config.json)"
+    folder = Path(model)
+    saved = checkpoint.quantization(folder, config) if folder.is_dir() else config.get("quantization_config")
+    if saved and quant != "none":
+        raise UserError(f"{model} is already quantized ({saved.get('quant_method')}): drop --load_8bit/--load_4bit")
+    if saved:
+        config["quantization_config"] = saved  # AutoGPTQ-era folders keep it in quantize_config.json
+        quant = checkpoint.describe(saved)
+        notes += _gptq_notes(s)
     if s.lora_weights:
         adapter = Path(s.lora_weights).expanduser()
         if (adapter.exists() or s.lora_weights.startswith((".", "/", "~"))) and \
@@ -133,13 +138,12 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
         context = int(trained * rope["factor"])
     else:
         context = trained
-    folder = Path(model)
     if folder.is_dir() and not s.allow_pickle and not any(folder.glob("*.safetensors")) and \
             any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
         raise UserError(f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded: convert "
                         "them to safetensors, or pass --allow_pickle=True if you trust their source")
     # a quantized checkpoint's tensors are packed: count its parameters from the config's shapes instead
-    shapes = (_safetensors_shapes(folder) if folder.is_dir() and not saved_quant else None) or \
+    shapes = (_safetensors_shapes(folder) if folder.is_dir() and not saved else None) or \
         memory.shapes_from_config(config)
     need = memory.estimate(config, shapes, dtype, quant, context) if shapes and context else None
     options = {"device_map": device_map, "dtype": dtype, "rope_parameters": rope, "max_seq_len": context,
@@ -149,13 +153,64 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
                "trust_remote_code": s.trust_remote_code,
                "offload_folder": s.offload_folder, "flash_attention_2": s.use_flash_attention_2,
                "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode,
-               "lora_weights": s.lora_weights,
+               "lora_weights": s.lora_weights, "quantized": saved and saved["quant_method"],
+               "quant_bits": saved and saved.get("bits", 4),
+               "weight_basename": s.load_gptq or s.load_awq, "gptq_dict": s.gptq_dict,
                "fast_decode": s.fast_decode if s.fast_decode is not None else _fast_decode_by_default(device_map, s)}
     return LoadPlan("hf", why, model, devices, dtype, quant, context, need and need.weights, need and need.kv_cache,
                     options, notes, activation_bytes=need and need.activations)
 
 
+def _gptq_notes(s: Settings) -> list[str]:
+    notes = []
+    if s.use_autogptq:
+        notes.append("--use_autogptq: AutoGPTQ is archived upstream; this GPTQ checkpoint loads through gptqmodel")
+    old = sorted(AUTOGPTQ_KEYS & set(s.gptq_dict))
+    if old:
+        notes.append(f"--gptq_dict: {', '.join(old)} (AutoGPTQ options) ignored: gptqmodel picks the kernel; "
+                     "{'backend': NAME} chooses one")
+    return notes
+
+
 # ----------------------------------------------------------------------------------------------- loading
+
+def _quantized_kwargs(p: LoadPlan) -> tuple[str, dict]:
+    """(folder to load, from_pretrained arguments) for a GPTQ or AWQ checkpoint: gptqmodel must be installed, the
+    named weight file is presented as model.safetensors, and a kernel named in gptq_dict is passed on."""
+    o = p.options
+    method = o["quantized"]
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise missing_package("gptqmodel", "gptq", f"a {method.upper()} checkpoint")
+    if method == "gptq" and importlib.util.find_spec("optimum") is None:
+        raise missing_package("optimum", "gptq", "a GPTQ checkpoint")
+    folder = Path(p.model)
+    if not folder.is_dir() and o["weight_basename"] not in ("", "model"):
+        from huggingface_hub import snapshot_download  # a hub repository with an AutoGPTQ-style file name
+        folder = Path(snapshot_download(p.model, revision=o["revision"]))
+    path = p.model
+    if folder.is_dir():
+        from . import read_config
+        saved = checkpoint.quantization(folder, read_config(folder))
+        path = str(checkpoint.weight_view(folder, o["weight_basename"] or "model", saved))
+    loading = {k: v for k, v in o["gptq_dict"].items() if k in ("backend", "max_input_length")}
+    if method == "gptq" and "backend" not in loading and p.devices.startswith("cuda"):
+        # gptqmodel's own choice on Hopper, Machete, fetches CUTLASS sources from the internet on first use;
+        # Marlin compiles offline (about 20 s, once) and runs on Ampere and newer
+        loading["backend"] = "marlin"
+    if not loading:
+        return path, {}
+    from transformers import AwqConfig, GPTQConfig
+    if method == "gptq":
+        return path, {"quantization_config": GPTQConfig(bits=o["quant_bits"], **loading)}
+    loading.pop("max_input_length", None)
+    return path, {"quantization_config": AwqConfig(bits=o["quant_bits"], **loading)}
+
+
+def quantized_kernels(model) -> str:
+    """The gptqmodel kernel classes that run the model's quantized layers, e.g. 'MarlinLinear'."""
+    names = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gptqmodel.")})
+    return ", ".join(names) or "none found"
+
 
 def _bnb_config(o: dict, compute_dtype):
     from transformers import BitsAndBytesConfig
@@ -226,6 +281,10 @@ class HFModel:
         common = {"revision": o["revision"], "trust_remote_code": o["trust_remote_code"]}
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": o["device_map"], "offload_folder": o["offload_folder"],
                                   "use_safetensors": o["use_safetensors"], **common}
+        path = p.model
+        if o["quantized"]:
+            path, extra = _quantized_kwargs(p)
+            kwargs.update(extra)
         if o["load_8bit"] or o["load_4bit"]:
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise missing_package("bitsandbytes", "bnb", "--load_8bit/--load_4bit")
@@ -236,11 +295,11 @@ class HFModel:
             kwargs["attn_implementation"] = "flash_attention_2"
         transformers.logging.set_verbosity_error()
         try:
-            config = AutoConfig.from_pretrained(p.model, **common)
+            config = AutoConfig.from_pretrained(path, **common)
             if o["rope_parameters"]:
                 config.rope_parameters = o["rope_parameters"]
             self.tokenizer = AutoTokenizer.from_pretrained(o["tokenizer"], **common)
-            self.model = AutoModelForCausalLM.from_pretrained(p.model, config=config, **kwargs).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs).eval()
             if o["lora_weights"]:
                 self.model = _with_adapter(self.model, o["lora_weights"], common)
         except torch.cuda.OutOfMemoryError:
@@ -257,8 +316,12 @@ class HFModel:
         devices = p.devices if not device_map or len(set(device_map.values())) <= 1 else \
             ", ".join(sorted({str(v) for v in device_map.values()}))
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        quant = p.quantization
+        if o["quantized"]:
+            quant += f", kernel {quantized_kernels(self.model)}"
+            print(f"{o['quantized'].upper()} layers run on gptqmodel's {quantized_kernels(self.model)}")
         self.info = ModelInfo(f"hf (transformers {transformers.__version__})", p.model, devices, p.dtype,
-                              p.quantization, p.context_length or 2048, footprint, template,
+                              quant, p.context_length or 2048, footprint, template,
                               tok.bos_token or "", tok.eos_token or "")
         self.device = self.model.get_input_embeddings().weight.device
         self.fast = self._fast_decoder() if o["fast_decode"] else None

@@ -1,0 +1,199 @@
+"""ExLlama backend: GPTQ and EXL2 folders through exllamav2, EXL3 folders through exllamav3 (CUDA only).
+
+Prompts are encoded and answers decoded with the model's Hugging Face tokenizer, as in the hf backend, so chat
+templates and special tokens behave the same on every backend. One generation runs at a time per model: the
+generator's queue, cache pages and sampler state are not shared between threads, so concurrent chats wait for
+each other instead of risking mixed answers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .. import memory
+from ..errors import UsageError, UserError, missing_package
+from ..settings import Settings, gpu_split
+from . import checkpoint
+from .base import GenParams, LoadPlan, ModelInfo
+
+
+def rope_settings(s: Settings, method: str) -> tuple[float, float]:
+    """(NTK alpha, linear compression) from exllama_dict and --rope_scaling; 1.0 means unchanged."""
+    alpha = float(s.exllama_dict.get("alpha_value", 1.0))
+    compress = float(s.exllama_dict.get("compress_pos_emb", 1.0))
+    rope = s.rope_scaling or {}
+    kind = rope.get("type", rope.get("rope_type"))
+    if "alpha_value" in rope:
+        alpha = float(rope["alpha_value"])
+    elif kind == "linear":
+        compress = float(rope["factor"])
+    elif rope:
+        raise UsageError(f"--rope_scaling type {kind!r} is not available through ExLlama: use "
+                         "\"{'alpha_value': A}\" (NTK) or \"{'type': 'linear', 'factor': F}\"")
+    if method == "exl3" and (alpha, compress) != (1.0, 1.0):
+        raise UsageError("exllamav3 takes RoPE scaling from the model's config.json only: drop alpha_value / "
+                         "compress_pos_emb / --rope_scaling, or edit rope_scaling in config.json")
+    return alpha, compress
+
+
+def plan(s: Settings, model: str, why: str) -> LoadPlan:
+    folder = Path(model)
+    config: dict = {}
+    q = None
+    if folder.is_dir():
+        from . import read_config
+        config = read_config(folder)
+        q = checkpoint.quantization(folder, config)
+    method = q["quant_method"] if q else "gptq"  # a hub id given with --load_exllama: h2oGPT's GPTQ repositories
+    alpha, compress = rope_settings(s, method)
+    trained = config.get("max_position_embeddings")
+    context = s.exllama_dict.get("max_seq_len") or s.max_seq_len or \
+        (int(trained * compress * (alpha if alpha > 1 else 1)) if trained else None)
+    split = gpu_split(s.exllama_dict)
+    library = "exllamav3" if method == "exl3" else "exllamav2"
+    devices = f"{len(split)} GPUs, {', '.join(f'{gb:g} GB' for gb in split)} of weights each" if split \
+        else f"cuda:{s.gpu_id}" + (" (exllama fills it, then the next GPUs)" if not s.use_gpu_id else "")
+    bytes_each = None
+    if q and q.get("bits"):
+        shapes = memory.shapes_from_config(config)
+        bytes_each = shapes and memory.weight_bytes(shapes, "float16", "", {"bits": q["bits"],
+                                                                       "group_size": q.get("group_size")})
+    kv = memory.kv_cache_bytes(config, context, 2) if context and config else None
+    notes = [] if split is None or s.use_gpu_id is False or len(split) == 1 else \
+        ["set_auto_map names several GPUs: weights go to them in order"]
+    options = {"method": method, "library": library, "alpha": alpha, "compress": compress, "max_seq_len": context,
+               "split": split, "gpu_id": s.gpu_id, "revision": s.revision,
+               "tokenizer": s.tokenizer_base_model or model, "trust_remote_code": s.trust_remote_code}
+    quant = checkpoint.describe(q) if q else "gptq (from the hub repository)"
+    return LoadPlan("exllama", why, model, devices, "float16", f"{quant} via {library}", context, bytes_each, kv,
+                    options, notes)
+
+
+class ExLlamaModel:
+    def __init__(self, p: LoadPlan):
+        o = p.options
+        library = o["library"]
+        if importlib.util.find_spec(library) is None:
+            raise missing_package(library, "exllama", f"--load_exllama with a {o['method']} folder")
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"{library} runs on CUDA GPUs only, and none is visible: use --load_gptq on the CPU, "
+                            "or a GGUF file")
+        from transformers import AutoTokenizer
+        folder = p.model
+        if not Path(folder).is_dir():
+            from huggingface_hub import snapshot_download
+            folder = snapshot_download(p.model, revision=o["revision"])
+        self.tokenizer = AutoTokenizer.from_pretrained(o["tokenizer"], trust_remote_code=o["trust_remote_code"])
+        self.torch = torch
+        self.library = library
+        self.lock = threading.Lock()
+        try:
+            self._generator, version = (self._load_v3 if library == "exllamav3" else self._load_v2)(folder, o)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"{p.model} does not fit in GPU memory: lower max_seq_len in --exllama_dict, or split "
+                            "it over GPUs with set_auto_map") from None
+        tok = self.tokenizer
+        self.eos_ids = {i for i in [tok.eos_token_id, *self._config_eos(folder)] if i is not None}
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        self.info = ModelInfo(f"exllama ({library} {version})", p.model, p.devices, "float16", p.quantization,
+                              o["max_seq_len"] or 2048, p.weight_bytes, template, tok.bos_token or "",
+                              tok.eos_token or "")
+
+    @staticmethod
+    def _config_eos(folder: str) -> list[int]:
+        import json
+        ids = []
+        for name in ("config.json", "generation_config.json"):
+            try:
+                value = json.loads((Path(folder) / name).read_text()).get("eos_token_id")
+            except (OSError, ValueError):
+                continue
+            ids += value if isinstance(value, list) else [value]
+        return ids
+
+    def _load_v2(self, folder: str, o: dict):
+        import exllamav2
+        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+        config = ExLlamaV2Config(folder)
+        config.scale_alpha_value, config.scale_pos_emb = o["alpha"], o["compress"]
+        if o["max_seq_len"]:
+            config.max_seq_len = o["max_seq_len"]
+        model = ExLlamaV2(config)
+        if o["split"]:
+            model.load(gpu_split=o["split"], progress=False)
+            cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len)
+        else:  # the cache is allocated as the layers are placed, so that both fit
+            cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
+            with self.torch.cuda.device(o["gpu_id"]):
+                model.load_autosplit(cache, progress=False)
+        from exllamav2 import ExLlamaV2Tokenizer
+        generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=ExLlamaV2Tokenizer(config))
+        return generator, exllamav2.__version__
+
+    def _load_v3(self, folder: str, o: dict):
+        import exllamav3
+        from exllamav3 import Cache, Config, Generator, Model, Tokenizer
+        config = Config.from_directory(folder)
+        model = Model.from_config(config)
+        context = o["max_seq_len"] or 8192
+        cache = Cache(model, max_num_tokens=max(256, -(-context // 256) * 256))  # whole pages of 256 tokens
+        with self.torch.cuda.device(o["gpu_id"]):
+            model.load(use_per_device=o["split"], progressbar=False)
+        generator = Generator(model=model, cache=cache, tokenizer=Tokenizer.from_config(config))
+        return generator, exllamav3.__version__
+
+    def _job(self, ids, params: GenParams):
+        """A generation job of the loaded library, with generate's sampling settings."""
+        stop = sorted(self.eos_ids)
+        common = {"input_ids": ids, "max_new_tokens": params.max_new_tokens, "min_new_tokens": params.min_new_tokens,
+                  "stop_conditions": stop, "seed": params.seed}
+        if self.library == "exllamav3":
+            from exllamav3 import ComboSampler, Job
+            sampling = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p} \
+                if params.do_sample else {"temperature": 0.0}
+            return Job(sampler=ComboSampler(rep_p=params.repetition_penalty, **sampling), **common)
+        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+        settings = ExLlamaV2Sampler.Settings(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                             token_repetition_penalty=params.repetition_penalty) \
+            if params.do_sample else ExLlamaV2Sampler.Settings.greedy(
+                token_repetition_penalty=params.repetition_penalty)
+        return ExLlamaV2DynamicJob(gen_settings=settings, **common)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
+        from .hf import Detokenizer
+        if params.num_beams > 1:
+            raise UserError("beam search (num_beams > 1) runs on the Hugging Face backend only; use num_beams=1")
+        bos = self.tokenizer.bos_token
+        ids = self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)),
+                             return_tensors="pt").input_ids
+        detok = Detokenizer(self.tokenizer)
+        deadline = time.monotonic() + params.max_time
+        with self.lock:
+            job = self._job(ids, params)
+            self._generator.enqueue(job)
+            try:
+                finished = False
+                while not finished and not cancel.is_set() and time.monotonic() < deadline:
+                    for result in self._generator.iterate():
+                        if result.get("stage") != "streaming":
+                            continue
+                        tokens = result.get("token_ids")
+                        for token in ([] if tokens is None else tokens.reshape(-1).tolist()):
+                            if token not in self.eos_ids:
+                                yield detok.add(token)
+                        finished = result["eos"]
+            finally:
+                if self._generator.num_remaining_jobs():
+                    self._generator.cancel(job)
+
+    def close(self) -> None:
+        del self._generator
+        self.torch.cuda.empty_cache()

@@ -1,0 +1,155 @@
+"""Quantized checkpoints on the CPU: detection from files, h2oGPT's flags and their errors, and GPTQ and AWQ
+checkpoints that quantize.py writes and generate.py loads through gptqmodel's CPU kernels."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny_llama
+from test_settings import settings
+
+from quantchat import loaders
+from quantchat.errors import UsageError, UserError
+from quantchat.loaders import checkpoint, exllama
+from quantchat.quantize import main as quantize
+from quantchat.settings import gpu_split
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_gptqmodel = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel not installed")
+
+
+def with_quantization(tiny_llama, folder: Path, method: str, **extra) -> Path:
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 32, **extra}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("method, flags, backend", [
+    ("gptq", [], "hf"), ("awq", [], "hf"), ("gptq", ["--load_gptq=model"], "hf"),
+    ("exl2", [], "exllama"), ("exl3", [], "exllama"), ("gptq", ["--load_exllama"], "exllama"),
+])
+def test_backend_follows_the_checkpoint(tiny_llama, tmp_path, method, flags, backend):
+    folder = with_quantization(tiny_llama, tmp_path / method, method)
+    found, _, why = loaders.detect(settings(f"--base_model={folder}", *flags))
+    assert found == backend and method in why
+
+
+@pytest.mark.parametrize("method, flags, message", [
+    ("gptq", ["--load_awq=model"], "expects a AWQ checkpoint, and .* quantized with gptq"),
+    ("awq", ["--load_exllama"], "--load_exllama loads GPTQ, EXL2 and EXL3 folders"),
+])
+def test_flag_that_does_not_match_the_checkpoint(tiny_llama, tmp_path, method, flags, message):
+    folder = with_quantization(tiny_llama, tmp_path / "q", method)
+    with pytest.raises(UserError, match=message):
+        loaders.detect(settings(f"--base_model={folder}", *flags))
+    with pytest.raises(UserError, match="unquantized checkpoint"):
+        loaders.detect(settings(f"--base_model={tiny_llama}", "--load_gptq=model"))
+
+
+def test_a_gguf_file_refuses_the_quantized_flags(gemma_gguf):
+    with pytest.raises(UsageError, match="GGUF file .*drop --load_gptq"):
+        loaders.plan(settings(f"--base_model={gemma_gguf}", "--load_gptq=model"))
+
+
+def test_autogptq_folder_is_read_from_quantize_config_and_its_weight_name(tiny_llama, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors").rename(folder / "gptq_model-4bit-128g.safetensors")
+    (folder / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "desc_act": False}))
+    q = checkpoint.quantization(folder, json.loads((folder / "config.json").read_text()))
+    assert q["quant_method"] == "gptq" and checkpoint.describe(q) == "gptq 4-bit, group 128"
+    view = checkpoint.weight_view(folder, "gptq_model-4bit-128g", q)
+    assert (view / "model.safetensors").resolve() == (folder / "gptq_model-4bit-128g.safetensors").resolve()
+    assert json.loads((view / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert (view / "tokenizer.json").is_symlink() and not (view / "gptq_model-4bit-128g.safetensors").exists()
+    with pytest.raises(UserError, match="no model.safetensors .*gptq_model-4bit-128g"):
+        checkpoint.weight_view(folder, "model", q)
+
+
+def test_exllama_plan_rope_and_gpu_split(tiny_llama, tmp_path):
+    folder = with_quantization(tiny_llama, tmp_path / "exl2", "exl2", bits=4.25)
+    p = loaders.plan(settings(f"--base_model={folder}", "--load_exllama",
+                              "--exllama_dict={'set_auto_map': '20,20', 'alpha_value': 2}"))
+    assert p.backend == "exllama" and p.options["library"] == "exllamav2" and p.options["split"] == [20.0, 20.0]
+    assert p.options["alpha"] == 2.0 and p.context_length == 1024 and "exl2 4.25 bits per weight" in p.quantization
+    assert "2 GPUs" in p.devices
+    assert exllama.rope_settings(settings("--rope_scaling={'type':'linear','factor':2}"), "gptq") == (1.0, 2.0)
+    assert exllama.rope_settings(settings("--rope_scaling={'alpha_value':4}"), "gptq") == (4.0, 1.0)
+    with pytest.raises(UsageError, match="not available through ExLlama"):
+        exllama.rope_settings(settings("--rope_scaling={'type':'dynamic','factor':2}"), "gptq")
+    with pytest.raises(UsageError, match="exllamav3 takes RoPE scaling from the model's config.json"):
+        exllama.rope_settings(settings("--rope_scaling={'alpha_value':4}"), "exl3")
+    assert gpu_split({"gpu_split": [10, 30.5]}) == [10.0, 30.5] and gpu_split({}) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is not None, reason="exllamav2 is installed")
+def test_missing_exllama_is_one_line_with_the_install_command(tiny_llama, tmp_path):
+    folder = with_quantization(tiny_llama, tmp_path / "exl2", "exl2")
+    run = subprocess.run([sys.executable, "generate.py", f"--base_model={folder}", "--cli=True"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and lines[-1].startswith("error: ") and 'pip install -e ".[exllama]"' in lines[-1]
+
+
+def test_missing_gptqmodel_is_one_line(tiny_llama, tmp_path, monkeypatch):
+    folder = with_quantization(tiny_llama, tmp_path / "q", "gptq")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
+    with pytest.raises(UserError, match=r'needs the package .gptqmodel.*pip install -e "\.\[gptq\]"'):
+        loaders.load(loaders.plan(settings(f"--base_model={folder}")))
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"method": "hqq"}, "choose one of gptq, awq, exl3"),
+    ({"base_model": "/nonexistent"}, "not a model folder"),
+    ({"bits": 5}, "takes 2, 3, 4 or 8"),
+    ({"method": "awq", "bits": 8}, "4-bit weights only"),
+    ({"calibration": "/nonexistent.txt"}, "no such file"),
+])
+def test_quantize_refuses_bad_arguments(tiny_llama, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        quantize(**{"base_model": str(tiny_llama), "method": "gptq", "out": str(tmp_path / "out"), **args})
+    assert stop.value.code in (1, 2) and message in capsys.readouterr().err
+
+
+def last_logits(folder: Path, text: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        return model(tokenizer(text, return_tensors="pt").input_ids).logits[0].float()
+
+
+@needs_gptqmodel
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantize_then_chat_through_the_flag_on_the_cpu(tmp_path_factory, method, capsys):
+    import torch
+    base = build_tiny_llama(tmp_path_factory.mktemp("base"), hidden_size=128)  # AWQ wants 64-multiple outputs
+    out = tmp_path_factory.mktemp("q") / method
+    quantize(base_model=str(base), method=method, out=str(out), group_size=32, samples=8, sample_tokens=128)
+    assert f"wrote a {method} checkpoint" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the folder is quantized already
+        quantize(base_model=str(out), method=method, out=str(tmp_path_factory.mktemp("again") / "x"))
+    model = loaders.load(loaders.plan(settings(f"--base_model={out}", f"--load_{method}=model")))
+    assert model.info.quantization.startswith(f"{method} 4-bit, group 32, kernel ")
+    text = "the cat sat on the mat and the dog"
+    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        quantized = model.model(ids).logits[0].float()
+    reference = last_logits(base, text)
+    other = last_logits(build_tiny_llama(tmp_path_factory.mktemp("other"), seed=1, hidden_size=128), text)
+    same = torch.nn.functional.cosine_similarity(quantized, reference, dim=-1).mean().item()
+    unrelated = torch.nn.functional.cosine_similarity(other, reference, dim=-1).mean().item()
+    # 4-bit noise leaves the logits close to the model they came from, far closer than another model's
+    assert same > 0.9 and same > unrelated + 0.3, (same, unrelated)
+    tokens = list(model.stream(text, loaders.GenParams(max_new_tokens=8), __import__("threading").Event()))
+    assert len(tokens) >= 1
+    model.close()
