@@ -20,8 +20,9 @@ case "$1" in
         done
         echo "setup done; kernels compiling" ;;
     quality)
-        python3 bench/quality.py --model=$GEMMA --gguf=$QUANTCHAT_GEMMA_GGUF --work=/root/quant \
+        python3 bench/quality.py --model=$GEMMA --gguf=$QUANTCHAT_GEMMA_GGUF --work=/root/.cache/quantchat-tests/quant \
             --rows="${ROWS:-reference,int8,nf4,gptq,awq}" --out="$OUT/quality-h100.json" ;;
     tests)
+        for i in $(seq 60); do grep -q compiled /tmp/compile-exllamav2.log 2>/dev/null && break; sleep 5; done
         python3 -m pytest -q -p no:warnings tests/test_gpu_quant.py --durations=10 ;;
 esac

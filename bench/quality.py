@@ -37,7 +37,7 @@ ROWS = {  # name: (flags beyond --base_model, which checkpoint, how it was made)
     "int8": ({"load_8bit": True}, "model", "bitsandbytes int8"),
     "nf4": ({"load_4bit": True}, "model", "bitsandbytes NF4 + double quantization"),
     "gptq": ({"load_gptq": "model"}, "gptq", "GPTQ 4-bit, group 128 (quantize.py, gptqmodel)"),
-    "awq": ({"load_awq": "model"}, "awq", "AWQ 4-bit, group 128 (quantize.py, gptqmodel)"),
+    "awq": ({"load_awq": "model"}, "awq", "AWQ 4-bit, group 128 (quantize.py, gptqmodel)"),  # fails on Gemma 3
     "exllama-gptq": ({"load_exllama": True}, "gptq", "the GPTQ checkpoint through exllamav2"),
     "exl3": ({"load_exllama": True}, "exl3", "EXL3 4.0 bits per weight (quantize.py, exllamav3)"),
     "gguf": ({"llamacpp_dict": {"logits_all": True}}, "gguf", "the GGUF itself (Q4_K_M, llama.cpp)"),
@@ -96,7 +96,9 @@ def measure(name: str, a, heldout_ids: list[int], bos: int) -> dict:
         seconds = Path(a.work) / f"{which}.seconds"
         if seconds.is_file():
             row["quantize_s"] = float(seconds.read_text())
-        settings = from_flags({"base_model": base, **flags})
+        # --fast_decode=False: perplexity needs no decode loop, and its compilation would only add load time
+        settings = from_flags({"base_model": base, **flags, **({} if which in ("gguf", "exl3") or
+                                                                  "load_exllama" in flags else {"fast_decode": False})})
         plan = loaders.plan(settings)
         started = time.time()
         model = loaders.load(plan)
