@@ -153,8 +153,10 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
                "trust_remote_code": s.trust_remote_code,
                "offload_folder": s.offload_folder, "flash_attention_2": s.use_flash_attention_2,
                "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode,
-               "lora_weights": s.lora_weights, "quantized": saved and saved["quant_method"],
-               "quant_bits": saved and saved.get("bits", 4),
+               "lora_weights": s.lora_weights,
+               # a hub id whose config could not be read: the flag says what the checkpoint is
+               "quantized": saved["quant_method"] if saved else "gptq" if s.load_gptq else "awq" if s.load_awq else None,
+               "quant_bits": saved.get("bits", 4) if saved else 4,
                "weight_basename": s.load_gptq or s.load_awq, "gptq_dict": s.gptq_dict,
                "fast_decode": s.fast_decode if s.fast_decode is not None else _fast_decode_by_default(device_map, s)}
     return LoadPlan("hf", why, model, devices, dtype, quant, context, need and need.weights, need and need.kv_cache,
