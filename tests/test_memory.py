@@ -55,3 +55,36 @@ def test_estimate_within_10_percent_of_the_measured_peak(row):
     need = memory.estimate(config, memory.shapes_from_config(config), "bfloat16", quant, context)
     measured = row["peak_gpu_gib"] * 2**30
     assert abs(need.allocated - measured) / measured < 0.10, (need, measured)
+
+
+def llama2_7b_folder(tmp_path):
+    config = {**SHAPES["llama2-7b"], "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize("free_gib, flags, expect", [
+    (80, [], "fits"),
+    (14.8, [], "shortened"),           # 12.6 GiB of weights, 15.3 GiB in all: room for a shorter KV cache
+    (14.8, ["--max_seq_len=4096"], "offload"),
+    (10, [], "offload"),
+])
+def test_a_model_that_does_not_fit_one_gpu_gets_a_plan(tmp_path, monkeypatch, free_gib, flags, expect):
+    """The plan for one GPU given its free memory (as nvidia-smi would report it): shorter context first, then
+    weights on the CPU through accelerate's max_memory; the note says which."""
+    from quantchat import loaders
+    from quantchat.loaders import hf
+    from test_settings import settings
+    monkeypatch.setattr(hf, "_placement", lambda s: ("cuda:0 (test)", {"": 0}, "bfloat16", []))
+    monkeypatch.setattr(hf.memory, "free_gpu_bytes", lambda gpu: int(free_gib * 2**30))
+    p = loaders.plan(settings(f"--base_model={llama2_7b_folder(tmp_path)}", *flags))
+    notes = " ".join(p.notes)
+    if expect == "fits":
+        assert p.context_length == 4096 and p.options["max_memory"] is None and not notes
+    elif expect == "shortened":
+        assert 2048 <= p.context_length < 4096 and "context shortened" in notes and p.options["max_memory"] is None
+        total = memory.MemoryEstimate(p.weight_bytes, p.kv_cache_bytes, p.activation_bytes, p.context_length).total
+        assert total <= free_gib * 2**30
+    else:
+        assert p.options["device_map"] == "auto" and "stay on the CPU" in notes and not p.options["fast_decode"]
+        assert p.options["max_memory"][0] < free_gib * 2**30

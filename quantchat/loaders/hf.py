@@ -102,11 +102,43 @@ def _rope(config: dict, s: Settings) -> dict | None:
     return {**base, **rope}
 
 
+def _one_gpu(device_map) -> bool:
+    return isinstance(device_map, dict) and str(next(iter(device_map.values()))) not in ("cpu", "mps")
+
+
 def _fast_decode_by_default(device_map, s: Settings) -> bool:
     """One GPU, in the precisions measured with it (docs/benchmarks.md): bf16/fp16 and 4-bit. bitsandbytes' int8
     layers were not measured under the compiler, and a failed compilation would cost every load its time."""
-    one_gpu = isinstance(device_map, dict) and str(next(iter(device_map.values()))) not in ("cpu", "mps")
-    return one_gpu and not s.load_8bit
+    return _one_gpu(device_map) and not s.load_8bit
+
+
+MIN_CONTEXT = 2048  # below this a shorter context is a worse plan than offloading weights
+
+
+def _fit_one_gpu(need: memory.MemoryEstimate, config: dict, dtype: str, quant: str, shapes, s: Settings,
+                 notes: list[str]):
+    """(estimate, context, max_memory) for a model that may not fit its GPU: first a shorter context (unless
+    --max_seq_len was given), then weights offloaded to the CPU through accelerate's max_memory; unchanged when it
+    fits or the free memory is unknown."""
+    free = memory.free_gpu_bytes(s.gpu_id)
+    if free is None or need.total <= free:
+        return need, need.context_tokens, None
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    fixed = memory.CUDA_CONTEXT + need.activations
+    per_token = need.kv_cache / need.context_tokens
+    tokens = int((free - fixed - need.weights) / per_token) // 256 * 256
+    if not s.max_seq_len and tokens >= MIN_CONTEXT:
+        notes.append(f"the model needs {gib(need.total)} at its full context of {need.context_tokens} tokens and GPU "
+                     f"{s.gpu_id} has {gib(free)} free: context shortened to {tokens} tokens (--max_seq_len sets it)")
+        return memory.estimate(config, shapes, dtype, quant, tokens), tokens, None
+    on_gpu = free - fixed - need.kv_cache
+    if on_gpu <= 0:
+        raise UserError(f"GPU {s.gpu_id} has {gib(free)} free, less than the KV cache and buffers need "
+                        f"({gib(fixed + need.kv_cache)}): lower --max_seq_len")
+    notes.append(f"the model needs {gib(need.total)} and GPU {s.gpu_id} has {gib(free)} free: "
+                 f"{gib(need.weights - on_gpu)} of weights stay on the CPU (much slower; --load_4bit=True or "
+                 "--use_gpu_id=False over several GPUs would keep them on GPUs)")
+    return need, need.context_tokens, {s.gpu_id: on_gpu, "cpu": 2**50}
 
 
 def plan(s: Settings, model: str, why: str) -> LoadPlan:
@@ -139,14 +171,19 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
     else:
         context = trained
     if folder.is_dir() and not s.allow_pickle and not any(folder.glob("*.safetensors")) and \
-            any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+            any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth")):
         raise UserError(f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded: convert "
                         "them to safetensors, or pass --allow_pickle=True if you trust their source")
     # a quantized checkpoint's tensors are packed: count its parameters from the config's shapes instead
     shapes = (_safetensors_shapes(folder) if folder.is_dir() and not saved else None) or \
         memory.shapes_from_config(config)
     need = memory.estimate(config, shapes, dtype, quant, context) if shapes and context else None
-    options = {"device_map": device_map, "dtype": dtype, "rope_parameters": rope, "max_seq_len": context,
+    max_memory = None
+    if need and _one_gpu(device_map):
+        need, context, max_memory = _fit_one_gpu(need, config, dtype, quant, shapes, s, notes)
+        if max_memory:
+            device_map, devices = "auto", f"{devices} + CPU (weights that do not fit)"
+    options = {"device_map": device_map, "max_memory": max_memory, "dtype": dtype, "rope_parameters": rope, "max_seq_len": context,
                "tokenizer": s.tokenizer_base_model or model, "revision": s.revision,
                # pickle weights only where the user allowed them (transformers then refuses .bin files)
                "use_safetensors": True if s.use_safetensors or not s.allow_pickle else None,
@@ -283,6 +320,8 @@ class HFModel:
         common = {"revision": o["revision"], "trust_remote_code": o["trust_remote_code"]}
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": o["device_map"], "offload_folder": o["offload_folder"],
                                   "use_safetensors": o["use_safetensors"], **common}
+        if o["max_memory"]:
+            kwargs["max_memory"] = o["max_memory"]
         path = p.model
         if o["quantized"]:
             path, extra = _quantized_kwargs(p)
