@@ -62,14 +62,12 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
         bytes_each = shapes and memory.weight_bytes(shapes, "float16", "", {"bits": q["bits"],
                                                                        "group_size": q.get("group_size")})
     kv = memory.kv_cache_bytes(config, context, 2) if context and config else None
-    notes = [] if split is None or s.use_gpu_id is False or len(split) == 1 else \
-        ["set_auto_map names several GPUs: weights go to them in order"]
     options = {"method": method, "library": library, "alpha": alpha, "compress": compress, "max_seq_len": context,
                "split": split, "gpu_id": s.gpu_id, "revision": s.revision,
                "tokenizer": s.tokenizer_base_model or model, "trust_remote_code": s.trust_remote_code}
     quant = checkpoint.describe(q) if q else "gptq (from the hub repository)"
     return LoadPlan("exllama", why, model, devices, "float16", f"{quant} via {library}", context, bytes_each, kv,
-                    options, notes)
+                    options)
 
 
 class ExLlamaModel:
