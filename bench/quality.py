@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from quantchat import loaders  # noqa: E402
 from quantchat.generate import build_engine  # noqa: E402
 from quantchat.loaders.base import GenParams  # noqa: E402
-from quantchat.quantize import DATA, main as quantize  # noqa: E402
+from quantchat.quantize import DATA  # noqa: E402
 from quantchat.settings import from_flags  # noqa: E402
 
 WINDOW = 512
@@ -80,10 +81,13 @@ def checkpoint_for(which: str, a) -> str:
     out = Path(a.work) / which
     if not (out / "config.json").is_file():
         started = time.time()
-        try:
-            quantize(base_model=a.model, method=which, out=str(out), bits=4, group_size=128, samples=a.samples)
-        except SystemExit as e:
-            raise RuntimeError(f"quantize.py --method={which} exited with {e.code}") from None
+        # a subprocess: a quantizer that fails inside its worker threads can end its whole process
+        run = subprocess.run([sys.executable, str(ROOT / "quantize.py"), f"--base_model={a.model}", f"--method={which}",
+                              f"--out={out}", "--bits=4", "--group_size=128", f"--samples={a.samples}"],
+                             capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            errors = [line for line in run.stderr.splitlines() if "Error" in line] or run.stderr.splitlines()[-1:]
+            raise RuntimeError(f"quantize.py --method={which} failed: {errors[-1] if errors else run.returncode}")
         (Path(a.work) / f"{which}.seconds").write_text(f"{time.time() - started:.1f}")
     return str(out)
 

@@ -97,8 +97,8 @@ def quantize_gptqmodel(a: QuantizeArgs) -> None:
 def quantize_exl3(a: QuantizeArgs) -> None:
     if importlib.util.find_spec("exllamav3") is None:
         raise missing_package("exllamav3", "exllama", "--method=exl3")
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(a.base_model)
     rows = calibration_passages(a.calibration, tokenizer, a.samples, a.sample_tokens)

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import UsageError
 
+
 def flag(default: Any, help: str, kind: str | None = None):
     """A dataclass field with its help text and value kind (str, bool, int, float, dict, list, text)."""
     if kind is None:

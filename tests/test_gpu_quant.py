@@ -7,13 +7,14 @@ import math
 import threading
 
 import pytest
+from conftest import CACHE
 
 from bench.quality import log_probs, windows
-from conftest import CACHE
 from quantchat import loaders
 from quantchat.generate import build_engine
 from quantchat.loaders.base import GenParams
-from quantchat.quantize import DATA, main as quantize
+from quantchat.quantize import DATA
+from quantchat.quantize import main as quantize
 from quantchat.settings import from_flags
 
 pytestmark = pytest.mark.gpu

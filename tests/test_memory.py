@@ -72,9 +72,10 @@ def llama2_7b_folder(tmp_path):
 def test_a_model_that_does_not_fit_one_gpu_gets_a_plan(tmp_path, monkeypatch, free_gib, flags, expect):
     """The plan for one GPU given its free memory (as nvidia-smi would report it): shorter context first, then
     weights on the CPU through accelerate's max_memory; the note says which."""
+    from test_settings import settings
+
     from quantchat import loaders
     from quantchat.loaders import hf
-    from test_settings import settings
     monkeypatch.setattr(hf, "_placement", lambda s: ("cuda:0 (test)", {"": 0}, "bfloat16", []))
     monkeypatch.setattr(hf.memory, "free_gpu_bytes", lambda gpu: int(free_gib * 2**30))
     p = loaders.plan(settings(f"--base_model={llama2_7b_folder(tmp_path)}", *flags))

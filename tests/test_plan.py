@@ -1,5 +1,4 @@
 """Backend detection from files, dry-run plans, and the errors for paths that are not models."""
-import json
 import re
 import shutil
 from pathlib import Path
