@@ -35,12 +35,15 @@ SHAPES = {  # the public configs' shapes
                   "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
                   "rope_theta": 500000.0},
 }
-ROWS = {  # name: (quantchat flags, peer); transformers' own compiled path last: it compiles in the main thread
-    "quantchat fast decode": (["--fast_decode=True"], None),
-    "generate eager": (["--fast_decode=False"], None),
-    "NF4 quantchat fast decode": (["--load_4bit=True", "--fast_decode=True"], None),
-    "NF4 generate eager": (["--load_4bit=True", "--fast_decode=False"], None),
-    "generate static cache + compile (transformers' own)": (["--fast_decode=False"], "static"),
+ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compiled path last (it compiles in the main thread)
+    "quantchat fast decode": (["--fast_decode=True"], None, None),
+    "generate eager": (["--fast_decode=False"], None, None),
+    "NF4 quantchat fast decode": (["--load_4bit=True", "--fast_decode=True"], None, None),
+    "NF4 generate eager": (["--load_4bit=True", "--fast_decode=False"], None, None),
+    "GPTQ quantchat fast decode": (["--fast_decode=True"], None, "gptq"),
+    "GPTQ generate eager": (["--fast_decode=False"], None, "gptq"),
+    "AWQ quantchat fast decode": (["--fast_decode=True"], None, "awq"),
+    "generate static cache + compile (transformers' own)": (["--fast_decode=False"], "static", None),
 }
 
 
@@ -87,6 +90,16 @@ def write_random_model(name: str, folder: Path) -> Path:
     del model
     torch.cuda.empty_cache()
     return folder
+
+
+def mock_quantized(folder: Path, method: str) -> Path:
+    """A 4-bit, group-128 GPTQ or AWQ checkpoint of the random model, written beside it once. gptqmodel's mock
+    quantization skips the search for good values, which speed does not depend on."""
+    from quantchat.quantize import run_gptqmodel
+    out = folder.with_name(f"{folder.name}-{method}")
+    if not (out / "config.json").exists():
+        run_gptqmodel(str(folder), method, 4, 128, [list(range(5, 133))], str(out), mock=True)
+    return out
 
 
 def timed_stream(model, prompt: str, new_tokens: int) -> tuple[float, float, int]:
@@ -168,7 +181,9 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     from quantchat import loaders
     from quantchat.generate import parse_flags
     from quantchat.settings import from_flags
-    flags, peer = ROWS[row]
+    flags, peer, checkpoint = ROWS[row]
+    if checkpoint:
+        path = mock_quantized(path, checkpoint)
     settings = from_flags(parse_flags([f"--base_model={path}", "--max_seq_len=4096", *flags]))
     gc.collect()
     torch.cuda.empty_cache()
@@ -258,7 +273,8 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "rows": [],
               "machine": {"gpu": torch.cuda.get_device_name(0), "bandwidth_gb_s": round(bandwidth / 1e9),
                           "python": platform.python_version(), "torch": torch.__version__,
-                          "transformers": installed("transformers"), "bitsandbytes": installed("bitsandbytes")}}
+                          "transformers": installed("transformers"), "bitsandbytes": installed("bitsandbytes"),
+                          "gptqmodel": installed("gptqmodel")}}
     for model_name in args.models.split(","):
         path = CACHE / "gemma3-270m-from-gguf" if model_name == "gemma" else \
             write_random_model(model_name, Path(args.workdir) / model_name)

@@ -72,26 +72,32 @@ def calibration_passages(path: str, tokenizer, count: int, tokens: int) -> list[
 def quantize_gptqmodel(a: QuantizeArgs) -> None:
     if importlib.util.find_spec("gptqmodel") is None:
         raise missing_package("gptqmodel", "gptq", f"--method={a.method}")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(a.base_model)
+    passages = calibration_passages(a.calibration, tokenizer, a.samples, a.sample_tokens)
+    run_gptqmodel(a.base_model, a.method, int(a.bits), a.group_size, passages, a.out)
+    tokenizer.save_pretrained(a.out)
+
+
+def run_gptqmodel(base_model: str, method: str, bits: int, group_size: int, passages: list[list[int]], out: str,
+                  mock: bool = False) -> None:
+    """GPTQ or AWQ with gptqmodel on the first GPU, or the CPU without one. mock: skip the search for good values
+    (a checkpoint of the right layout for speed measurements, bench/decode.py)."""
     # gptqmodel sizes its CPU thread pools from the core count and refuses fewer than two workers
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FORMAT, METHOD
     from gptqmodel.utils.backend import BACKEND
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(a.base_model)
-    passages = calibration_passages(a.calibration, tokenizer, a.samples, a.sample_tokens)
-    extra = {"quant_method": METHOD.AWQ, "format": FORMAT.GEMM} if a.method == "awq" else {}
-    config = QuantizeConfig(bits=int(a.bits), group_size=a.group_size, **extra)
+    extra = {"quant_method": METHOD.AWQ, "format": FORMAT.GEMM} if method == "awq" else {}
+    config = QuantizeConfig(bits=bits, group_size=group_size, mock_quantization=mock, **extra)
     on_gpu = torch.cuda.is_available()
-    model = GPTQModel.load(a.base_model, config, device="cuda:0" if on_gpu else "cpu")
+    model = GPTQModel.load(base_model, config, device="cuda:0" if on_gpu else "cpu")
     # AWQ's default search kernels are CUDA-only; its plain torch kernel runs anywhere
-    backend = BACKEND.AUTO if on_gpu or a.method == "gptq" else BACKEND.AWQ_TORCH
+    backend = BACKEND.AUTO if on_gpu or method == "gptq" else BACKEND.AWQ_TORCH
     model.quantize([{"input_ids": p, "attention_mask": [1] * len(p)} for p in passages], batch_size=1,
                    backend=backend)
-    model.save(a.out)
-    tokenizer.save_pretrained(a.out)
+    model.save(out)
 
 
 def quantize_exl3(a: QuantizeArgs) -> None:

@@ -159,3 +159,16 @@ def test_quantize_then_chat_through_the_flag_on_the_cpu(tmp_path_factory, method
     assert fast.info.decode == "static cache" and len(by_generate) > 0
     assert "".join(fast.stream(text, params, threading.Event())) == by_generate
     fast.close()
+
+
+@needs_gptqmodel
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_speed_bench_mock_checkpoints_load(tmp_path, method):
+    """bench/decode.py's GPTQ/AWQ rows use mock-quantized random models: they must load through the flags."""
+    from bench.decode import mock_quantized
+    base = build_tiny_llama(tmp_path / "random", hidden_size=128)
+    out = mock_quantized(base, method)
+    assert out == tmp_path / f"random-{method}" and mock_quantized(base, method) == out  # written once
+    model = loaders.load(loaders.plan(settings(f"--base_model={out}", f"--load_{method}=model")))
+    assert model.info.quantization.startswith(f"{method} 4-bit, group 128, kernel ")
+    model.close()
