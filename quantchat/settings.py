@@ -280,8 +280,6 @@ def _check_quantized(s: Settings) -> None:
         value = s.exllama_dict.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise UsageError(f"--exllama_dict: {key} must be a positive number, not {value!r}")
-    if s.exllama_dict and not s.load_exllama:
-        raise UsageError("--exllama_dict applies to --load_exllama=True; add that flag or drop the dict")
     gpu_split(s.exllama_dict)  # raises on a malformed split
 
 

@@ -88,6 +88,10 @@ def test_exllama_plan_rope_and_gpu_split(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="exllamav3 takes RoPE scaling from the model's config.json"):
         exllama.rope_settings(settings("--rope_scaling={'alpha_value':4}"), "exl3")
     assert gpu_split({"gpu_split": [10, 30.5]}) == [10.0, 30.5] and gpu_split({}) is None
+    # an EXL2 folder takes exllama_dict without --load_exllama; a plain folder refuses it
+    assert loaders.plan(settings(f"--base_model={folder}", "--exllama_dict={'max_seq_len': 2048}")).context_length == 2048
+    with pytest.raises(UsageError, match="--exllama_dict applies to ExLlama"):
+        loaders.plan(settings(f"--base_model={tiny_llama}", "--exllama_dict={'alpha_value': 2}"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("exllamav2") is not None, reason="exllamav2 is installed")

@@ -99,6 +99,9 @@ def plan(s: Settings) -> LoadPlan:
     if backend == "llamacpp" and quant_flag:
         raise UsageError(f"--{quant_flag} loads a model folder, and {model} is a GGUF file (quantized already): "
                          f"drop --{quant_flag}")
+    if s.exllama_dict and backend != "exllama":
+        raise UsageError(f"--exllama_dict applies to ExLlama (GPTQ, EXL2, EXL3 folders with --load_exllama=True), "
+                         f"and {model} loads through {backend}: drop the dict or add --load_exllama=True")
     if backend == "llamacpp":
         from . import llamacpp
         return llamacpp.plan(s, model, why)
