@@ -115,11 +115,19 @@ def set_max_new_tokens(page, value: int) -> None:
     if not page.locator("#max-new-tokens").is_visible():
         page.click("#settings button, #settings .label-wrap")
     box = page.locator("#max-new-tokens input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
-    # the slider takes the typed number on its own schedule: wait until its range input shows it
-    page.wait_for_function(f"document.querySelector('#max-new-tokens input[type=range]').value == '{value}'")
+    slider_shows = f"document.querySelector('#max-new-tokens input[type=range]').value == '{value}'"
+    # the slider takes the typed number on its own schedule, and on a busy machine a number typed before the
+    # component settles can be lost: type it again until the range input shows it
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        try:
+            page.wait_for_function(slider_shows, timeout=10_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     time.sleep(0.3)
 
 
