@@ -56,17 +56,17 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
     library = "exllamav3" if method == "exl3" else "exllamav2"
     devices = f"{len(split)} GPUs, {', '.join(f'{gb:g} GB' for gb in split)} of weights each" if split \
         else f"cuda:{s.gpu_id}" + (" (exllama fills it, then the next GPUs)" if not s.use_gpu_id else "")
-    bytes_each = None
+    weights = None
     if q and q.get("bits"):
         shapes = memory.shapes_from_config(config)
-        bytes_each = shapes and memory.weight_bytes(shapes, "float16", "", {"bits": q["bits"],
+        weights = shapes and memory.weight_bytes(shapes, "float16", "", {"bits": q["bits"],
                                                                        "group_size": q.get("group_size")})
     kv = memory.kv_cache_bytes(config, context, 2) if context and config else None
     options = {"method": method, "library": library, "alpha": alpha, "compress": compress, "max_seq_len": context,
                "split": split, "gpu_id": s.gpu_id, "revision": s.revision,
                "tokenizer": s.tokenizer_base_model or model, "trust_remote_code": s.trust_remote_code}
     quant = checkpoint.describe(q) if q else "gptq (from the hub repository)"
-    return LoadPlan("exllama", why, model, devices, "float16", f"{quant} via {library}", context, bytes_each, kv,
+    return LoadPlan("exllama", why, model, devices, "float16", f"{quant} via {library}", context, weights, kv,
                     options)
 
 
