@@ -163,6 +163,13 @@ def test_quantize_then_chat_through_the_flag_on_the_cpu(tmp_path_factory, method
     assert fast.info.decode == "static cache" and len(by_generate) > 0
     assert "".join(fast.stream(text, params, threading.Event())) == by_generate
     fast.close()
+    # RoPE scaling reaches the quantized model as it does an unquantized one
+    scaled = loaders.load(loaders.plan(settings(f"--base_model={out}", "--rope_scaling={'type':'linear','factor':2}")))
+    assert scaled.info.context_length == 1024 and scaled.model.config.rope_parameters["factor"] == 2
+    with torch.inference_mode():
+        rescaled = scaled.model(ids).logits[0].float()
+    assert not torch.allclose(rescaled, quantized, atol=1e-4)  # the same weights read positions differently
+    scaled.close()
 
 
 @needs_gptqmodel
