@@ -100,9 +100,9 @@ def measure(name: str, a, heldout_ids: list[int], bos: int) -> dict:
         seconds = Path(a.work) / f"{which}.seconds"
         if seconds.is_file():
             row["quantize_s"] = float(seconds.read_text())
-        # --fast_decode=False: perplexity needs no decode loop, and its compilation would only add load time
-        settings = from_flags({"base_model": base, **flags, **({} if which in ("gguf", "exl3") or
-                                                                  "load_exllama" in flags else {"fast_decode": False})})
+        # Hugging Face rows: --fast_decode=False, as perplexity needs no decode loop and its compilation adds load time
+        hf_row = which != "gguf" and "load_exllama" not in flags
+        settings = from_flags({"base_model": base, **flags, **({"fast_decode": False} if hf_row else {})})
         plan = loaders.plan(settings)
         started = time.time()
         model = loaders.load(plan)

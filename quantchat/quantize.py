@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError, UserError, missing_package
+from .loaders import checkpoint
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_CALIBRATION = DATA / "calibration.txt"
@@ -43,7 +44,7 @@ def check(a: QuantizeArgs) -> None:
                         "unquantized safetensors weights; convert a GGUF with bench/gpu_convert_gemma.py first)")
     if not any(base.glob("*.safetensors")):
         raise UserError(f"{base} has no .safetensors weights to quantize")
-    if (json.loads((base / "config.json").read_text()).get("quantization_config")):
+    if checkpoint.quantization(base, json.loads((base / "config.json").read_text())):
         raise UserError(f"{base} is quantized already: quantize the unquantized model")
     if not Path(a.calibration).is_file():
         raise UserError(f"--calibration={a.calibration}: no such file")

@@ -18,6 +18,7 @@ from ..errors import UsageError, UserError, missing_package
 from ..settings import Settings, gpu_split
 from . import checkpoint
 from .base import GenParams, LoadPlan, ModelInfo
+from .hf import Detokenizer, count_tokens, encode_prompt
 
 
 def rope_settings(s: Settings, method: str) -> tuple[float, float]:
@@ -163,15 +164,12 @@ class ExLlamaModel:
         return ExLlamaV2DynamicJob(gen_settings=settings, **common)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return count_tokens(self.tokenizer, text)
 
     def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
-        from .hf import Detokenizer
         if params.num_beams > 1:
             raise UserError("beam search (num_beams > 1) runs on the Hugging Face backend only; use num_beams=1")
-        bos = self.tokenizer.bos_token
-        ids = self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)),
-                             return_tensors="pt").input_ids
+        ids = encode_prompt(self.tokenizer, prompt)
         detok = Detokenizer(self.tokenizer)
         deadline = time.monotonic() + params.max_time
         with self.lock:

@@ -183,7 +183,8 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
         need, context, max_memory = _fit_one_gpu(need, config, dtype, quant, shapes, s, notes)
         if max_memory:
             device_map, devices = "auto", f"{devices} + CPU (weights that do not fit)"
-    options = {"device_map": device_map, "max_memory": max_memory, "dtype": dtype, "rope_parameters": rope, "max_seq_len": context,
+    options = {"device_map": device_map, "max_memory": max_memory, "dtype": dtype, "rope_parameters": rope,
+               "max_seq_len": context,
                "tokenizer": s.tokenizer_base_model or model, "revision": s.revision,
                # pickle weights only where the user allowed them (transformers then refuses .bin files)
                "use_safetensors": True if s.use_safetensors or not s.allow_pickle else None,
@@ -192,8 +193,8 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
                "load_8bit": s.load_8bit, "load_4bit": s.load_4bit, "low_bit_mode": s.low_bit_mode,
                "lora_weights": s.lora_weights,
                # a hub id whose config could not be read: the flag says what the checkpoint is
-               "quantized": saved["quant_method"] if saved else "gptq" if s.load_gptq else "awq" if s.load_awq else None,
-               "quant_bits": saved.get("bits", 4) if saved else 4,
+               "quantization": saved or ({"quant_method": "gptq"} if s.load_gptq else
+                                         {"quant_method": "awq"} if s.load_awq else None),
                "weight_basename": s.load_gptq or s.load_awq, "gptq_dict": s.gptq_dict,
                "fast_decode": s.fast_decode if s.fast_decode is not None else _fast_decode_by_default(device_map, s)}
     return LoadPlan("hf", why, model, devices, dtype, quant, context, need and need.weights, need and need.kv_cache,
@@ -217,7 +218,8 @@ def _quantized_kwargs(p: LoadPlan) -> tuple[str, dict]:
     """(folder to load, from_pretrained arguments) for a GPTQ or AWQ checkpoint: gptqmodel must be installed, the
     named weight file is presented as model.safetensors, and a kernel named in gptq_dict is passed on."""
     o = p.options
-    method = o["quantized"]
+    saved = o["quantization"]
+    method = saved["quant_method"]
     if importlib.util.find_spec("gptqmodel") is None:
         raise missing_package("gptqmodel", "gptq", f"a {method.upper()} checkpoint")
     if method == "gptq" and importlib.util.find_spec("optimum") is None:
@@ -225,11 +227,12 @@ def _quantized_kwargs(p: LoadPlan) -> tuple[str, dict]:
     folder = Path(p.model)
     if not folder.is_dir() and o["weight_basename"] not in ("", "model"):
         from huggingface_hub import snapshot_download  # a hub repository with an AutoGPTQ-style file name
+
+        from . import read_config
         folder = Path(snapshot_download(p.model, revision=o["revision"]))
+        saved = checkpoint.quantization(folder, read_config(folder)) or saved
     path = p.model
     if folder.is_dir():
-        from . import read_config
-        saved = checkpoint.quantization(folder, read_config(folder))
         path = str(checkpoint.weight_view(folder, o["weight_basename"] or "model", saved))
     loading = {k: v for k, v in o["gptq_dict"].items() if k in ("backend", "max_input_length")}
     if method == "gptq" and "backend" not in loading and p.devices.startswith("cuda"):
@@ -240,9 +243,9 @@ def _quantized_kwargs(p: LoadPlan) -> tuple[str, dict]:
         return path, {}
     from transformers import AwqConfig, GPTQConfig
     if method == "gptq":
-        return path, {"quantization_config": GPTQConfig(bits=o["quant_bits"], **loading)}
+        return path, {"quantization_config": GPTQConfig(bits=saved.get("bits", 4), **loading)}
     loading.pop("max_input_length", None)
-    return path, {"quantization_config": AwqConfig(bits=o["quant_bits"], **loading)}
+    return path, {"quantization_config": AwqConfig(bits=saved.get("bits", 4), **loading)}
 
 
 def quantized_kernels(model) -> str:
@@ -290,6 +293,16 @@ class _TokenQueue:
         self.tokens.put(None)
 
 
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def encode_prompt(tokenizer, prompt: str):
+    """A rendered prompt's token ids (1 x n): the tokenizer adds BOS unless the chat template already wrote it."""
+    bos = tokenizer.bos_token
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)), return_tensors="pt").input_ids
+
+
 class Detokenizer:
     """Incremental decoding: emits text only once it is stable (no half UTF-8 character, no merge pending)."""
 
@@ -323,7 +336,7 @@ class HFModel:
         if o["max_memory"]:
             kwargs["max_memory"] = o["max_memory"]
         path = p.model
-        if o["quantized"]:
+        if o["quantization"]:
             path, extra = _quantized_kwargs(p)
             kwargs.update(extra)
         if o["load_8bit"] or o["load_4bit"]:
@@ -358,9 +371,10 @@ class HFModel:
             ", ".join(sorted({str(v) for v in device_map.values()}))
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
         quant = p.quantization
-        if o["quantized"]:
-            quant += f", kernel {quantized_kernels(self.model)}"
-            print(f"{o['quantized'].upper()} layers run on gptqmodel's {quantized_kernels(self.model)}")
+        if o["quantization"]:
+            kernels = quantized_kernels(self.model)
+            quant += f", kernel {kernels}"
+            print(f"{o['quantization']['quant_method'].upper()} layers run on gptqmodel's {kernels}")
         self.info = ModelInfo(f"hf (transformers {transformers.__version__})", p.model, devices, p.dtype,
                               quant, p.context_length or 2048, footprint, template,
                               tok.bos_token or "", tok.eos_token or "")
@@ -389,13 +403,10 @@ class HFModel:
         return fast
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return count_tokens(self.tokenizer, text)
 
     def _encode(self, prompt: str):
-        bos = self.tokenizer.bos_token
-        ids = self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)),
-                             return_tensors="pt").input_ids
-        return ids.to(self.device)
+        return encode_prompt(self.tokenizer, prompt).to(self.device)
 
     def _generation_kwargs(self, params: GenParams, cancel: threading.Event) -> dict:
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
