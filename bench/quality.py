@@ -49,28 +49,33 @@ def windows(ids: list[int], bos: int) -> list[list[int]]:
     return [[bos] + ids[i:i + WINDOW - 1] for i in range(0, len(ids), WINDOW - 1) if len(ids[i:i + WINDOW - 1]) > 1]
 
 
-def log_probs(model, window: list[int]) -> list[float]:
-    """Log-probability of each token of the window after the first, from the loaded backend's own logits."""
+def logits(model, window: list[int]):
+    """The loaded backend's own logits for each position of the window but the last, as float32 on its device."""
     import torch
     kind = type(model).__name__
     if kind == "HFModel":
         ids = torch.tensor([window], device=model.device)
         with torch.inference_mode():
-            logits = model.model(ids).logits[0, :-1].float()
-    elif kind == "LlamaCppModel":
+            return model.model(ids).logits[0, :-1].float()
+    if kind == "LlamaCppModel":
         llm = model.llm
         llm.reset()
         llm.eval(window)
-        logits = torch.from_numpy(llm.scores[:len(window) - 1].copy()).float()
-    elif kind == "ExLlamaModel":
+        return torch.from_numpy(llm.scores[:len(window) - 1].copy()).float()
+    if kind == "ExLlamaModel":
         inner = model._generator.model
         ids = torch.tensor([window])
         with torch.inference_mode():
-            logits = (inner.forward(ids) if model.library == "exllamav2" else inner.forward(ids, {}))[0, :-1].float()
-    else:
-        raise TypeError(kind)
-    targets = torch.tensor(window[1:], device=logits.device)
-    return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0].tolist()
+            return (inner.forward(ids) if model.library == "exllamav2" else inner.forward(ids, {}))[0, :-1].float()
+    raise TypeError(kind)
+
+
+def log_probs(model, window: list[int]) -> list[float]:
+    """Log-probability of each token of the window after the first."""
+    import torch
+    scores = logits(model, window)
+    targets = torch.tensor(window[1:], device=scores.device)
+    return torch.log_softmax(scores, -1).gather(1, targets[:, None])[:, 0].tolist()
 
 
 def checkpoint_for(which: str, a) -> str:

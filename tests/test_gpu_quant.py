@@ -1,15 +1,17 @@
 """Quantized checkpoints of the real Gemma 3 270M on a CUDA GPU: quantize.py writes them, generate.py's flags load
-them, the answers stay close to the unquantized model's, and exllama serves concurrent chats without mixing them."""
+them, the answers stay close to the unquantized model's, and exllama serves concurrent chats without mixing them.
+exllamav2 does not know text-only Gemma 3, so its tests use a random Llama quantized here."""
 from __future__ import annotations
 
 import importlib.util
 import math
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import CACHE
 
-from bench.quality import log_probs, windows
+from bench.quality import log_probs, logits, windows
 from quantchat import loaders
 from quantchat.generate import build_engine
 from quantchat.loaders.base import GenParams
@@ -67,50 +69,92 @@ def test_gptq_quantize_then_load_through_its_flag(gemma_hf, reference_perplexity
         model.close()
 
 
-def test_awq_on_the_gpu_kernel(tmp_path):
+def close_to_source(quantized_folder: str, flags: dict, source: Path) -> None:
+    """A quantized random Llama through its flag: logits close to those of the model it came from."""
+    import torch
+    model = loaders.load(loaders.plan(from_flags({"base_model": quantized_folder, "fast_decode": False, **flags})))
+    reference = loaders.load(loaders.plan(from_flags({"base_model": str(source), "fast_decode": False})))
+    window = reference.tokenizer("the cat sat on the mat and the dog ran").input_ids
+    try:
+        a, b = logits(model, window).cuda(), logits(reference, window).cuda()
+        similarity = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+        print(flags, model.info.quantization, f"cosine similarity to the source model's logits {similarity:.3f}")
+        assert similarity > 0.9  # a wrong kernel or packing gives unrelated logits (about 0 for random weights)
+    finally:
+        model.close()
+        reference.close()
+
+
+@pytest.fixture(scope="module")
+def llama_512(tmp_path_factory) -> Path:
+    """A random Llama (hidden 512): an architecture exllamav2 knows, quantized in seconds."""
+    from conftest import build_tiny_llama
+    return build_tiny_llama(tmp_path_factory.mktemp("llama512"), hidden_size=512)
+
+
+def quantized_llama(llama_512: Path, method: str) -> str:
+    out = llama_512.parent / method
+    if not (out / "config.json").is_file():
+        quantize(base_model=str(llama_512), method=method, out=str(out), samples=16, sample_tokens=256)
+    return str(out)
+
+
+def test_awq_on_the_gpu_kernel(llama_512):
     """gptqmodel 7.6's AWQ cannot quantize Gemma 3 (its rotary embedding call lacks layer_type): a random Llama
     checks that an AWQ checkpoint loads on a CUDA kernel and stays close to the model it came from."""
-    import torch
-    from conftest import build_tiny_llama
-    base = build_tiny_llama(tmp_path / "base", hidden_size=512)
-    quantize(base_model=str(base), method="awq", out=str(tmp_path / "awq"), samples=16, sample_tokens=256)
-    model = loaders.load(loaders.plan(from_flags({"base_model": str(tmp_path / "awq"), "load_awq": "model",
-                                                  "fast_decode": False})))
-    reference = loaders.load(loaders.plan(from_flags({"base_model": str(base), "fast_decode": False})))
-    ids = model.tokenizer("the cat sat on the mat and the dog ran", return_tensors="pt").input_ids.cuda()
-    with torch.inference_mode():
-        a, b = model.model(ids).logits[0].float(), reference.model(ids).logits[0].float()
+    folder = quantized_llama(llama_512, "awq")
+    model = loaders.load(loaders.plan(from_flags({"base_model": folder, "load_awq": "model"})))
     print(model.info.quantization)
     assert "TorchAten" not in model.info.quantization
-    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item() > 0.9
+    model.close()
+    close_to_source(folder, {"load_awq": "model"}, llama_512)
+
+
+def chats_match_solo(settings, model) -> list[str]:
+    """Two chats at once through one model get the answers each gets alone."""
+    engine = build_engine(settings, model)
+    questions = ["Write a sentence about the sea.", "List four fruits."]
+
+    def ask(question):
+        return "".join(engine.chat([{"role": "user", "content": question}], GenParams(max_new_tokens=48)))
+
+    alone = [ask(q) for q in questions]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i]))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[0], together[1]] == alone and alone[0] != alone[1]
+    return alone
 
 
 @pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
-def test_exllama_loads_gptq_and_concurrent_chats_match_solo(gemma_hf, reference_perplexity):
-    settings, model = load_and_check({"base_model": quantized(gemma_hf, "gptq"), "load_exllama": True,
-                                      "concurrency_count": 2}, gemma_hf, reference_perplexity)
+def test_exllamav2_gptq_close_to_source_and_concurrent_chats_match_solo(llama_512):
+    folder = quantized_llama(llama_512, "gptq")
+    close_to_source(folder, {"load_exllama": True}, llama_512)
+    settings = from_flags({"base_model": folder, "load_exllama": True, "concurrency_count": 2})
+    model = loaders.load(loaders.plan(settings))
     try:
-        engine = build_engine(settings, model)
-        questions = ["Write a sentence about the sea.", "List four fruits."]
-
-        def ask(question):
-            return "".join(engine.chat([{"role": "user", "content": question}], GenParams(max_new_tokens=48)))
-
-        alone = [ask(q) for q in questions]
-        together: dict[int, str] = {}
-        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i])))
-                   for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert [together[0], together[1]] == alone and alone[0] != alone[1]
+        assert model.info.backend.startswith("exllama (exllamav2")
+        chats_match_solo(settings, model)
     finally:
         model.close()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
+def test_exllamav2_refuses_an_architecture_it_does_not_know(gemma_hf):
+    from quantchat.errors import UserError
+    with pytest.raises(UserError, match="does not support Gemma3ForCausalLM.*--load_gptq"):
+        loaders.load(loaders.plan(from_flags({"base_model": quantized(gemma_hf, "gptq"), "load_exllama": True})))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("exllamav3") is None, reason="exllamav3 not installed")
-def test_exl3_quantize_and_load(gemma_hf, reference_perplexity):
-    _, model = load_and_check({"base_model": quantized(gemma_hf, "exl3"), "load_exllama": True},
-                              gemma_hf, reference_perplexity)
-    model.close()
+def test_exl3_quantize_load_and_concurrent_chats_match_solo(gemma_hf, reference_perplexity):
+    settings, model = load_and_check({"base_model": quantized(gemma_hf, "exl3"), "load_exllama": True,
+                                      "concurrency_count": 2}, gemma_hf, reference_perplexity)
+    try:
+        answers = chats_match_solo(settings, model)
+        assert all(len(a.split()) >= 3 and "\ufffd" not in a for a in answers), answers
+    finally:
+        model.close()

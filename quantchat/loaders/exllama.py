@@ -119,6 +119,10 @@ class ExLlamaModel:
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
         from exllamav2.generator import ExLlamaV2DynamicGenerator
         config = ExLlamaV2Config(folder)
+        if config.arch.arch_string != config.architecture:  # it loads an architecture it does not know as a Llama
+            raise UserError(f"exllamav2 {exllamav2.__version__} does not support {config.architecture}: load this "
+                            "folder with "
+                            "--load_gptq (transformers) instead of --load_exllama")
         config.scale_alpha_value, config.scale_pos_emb = o["alpha"], o["compress"]
         if o["max_seq_len"]:
             config.max_seq_len = o["max_seq_len"]
