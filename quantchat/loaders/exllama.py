@@ -135,7 +135,10 @@ class ExLlamaModel:
             with self.torch.cuda.device(o["gpu_id"]):
                 model.load_autosplit(cache, progress=False)
         from exllamav2 import ExLlamaV2Tokenizer
-        generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=ExLlamaV2Tokenizer(config))
+        from exllamav2.attn import has_flash_attn_with_paged
+        # paged attention (batching of jobs) needs flash-attn; without it one job at a time, which the lock gives
+        generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=ExLlamaV2Tokenizer(config),
+                                              paged=has_flash_attn_with_paged)
         return generator, exllamav2.__version__
 
     def _load_v3(self, folder: str, o: dict):
