@@ -66,7 +66,8 @@ def logits(model, window: list[int]):
         inner = model._generator.model
         ids = torch.tensor([window])
         with torch.inference_mode():
-            return (inner.forward(ids) if model.library == "exllamav2" else inner.forward(ids, {}))[0, :-1].float()
+            out = inner.forward(ids) if model.library == "exllamav2" else inner.forward(ids, {})
+        return out[0, :-1, :len(model.tokenizer)].float()  # exllama pads the vocabulary to a multiple of 32
     raise TypeError(kind)
 
 
