@@ -67,7 +67,7 @@ def logits(model, window: list[int]):
         ids = torch.tensor([window])
         with torch.inference_mode():
             out = inner.forward(ids) if model.library == "exllamav2" else inner.forward(ids, {})
-        return out[0, :-1, :len(model.tokenizer)].float()  # exllama pads the vocabulary to a multiple of 32
+        return out[0, :-1, :inner.config.vocab_size].float()  # exllamav2 pads the vocabulary to a multiple of 32
     raise TypeError(kind)
 
 

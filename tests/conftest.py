@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64) -> Path:
+def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64, vocab_size: int | None = None) -> Path:
     """A random Llama with a BPE tokenizer trained here: seconds on a CPU, real transformers code paths."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,7 +57,9 @@ def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64) -> Path
                                    pad_token="</s>", add_bos_token=True)
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+    # vocab_size: a larger embedding than the tokenizer needs, for kernels that want whole tiles
+    config = LlamaConfig(vocab_size=vocab_size or len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)

@@ -87,9 +87,9 @@ def close_to_source(quantized_folder: str, flags: dict, source: Path) -> None:
 
 @pytest.fixture(scope="module")
 def llama_512(tmp_path_factory) -> Path:
-    """A random Llama (hidden 512): an architecture exllamav2 knows, quantized in seconds."""
+    """A random Llama (hidden 512, vocabulary 512): an architecture both exllamas know, quantized in seconds."""
     from conftest import build_tiny_llama
-    return build_tiny_llama(tmp_path_factory.mktemp("llama512"), hidden_size=512)
+    return build_tiny_llama(tmp_path_factory.mktemp("llama512") / "base", hidden_size=512, vocab_size=512)
 
 
 def quantized_llama(llama_512: Path, method: str) -> str:
@@ -150,11 +150,15 @@ def test_exllamav2_refuses_an_architecture_it_does_not_know(gemma_hf):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("exllamav3") is None, reason="exllamav3 not installed")
-def test_exl3_quantize_load_and_concurrent_chats_match_solo(gemma_hf, reference_perplexity):
-    settings, model = load_and_check({"base_model": quantized(gemma_hf, "exl3"), "load_exllama": True,
-                                      "concurrency_count": 2}, gemma_hf, reference_perplexity)
+def test_exl3_quantize_close_to_source_and_concurrent_chats_match_solo(llama_512):
+    """exllamav3 1.6.5 cannot read text-only Gemma 3 folders (it looks for '.model.embed_tokens': an empty key
+    prefix), so EXL3 is checked on the random Llama."""
+    folder = quantized_llama(llama_512, "exl3")
+    close_to_source(folder, {"load_exllama": True}, llama_512)
+    settings = from_flags({"base_model": folder, "load_exllama": True, "concurrency_count": 2})
+    model = loaders.load(loaders.plan(settings))
     try:
-        answers = chats_match_solo(settings, model)
-        assert all(len(a.split()) >= 3 and "\ufffd" not in a for a in answers), answers
+        assert model.info.backend.startswith("exllama (exllamav3")
+        chats_match_solo(settings, model)
     finally:
         model.close()
