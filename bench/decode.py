@@ -43,6 +43,9 @@ ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compile
     "GPTQ quantchat fast decode": (["--fast_decode=True"], None, "gptq"),
     "GPTQ generate eager": (["--fast_decode=False"], None, "gptq"),
     "AWQ quantchat fast decode": (["--fast_decode=True"], None, "awq"),
+    "AWQ generate eager": (["--fast_decode=False"], None, "awq"),
+    "int8 generate eager": (["--load_8bit=True", "--fast_decode=False"], None, None),
+    "GPTQ exllamav2": (["--load_exllama=True"], None, "gptq"),
     "generate static cache + compile (transformers' own)": (["--fast_decode=False"], "static", None),
 }
 
@@ -139,6 +142,10 @@ def bytes_per_token(model, context: int) -> int:
     import torch
 
     from quantchat import memory
+    if type(model).__name__ == "ExLlamaModel":  # its tensors are not a torch module's: the plan's estimate
+        config = json.loads((Path(model.info.model) / "config.json").read_text())
+        embedding = config["vocab_size"] * config["hidden_size"] * 2
+        return model.info.weight_bytes - embedding + memory.kv_cache_bytes(config, context, 2)
     weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.model.buffers() if b.dtype != torch.bool)
     embedding = model.model.get_input_embeddings().weight
