@@ -34,15 +34,22 @@ def _decode_thread() -> queue.Queue:
         return _JOBS
 
 
-def _serve(jobs: queue.Queue) -> None:
-    try:  # torch 2.11 sets up the graph trees' thread-local state only in the thread that imported them
+def _ensure_graph_tree_state() -> None:
+    """torch 2.11 sets up the CUDA graph trees' thread-local state only in the thread that imported them, and
+    asserts it elsewhere; checked before every job, as loading some models (gptqmodel's) dropped it again."""
+    try:
         from torch._inductor import cudagraph_trees
         if not hasattr(cudagraph_trees.local, "tree_manager_containers"):
             cudagraph_trees._initialize_tls(cudagraph_trees.local)
     except (ImportError, AttributeError):
         pass
+
+
+def _serve(jobs: queue.Queue) -> None:
     while True:
-        jobs.get()()
+        job = jobs.get()
+        _ensure_graph_tree_state()
+        job()
 
 
 class FastDecoder:
