@@ -34,22 +34,22 @@ def _decode_thread() -> queue.Queue:
         return _JOBS
 
 
-def _ensure_graph_tree_state() -> None:
-    """torch 2.11 sets up the CUDA graph trees' thread-local state only in the thread that imported them, and
-    asserts it elsewhere; checked before every job, as loading some models (gptqmodel's) dropped it again."""
-    try:
-        from torch._inductor import cudagraph_trees
-        if not hasattr(cudagraph_trees.local, "tree_manager_containers"):
-            cudagraph_trees._initialize_tls(cudagraph_trees.local)
-    except (ImportError, AttributeError):
-        pass
+def _set_up_graph_tree_state() -> None:
+    """torch sets up the CUDA graph trees' thread-local state in the thread that imports them and asserts it in
+    any other: where something (gptqmodel, say) imported them in the main thread, set it up here as torch does."""
+    from collections import defaultdict
+
+    from torch._inductor import cudagraph_trees
+    local = cudagraph_trees.local
+    if not hasattr(local, "tree_manager_containers"):
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = defaultdict(threading.Lock)
 
 
 def _serve(jobs: queue.Queue) -> None:
+    _set_up_graph_tree_state()
     while True:
-        job = jobs.get()
-        _ensure_graph_tree_state()
-        job()
+        jobs.get()()
 
 
 class FastDecoder:
