@@ -123,6 +123,9 @@ class ExLlamaModel:
             raise UserError(f"exllamav2 {exllamav2.__version__} does not support {config.architecture}: load this "
                             "folder with "
                             "--load_gptq (transformers) instead of --load_exllama")
+        from exllamav2.attn import has_flash_attn, has_flash_attn_with_paged
+        if not has_flash_attn:  # exllamav2 0.3.2's SDPA path drops the causal mask of a prompt: its matmul path
+            config.no_sdpa = True  # keeps it (the answers were wrong without this)
         config.scale_alpha_value, config.scale_pos_emb = o["alpha"], o["compress"]
         if o["max_seq_len"]:
             config.max_seq_len = o["max_seq_len"]
@@ -135,7 +138,6 @@ class ExLlamaModel:
             with self.torch.cuda.device(o["gpu_id"]):
                 model.load_autosplit(cache, progress=False)
         from exllamav2 import ExLlamaV2Tokenizer
-        from exllamav2.attn import has_flash_attn_with_paged
         # paged attention (batching of jobs) needs flash-attn; without it one job at a time, which the lock gives
         generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=ExLlamaV2Tokenizer(config),
                                               paged=has_flash_attn_with_paged)
