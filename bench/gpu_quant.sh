@@ -2,10 +2,11 @@
 # Quantized checkpoints on the GPU machine. Compiles (exllamav3 ~10 min, exllamav2 ~3, gptqmodel's Marlin ~2) and
 # quantizing run in the background from the first call, so the later calls find them done:
 #   bash bench/gpu_quant.sh setup     -> install the carried wheels (.whl/q1 gptqmodel, .whl/tf, .whl/ex exllama,
-#                                         .whl/bnb) and start compiling exllamav3's and exllamav2's kernels
+#                                         .whl/pyd pydantic for exllamav3, .whl/bnb) and start compiling exllamav3's
+#                                         and exllamav2's kernels
 #   bash bench/gpu_quant.sh prepare   -> after bench/gpu_gemma.sh: quantize Gemma (GPTQ, then EXL3) in the background
 #   bash bench/gpu_quant.sh quality   -> bench/quality.py rows (ROWS=...), result in $OUT/quality-h100.json
-#   bash bench/gpu_quant.sh tests     -> tests/test_gpu_quant.py (TESTS=-k ... to choose)
+#   bash bench/gpu_quant.sh tests     -> tests/test_gpu_quant.py (K="exl3 or exllamav2" to choose)
 export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0
 GEMMA=/root/.cache/quantchat-tests/gemma3-270m-from-gguf
@@ -15,8 +16,10 @@ case "$1" in
     setup)
         # transformers 5.23 (.whl/tf) replaces the machine's 5.17, which cannot save a quantized Gemma 3 config
         python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-            $(ls .whl/q1/*.whl .whl/tf/*.whl .whl/ex/*.whl .whl/bnb/*.whl 2>/dev/null) 2>&1 | tail -2
+            $(ls .whl/q1/*.whl .whl/tf/*.whl .whl/ex/*.whl .whl/pyd/*.whl .whl/bnb/*.whl 2>/dev/null) 2>&1 | tail -2
         [ -d .whl/ex ] || exit 0
+        # a build killed half-way leaves its lock, and the next import would wait on it for ever
+        pgrep -f "import exllama" > /dev/null || rm -f ~/.cache/torch_extensions/*/exllamav*_ext/lock
         # the first import compiles the extension; exllamav3's (177 CUDA files) takes most of the cores
         setsid nohup bash -c "MAX_JOBS=12 python3 -c 'import exllamav3; print(\"exllamav3 compiled\")' \
             > /tmp/compile-exllamav3.log 2>&1" < /dev/null > /dev/null 2>&1 &
@@ -31,7 +34,7 @@ case "$1" in
         quality "${ROWS:-reference,int8,nf4,gptq,awq,exllama-gptq,exl3}" "$OUT/quality-h100.json" ;;
     tests)
         for i in $(seq 60); do grep -q compiled /tmp/compile-exllamav2.log 2>/dev/null && break; sleep 5; done
-        python3 -m pytest -q -p no:warnings tests/test_gpu_quant.py --durations=10 $TESTS ;;
+        python3 -m pytest -q -s -p no:warnings tests/test_gpu_quant.py --durations=10 ${K:+-k "$K"} ;;
     status)
         tail -n 3 /tmp/compile-*.log /tmp/prepare.log 2>/dev/null; ls $WORK 2>/dev/null; nvidia-smi --query-gpu=memory.used --format=csv ;;
 esac

@@ -149,3 +149,17 @@ def test_fast_decode_default_on_one_gpu_except_int8(tiny_llama, monkeypatch):
         "fast_decode"] is True
     monkeypatch.setattr(hf, "_placement", lambda s: ("2 GPUs, balanced", "balanced", "bfloat16", []))
     assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is False
+
+
+def test_the_decode_worker_sets_up_cuda_graph_tree_state():
+    """torch 2.11 asserts the CUDA graph trees' thread-local state in any thread but the one that imported them.
+    Importing gptqmodel imports them in the main thread, after which every quantized model's compiled step
+    failed on the H100; the worker sets the state up itself."""
+    import queue
+
+    from torch._inductor import cudagraph_trees
+
+    from quantchat.loaders import fast_decode
+    seen: queue.Queue = queue.Queue()
+    fast_decode._decode_thread().put(lambda: seen.put(hasattr(cudagraph_trees.local, "tree_manager_containers")))
+    assert seen.get(timeout=30)
