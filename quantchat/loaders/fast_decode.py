@@ -2,8 +2,8 @@
 
 A static KV cache (fixed addresses, so the step can be replayed), the one-token step compiled by torch.compile
 with mode="reduce-overhead" (Inductor kernels replayed as one CUDA graph), the next token chosen on the GPU
-(repetition penalty, temperature, top-k, top-p), and one host sync per token: the token id that streaming
-needs. The prompt is prefilled eagerly (its length changes every request). All of it runs in one worker thread,
+(repetition penalty, temperature, top-k, top-p), and one host wait per token, for the token id that streaming
+needs, while the GPU already runs the next step. The prompt is prefilled eagerly (its length changes every request). All of it runs in one worker thread,
 shared by every model in the process: torch.compile's CUDA graph trees live in the thread that first used them.
 
 Greedy output equals `generate`'s token for token (tests/test_fast_decode.py), with the same logits
@@ -80,25 +80,37 @@ class FastDecoder:
         return out.logits[:, -1, :].float()
 
     def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None]) -> None:
+        """One step ahead: step i+1 is queued on the GPU before token i is read on the host, so the GPU does not
+        wait for the host's per-token work (the id's copy, streaming, the next launch). A stop wastes one step."""
         torch = self.torch
+        cuda = self.device.type == "cuda"
         with torch.inference_mode():
             seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
             seen[ids[0]] = True
             eos = torch.tensor(self.eos_ids, device=self.device, dtype=torch.long)
-            logits = self._prefill(ids)
-            position = ids.shape[1]
+            token = choose_token(self._prefill(ids), seen, eos, params, 0)
+            position = torch.tensor([ids.shape[1]], device=self.device)  # advanced on the device, no copy per step
+            host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
+            copied = torch.cuda.Event() if cuda else None
             for i in range(params.max_new_tokens):
-                token = choose_token(logits, seen, eos, params, i)
-                token_id = int(token)  # the one sync per token: streaming needs the id on the host
+                host.copy_(token, non_blocking=cuda)
+                if copied:
+                    copied.record()
+                more = i + 1 < params.max_new_tokens and ids.shape[1] + i + 1 < self.cache_tokens
+                if more:
+                    seen.index_fill_(0, token, True)
+                    if self.compiled:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    # clone: the next replay overwrites the graph's output buffer
+                    logits = self._step(token.view(1, 1), position).clone()
+                    position += 1
+                    token = choose_token(logits, seen, eos, params, i + 1)
+                if copied:
+                    copied.synchronize()  # the one wait per token: streaming needs the id on the host
+                token_id = int(host[0])
                 emit(token_id)
-                if token_id in self.eos_ids or cancel.is_set() or position + 1 >= self.cache_tokens:
+                if token_id in self.eos_ids or cancel.is_set() or not more:
                     break
-                seen.index_fill_(0, token, True)
-                if self.compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
-                # clone: the next replay overwrites the graph's output buffer
-                logits = self._step(token.view(1, 1), torch.tensor([position], device=self.device)).clone()
-                position += 1
 
     # --- called from any thread
     def fits(self, prompt_tokens: int, params: GenParams) -> bool:
