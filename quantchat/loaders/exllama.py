@@ -121,8 +121,7 @@ class ExLlamaModel:
         config = ExLlamaV2Config(folder)
         if config.arch.arch_string != config.architecture:  # it loads an architecture it does not know as a Llama
             raise UserError(f"exllamav2 {exllamav2.__version__} does not support {config.architecture}: load this "
-                            "folder with "
-                            "--load_gptq (transformers) instead of --load_exllama")
+                            "folder with --load_gptq (transformers) instead of --load_exllama")
         from exllamav2.attn import has_flash_attn, has_flash_attn_with_paged
         if not has_flash_attn:  # exllamav2 0.3.2's SDPA path drops the causal mask of a prompt: its matmul path
             config.no_sdpa = True  # keeps it (the answers were wrong without this)

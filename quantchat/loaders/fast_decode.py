@@ -3,8 +3,9 @@
 A static KV cache (fixed addresses, so the step can be replayed), the one-token step compiled by torch.compile
 with mode="reduce-overhead" (Inductor kernels replayed as one CUDA graph), the next token chosen on the GPU
 (repetition penalty, temperature, top-k, top-p), and one host wait per token, for the token id that streaming
-needs, while the GPU already runs the next step. The prompt is prefilled eagerly (its length changes every request). All of it runs in one worker thread,
-shared by every model in the process: torch.compile's CUDA graph trees live in the thread that first used them.
+needs, while the GPU already runs the next step. The prompt is prefilled eagerly (its length changes every
+request). All of it runs in one worker thread, shared by every model in the process: torch.compile's CUDA graph
+trees live in the thread that first used them.
 
 Greedy output equals `generate`'s token for token (tests/test_fast_decode.py), with the same logits
 processors in the same order: repetition penalty, min_new_tokens, then temperature, top-k, top-p.
