@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -48,6 +49,9 @@ ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compile
     "GPTQ exllamav2": (["--load_exllama=True"], None, "gptq"),
     "generate static cache + compile (transformers' own)": (["--fast_decode=False"], "static", None),
 }
+
+GGUF_ROWS = {  # random shapes only, measured by bench/decode_gguf.py in a process without torch
+    "llama.cpp F16": "F16", "llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_K_M": "Q4_K_M"}
 
 
 def installed(package: str) -> str:
@@ -139,9 +143,16 @@ def timed_static_generate(model, prompt: str, new_tokens: int) -> tuple[float, f
 
 def bytes_per_token(model, context: int) -> int:
     """Weights read per decode step (the input embedding table is only indexed) plus the KV cache up to context."""
-    import torch
-
     from quantchat import memory
+    if type(model).__name__ == "LlamaCppModel":  # (no torch in its process) the file's tensors, f16 KV cache
+        from gguf import GGUFReader
+        reader = GGUFReader(model.info.model)
+        field = lambda key: int(reader.fields[f"llama.{key}"].contents())  # noqa: E731
+        config = {"num_hidden_layers": field("block_count"), "num_attention_heads": field("attention.head_count"),
+                  "num_key_value_heads": field("attention.head_count_kv"), "hidden_size": field("embedding_length")}
+        weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+        return weights + memory.kv_cache_bytes(config, context, 2)
+    import torch
     if type(model).__name__ == "ExLlamaModel":  # its tensors are not a torch module's: the plan's estimate
         config = json.loads((Path(model.info.model) / "config.json").read_text())
         embedding = config["vocab_size"] * config["hidden_size"] * 2
@@ -182,6 +193,40 @@ def profiled(model, prompt: str, steps: int = 64) -> dict:
                              "calls_per_token": round(e.count / steps, 1)} for e in top]}
 
 
+def timings(model, timed, load_s: float, bandwidth: float, lengths=(128, 512), profile: bool = False) -> dict:
+    """The speed fields of a row, for any loaded backend: first token after start, decode speed and MBU per length,
+    TTFT and prefill speed for a 2,048-token prompt (and the profile, for the Hugging Face backend)."""
+    results: dict = {}
+    try:
+        short_prompt = long_prompt(model, 16)
+        first_ttft, _, _ = timed(model, short_prompt, 8)  # the first request pays any remaining warm-up
+        results["start_to_first_token_s"] = round(load_s + first_ttft, 1)
+        for new in lengths:
+            ttft, speed, _ = timed(model, short_prompt, new)
+            results[f"decode_{new}_tokens_per_s"] = round(speed, 1)
+            results[f"mbu_{new}"] = round(speed * bytes_per_token(model, 16 + new // 2) / bandwidth, 3)
+        if profile:
+            results["profile"] = profiled(model, short_prompt)
+        prompt = long_prompt(model, 2048)
+        n = model.count_tokens(prompt)
+        ttft, _, _ = timed(model, prompt, 2)
+        results.update({"ttft_2048_ms": round(ttft * 1000, 1), "prefill_tokens_per_s": round(n / ttft),
+                        "prompt_tokens": n})
+    except Exception as e:  # a row that cannot run says why, and the others go on
+        results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return results
+
+
+def measure_gguf(model_name: str, row: str, bandwidth: float, workdir: str) -> dict:
+    command = [sys.executable, str(ROOT / "bench" / "decode_gguf.py"), f"--model={model_name}",
+               f"--type={GGUF_ROWS[row]}", f"--bandwidth={bandwidth}", f"--workdir={workdir}"]
+    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines()
+        return {"model": model_name, "row": row, "error": (lines[-1] if lines else f"exit {run.returncode}")[:300]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bool = False) -> dict:
     import torch
 
@@ -199,26 +244,10 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     model = loaders.load(loaders.plan(settings))  # includes the fast path's compile and warm-up
     load_s = time.perf_counter() - started
     timed = timed_static_generate if peer == "static" else timed_stream
-    short_prompt = long_prompt(model, 16)
     results = {"model": model_name, "row": row, "decode": model.info.decode or "generate",
                "quantization": model.info.quantization, "dtype": model.info.dtype, "load_s": round(load_s, 1)}
-    try:
-        first_ttft, _, _ = timed(model, short_prompt, 8)  # the first request pays any remaining warm-up
-        results["start_to_first_token_s"] = round(load_s + first_ttft, 1)
-        for new in (128,) if peer else (128, 512):  # (each length the peer runs costs a compilation)
-            ttft, speed, _ = timed(model, short_prompt, new)
-            per_token = bytes_per_token(model, 16 + new // 2)
-            results[f"decode_{new}_tokens_per_s"] = round(speed, 1)
-            results[f"mbu_{new}"] = round(speed * per_token / bandwidth, 3)
-        if profile:
-            results["profile"] = profiled(model, short_prompt)
-        prompt = long_prompt(model, 2048)
-        n = model.count_tokens(prompt)
-        ttft, _, _ = timed(model, prompt, 2)
-        results.update({"ttft_2048_ms": round(ttft * 1000, 1), "prefill_tokens_per_s": round(n / ttft),
-                        "prompt_tokens": n})
-    except Exception as e:  # a row that cannot run says why, and the others go on
-        results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    # (each length the peer runs costs a compilation)
+    results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if peer else (128, 512), profile=profile))
     results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     results["bytes_per_token_gib"] = round(bytes_per_token(model, 16) / 2**30, 3)
     model.close()
@@ -261,7 +290,7 @@ def chart(result: dict, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="gemma,llama2-7b")
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=",".join([*ROWS, *GGUF_ROWS]))
     parser.add_argument("--workdir", default="/tmp/bench-models")
     parser.add_argument("--out")
     parser.add_argument("--table")
@@ -281,13 +310,16 @@ def main() -> None:
               "machine": {"gpu": torch.cuda.get_device_name(0), "bandwidth_gb_s": round(bandwidth / 1e9),
                           "python": platform.python_version(), "torch": torch.__version__,
                           "transformers": installed("transformers"), "bitsandbytes": installed("bitsandbytes"),
-                          "gptqmodel": installed("gptqmodel")}}
+                          "gptqmodel": installed("gptqmodel"), "llama_cpp_python": installed("llama_cpp_python")}}
     for model_name in args.models.split(","):
         path = CACHE / "gemma3-270m-from-gguf" if model_name == "gemma" else \
             write_random_model(model_name, Path(args.workdir) / model_name)
         for row in args.rows.split(","):
+            if row in GGUF_ROWS and model_name == "gemma":  # its real GGUF is bench/launcher.py's llama.cpp row
+                continue
             print(f"{model_name}: {row} ...", file=sys.stderr, flush=True)
-            result["rows"].append(measure(model_name, path, row, bandwidth, args.profile))
+            result["rows"].append(measure_gguf(model_name, row, bandwidth, args.workdir) if row in GGUF_ROWS
+                                  else measure(model_name, path, row, bandwidth, args.profile))
             print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(result, indent=1))

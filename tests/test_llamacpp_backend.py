@@ -116,3 +116,22 @@ def test_a_gguf_model_never_imports_torch(gemma_gguf):
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+def test_speed_bench_gguf_rows_on_a_tiny_shape(tmp_path, monkeypatch):
+    """bench/decode.py's llama.cpp rows: the random GGUF is written, llama.cpp quantizes it, and the row is timed
+    through quantchat's llama.cpp backend, its bytes per token read from the file (here a tiny shape)."""
+    from bench import decode_gguf
+    monkeypatch.setitem(decode_gguf.SHAPES, "tiny", {
+        "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 4096, "rope_theta": 10000.0})
+    bandwidth = 1e3  # bytes/s: small, so that MBU keeps its digits and gives back the bytes read per token
+    rows = {kind: decode_gguf.measure("tiny", kind, bandwidth, tmp_path) for kind in ("F16", "Q4_K_M")}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["decode_128_tokens_per_s"] > 0 and row["decode_512_tokens_per_s"] > 0
+        assert 1900 <= row["prompt_tokens"] <= 2048 and row["ttft_2048_ms"] > 0
+    assert "Q4_K" in rows["Q4_K_M"]["quantization"], rows["Q4_K_M"]["quantization"]
+    read = {kind: row["mbu_128"] * bandwidth / row["decode_128_tokens_per_s"] for kind, row in rows.items()}
+    # 4.5-5 bits against 16 for the layers: the quantized file reads well under half the bytes per token
+    assert read["Q4_K_M"] < 0.5 * read["F16"], read
