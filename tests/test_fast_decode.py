@@ -163,3 +163,25 @@ def test_the_decode_worker_sets_up_cuda_graph_tree_state():
     seen: queue.Queue = queue.Queue()
     fast_decode._decode_thread().put(lambda: seen.put(hasattr(cudagraph_trees.local, "tree_manager_containers")))
     assert seen.get(timeout=30)
+
+
+def test_warm_up_counts_the_compiled_steps_graph_breaks(tiny_llama):
+    """A layer the compiler cannot trace splits the step into several graphs; warm-up counts the breaks, so that
+    the model panel and the benchmark show them (compiled here on the CPU, where CUDA graphs are skipped)."""
+    import torch
+
+    from quantchat.loaders.fast_decode import FastDecoder
+    def breaks() -> int:
+        torch._dynamo.reset()  # compile afresh: the compiler's cache does not notice a hook added later
+        return FastDecoder(model.model, model.eos_ids, 64, compile=True).warm_up()
+
+    model = load(tiny_llama)
+    try:
+        assert breaks() == 0
+        hook = model.model.model.layers[0].register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())
+        try:
+            assert breaks() >= 1
+        finally:
+            hook.remove()
+    finally:
+        model.close()

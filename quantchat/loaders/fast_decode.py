@@ -143,11 +143,17 @@ class FastDecoder:
         if failure:
             raise failure.pop()
 
-    def warm_up(self) -> None:
-        """Compile and record the step now, so the first user does not wait for it."""
+    def warm_up(self) -> int:
+        """Compile and record the step now, so the first user does not wait for it. Returns the compiler's graph
+        breaks in the step: each splits it into separately replayed graphs with Python between them."""
+        def breaks() -> int:
+            from torch._dynamo.utils import counters
+            return sum(counters["graph_break"].values()) if self.compiled else 0
+        before = breaks()
         ids = self.torch.tensor([[0, 1, 2, 3]], device=self.device)
         for _ in self.tokens(ids, GenParams(max_new_tokens=4, repetition_penalty=1.0), threading.Event()):
             pass
+        return breaks() - before
 
 
 def full_attention_config(config):
