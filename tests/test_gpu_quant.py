@@ -162,3 +162,24 @@ def test_exl3_quantize_close_to_source_and_concurrent_chats_match_solo(llama_512
         chats_match_solo(settings, model)
     finally:
         model.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
+def test_exllamav2_rope_alpha_reaches_the_model(llama_512):
+    """h2oGPT's --rope_scaling="{'alpha_value':4}" for exllama: NTK scaling, the context four times the trained."""
+    import torch
+    folder = quantized_llama(llama_512, "gptq")
+    window = list(range(1, 300))
+    scores = {}
+    for alpha in (1, 4):
+        flags = {"base_model": folder, "load_exllama": True, **({"rope_scaling": {"alpha_value": alpha}}
+                                                                  if alpha > 1 else {})}
+        model = loaders.load(loaders.plan(from_flags(flags)))
+        try:
+            assert model.info.context_length == 512 * alpha
+            scores[alpha] = logits(model, window).cuda()
+        finally:
+            model.close()
+    # the first position has no rotation to scale; later ones do
+    assert torch.allclose(scores[1][0], scores[4][0], atol=1e-2)
+    assert not torch.allclose(scores[1][-1], scores[4][-1], atol=1e-2)
