@@ -43,6 +43,8 @@ ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compile
     "NF4 generate eager": (["--load_4bit=True", "--fast_decode=False"], None, None),
     "GPTQ quantchat fast decode": (["--fast_decode=True"], None, "gptq"),
     "GPTQ generate eager": (["--fast_decode=False"], None, "gptq"),
+    # gptqmodel's Triton kernel: traceable by the compiler, against Marlin, which may break the graph
+    "GPTQ triton quantchat fast decode": (["--fast_decode=True", "--gptq_dict={'backend': 'triton'}"], None, "gptq"),
     "AWQ quantchat fast decode": (["--fast_decode=True"], None, "awq"),
     "AWQ generate eager": (["--fast_decode=False"], None, "awq"),
     "int8 generate eager": (["--load_8bit=True", "--fast_decode=False"], None, None),
