@@ -1,7 +1,7 @@
-"""python quantize.py --base_model=DIR --method=gptq|awq|exl3 --out=DIR [--bits=4 --group_size=128 --calibration=FILE]
+"""python quantize.py --base_model=DIR --method=gptq|awq|exl2|exl3 --out=DIR [--bits=4 --group_size=128 --calibration=FILE]
 
 Writes a quantized checkpoint that generate.py loads: GPTQ and AWQ with gptqmodel (the maintained successor of
-AutoGPTQ and AutoAWQ), EXL3 with exllamav3's converter. The calibration text defaults to the one shipped in
+AutoGPTQ and AutoAWQ), EXL2 with exllamav2's converter, EXL3 with exllamav3's. The calibration text defaults to the one shipped in
 quantchat/data/calibration.txt, so nothing is downloaded.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .loaders import checkpoint
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_CALIBRATION = DATA / "calibration.txt"
-METHODS = ("gptq", "awq", "exl3")
+METHODS = ("gptq", "awq", "exl2", "exl3")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class QuantizeArgs:
     bits: float = 4
     group_size: int = 128
     calibration: str = str(DEFAULT_CALIBRATION)
-    samples: int = 128          # calibration passages (GPTQ/AWQ) or rows (EXL3)
+    samples: int = 128          # calibration passages (GPTQ/AWQ) or rows (EXL2/EXL3)
     sample_tokens: int = 512    # tokens per passage
 
 
@@ -54,6 +54,8 @@ def check(a: QuantizeArgs) -> None:
         raise UsageError("--method=awq writes 4-bit weights only: use --bits=4")
     if a.method == "exl3" and not 1 <= a.bits <= 8:
         raise UsageError(f"--bits={a.bits}: exl3 takes 1 to 8 bits per weight (fractions allowed)")
+    if a.method == "exl2" and not 2 <= a.bits <= 8:
+        raise UsageError(f"--bits={a.bits}: exl2 takes 2 to 8 bits per weight (fractions allowed)")
     if a.group_size != -1 and a.group_size < 16:
         raise UsageError(f"--group_size={a.group_size}: 32, 64, 128 ... or -1 (one group per column)")
     out = Path(a.out)
@@ -113,11 +115,31 @@ def quantize_exl3(a: QuantizeArgs) -> None:
     work = Path(tempfile.mkdtemp(prefix="quantchat-exl3-"))
     cal = work / "calibration.safetensors"
     save_file({"input_ids": torch.tensor([r[:len(rows[-1])] for r in rows])}, str(cal))
-    command = [sys.executable, "-m", "exllamav3.conversion.convert_model", "-i", a.base_model, "-o", a.out,
-               "-w", str(work / "job"), "-b", str(a.bits), "-cd", str(cal), "-cr", str(len(rows)),
-               "-cc", str(len(rows[-1]))]
+    run_converter("exllamav3.conversion.convert_model", ["-i", a.base_model, "-o", a.out, "-w", str(work / "job"),
+                                                         "-b", str(a.bits), "-cd", str(cal), "-cr", str(len(rows)),
+                                                         "-cc", str(len(rows[-1]))])
+
+
+def quantize_exl2(a: QuantizeArgs) -> None:
+    """exllamav2's converter reads calibration text from a parquet file and tokenizes it itself."""
+    if importlib.util.find_spec("exllamav2") is None:
+        raise missing_package("exllamav2", "exllama", "--method=exl2")
+    import pandas
+    work = Path(tempfile.mkdtemp(prefix="quantchat-exl2-"))
+    cal = work / "calibration.parquet"
+    pandas.DataFrame({"text": [Path(a.calibration).read_text(encoding="utf-8")]}).to_parquet(cal, engine="fastparquet")
+    rows, length = str(a.samples), str(a.sample_tokens)
+    run_converter("exllamav2.conversion.convert_exl2", ["-i", a.base_model, "-o", str(work / "job"), "-cf", a.out,
+                                                        "-b", str(a.bits), "-c", str(cal), "-r", rows, "-mr", rows,
+                                                        "-l", length, "-ml", length])
+
+
+def run_converter(module: str, arguments: list[str]) -> None:
+    """An exllama converter in a process of its own, its progress shown as it goes."""
+    command = [sys.executable, "-m", module, *arguments]
     if subprocess.run(command, check=False).returncode != 0:
-        raise UserError(f"exllamav3's converter failed (its output is above); command: {' '.join(command)}")
+        raise UserError(f"{module.split('.')[0]}'s converter failed (its output is above); command: "
+                        f"{' '.join(command)}")
 
 
 def main(base_model: str = "", method: str = "", out: str = "", bits: float = 4, group_size: int = 128,
@@ -125,12 +147,12 @@ def main(base_model: str = "", method: str = "", out: str = "", bits: float = 4,
     args = QuantizeArgs(base_model, method, out, bits, group_size, calibration, samples, sample_tokens)
     try:
         check(args)
-        (quantize_exl3 if method == "exl3" else quantize_gptqmodel)(args)
+        {"exl2": quantize_exl2, "exl3": quantize_exl3}.get(method, quantize_gptqmodel)(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     print(f"wrote a {method} checkpoint to {out}: chat with  python generate.py --base_model={out}"
-          + (" --load_exllama=True" if method == "exl3" else ""))
+          + (" --load_exllama=True" if method.startswith("exl") else ""))
 
 
 def cli() -> None:

@@ -144,6 +144,16 @@ def test_exllamav2_gptq_close_to_source_and_concurrent_chats_match_solo(llama_51
 
 
 @pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
+def test_exl2_quantize_then_load_without_a_flag(llama_512):
+    """quantize.py --method=exl2 (exllamav2's converter, our calibration text); the folder is found to be EXL2
+    from its config.json and loads through exllamav2 without --load_exllama."""
+    folder = quantized_llama(llama_512, "exl2")
+    plan = loaders.plan(from_flags({"base_model": folder}))
+    assert plan.backend == "exllama" and "exl2" in plan.quantization
+    close_to_source(folder, {}, llama_512)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
 def test_exllamav2_refuses_an_architecture_it_does_not_know(gemma_hf):
     from quantchat.errors import UserError
     with pytest.raises(UserError, match="does not support Gemma3ForCausalLM.*--load_gptq"):

@@ -112,7 +112,8 @@ def test_missing_gptqmodel_is_one_line(tiny_llama, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"method": "hqq"}, "choose one of gptq, awq, exl3"),
+    ({"method": "hqq"}, "choose one of gptq, awq, exl2, exl3"),
+    ({"method": "exl2", "bits": 1.5}, "exl2 takes 2 to 8 bits"),
     ({"base_model": "/nonexistent"}, "not a model folder"),
     ({"bits": 5}, "takes 2, 3, 4 or 8"),
     ({"method": "awq", "bits": 8}, "4-bit weights only"),
@@ -122,6 +123,16 @@ def test_quantize_refuses_bad_arguments(tiny_llama, tmp_path, capsys, args, mess
     with pytest.raises(SystemExit) as stop:
         quantize(**{"base_model": str(tiny_llama), "method": "gptq", "out": str(tmp_path / "out"), **args})
     assert stop.value.code in (1, 2) and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, package", [("exl2", "exllamav2"), ("exl3", "exllamav3")])
+def test_quantize_names_the_missing_exllama_package(tiny_llama, tmp_path, capsys, monkeypatch, method, package):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(SystemExit) as stop:
+        quantize(base_model=str(tiny_llama), method=method, out=str(tmp_path / "out"))
+    assert stop.value.code == 1
+    assert f"--method={method} needs the package '{package}'" in capsys.readouterr().err
 
 
 def last_logits(folder: Path, text: str):

@@ -63,7 +63,7 @@ class ModelInfo:
 @dataclass
 class LoadPlan:
     """Everything decided before any weight is read; --dry_run prints it."""
-    backend: str                 # "hf" or "llamacpp"
+    backend: str                 # "hf", "llamacpp", "exllama" or "remote"
     reason: str                  # why this backend was chosen
     model: str                   # path or hub id
     devices: str
