@@ -23,6 +23,10 @@ from quantchat.settings import from_flags
 pytestmark = pytest.mark.gpu
 
 
+def needs(library: str):
+    return pytest.mark.skipif(importlib.util.find_spec(library) is None, reason=f"{library} not installed")
+
+
 def quantized(gemma_hf, method: str) -> str:
     out = CACHE / "quant" / method  # where bench/gpu_quant.sh's quality run writes them too
     if not (out / "config.json").is_file():
@@ -130,20 +134,23 @@ def chats_match_solo(settings, model) -> list[str]:
     return alone
 
 
-@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
-def test_exllamav2_gptq_close_to_source_and_concurrent_chats_match_solo(llama_512):
-    folder = quantized_llama(llama_512, "gptq")
+@pytest.mark.parametrize("method, library", [pytest.param("gptq", "exllamav2", marks=needs("exllamav2")),
+                                             pytest.param("exl3", "exllamav3", marks=needs("exllamav3"))])
+def test_exllama_close_to_source_and_concurrent_chats_match_solo(llama_512, method, library):
+    """GPTQ through exllamav2, EXL3 through exllamav3. exllamav3 1.6.5 cannot read text-only Gemma 3 folders (it
+    looks for '.model.embed_tokens': an empty key prefix), so both are checked on the random Llama."""
+    folder = quantized_llama(llama_512, method)
     close_to_source(folder, {"load_exllama": True}, llama_512)
     settings = from_flags({"base_model": folder, "load_exllama": True, "concurrency_count": 2})
     model = loaders.load(loaders.plan(settings))
     try:
-        assert model.info.backend.startswith("exllama (exllamav2")
+        assert model.info.backend.startswith(f"exllama ({library}")
         chats_match_solo(settings, model)
     finally:
         model.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
+@needs("exllamav2")
 def test_exl2_quantize_then_load_without_a_flag(llama_512):
     """quantize.py --method=exl2 (exllamav2's converter, our calibration text); the folder is found to be EXL2
     from its config.json and loads through exllamav2 without --load_exllama."""
@@ -153,29 +160,14 @@ def test_exl2_quantize_then_load_without_a_flag(llama_512):
     close_to_source(folder, {}, llama_512)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
+@needs("exllamav2")
 def test_exllamav2_refuses_an_architecture_it_does_not_know(gemma_hf):
     from quantchat.errors import UserError
     with pytest.raises(UserError, match="does not support Gemma3ForCausalLM.*--load_gptq"):
         loaders.load(loaders.plan(from_flags({"base_model": quantized(gemma_hf, "gptq"), "load_exllama": True})))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("exllamav3") is None, reason="exllamav3 not installed")
-def test_exl3_quantize_close_to_source_and_concurrent_chats_match_solo(llama_512):
-    """exllamav3 1.6.5 cannot read text-only Gemma 3 folders (it looks for '.model.embed_tokens': an empty key
-    prefix), so EXL3 is checked on the random Llama."""
-    folder = quantized_llama(llama_512, "exl3")
-    close_to_source(folder, {"load_exllama": True}, llama_512)
-    settings = from_flags({"base_model": folder, "load_exllama": True, "concurrency_count": 2})
-    model = loaders.load(loaders.plan(settings))
-    try:
-        assert model.info.backend.startswith("exllama (exllamav3")
-        chats_match_solo(settings, model)
-    finally:
-        model.close()
-
-
-@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 not installed")
+@needs("exllamav2")
 def test_exllamav2_rope_alpha_reaches_the_model(llama_512):
     """h2oGPT's --rope_scaling="{'alpha_value':4}" for exllama: NTK scaling, the context four times the trained."""
     import torch
