@@ -9,9 +9,6 @@ from pathlib import Path
 
 from ..errors import UserError
 
-# quant_method -> the flag h2oGPT users pass for it
-QUANT_FLAGS = {"gptq": "--load_gptq", "awq": "--load_awq", "exl2": "--load_exllama", "exl3": "--load_exllama"}
-
 
 def quantization(folder: Path, config: dict) -> dict | None:
     """The checkpoint's quantization settings: config.json's quantization_config, or the quantize_config.json
