@@ -2,6 +2,8 @@
 # On the GPU machine, after the Gemma GGUF was carried to /root/gemma (4 calls, see docs/benchmarks.md):
 #   bash bench/gpu_fast.sh tests   -> the GPU tests of the Hugging Face backend and its fast decode path
 #   bash bench/gpu_fast.sh bench   -> bench/decode.py for Gemma and the Llama-2-7B shape, with profiles
+#   bash bench/gpu_fast.sh start   -> the same in the background (MODELS=..., ROWS=...), for a run longer than a call
+#   bash bench/gpu_fast.sh poll    -> what the background run has written so far, into $OUT
 set -e
 export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
 if [ ! -d /tmp/site/bitsandbytes ]; then
@@ -14,4 +16,12 @@ fi
 case "$1" in
     tests) python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py --durations=12 ;;
     bench) python3 bench/decode.py --models="${MODELS:-llama2-7b,gemma}" --profile --out="$OUT/decode-h100.json" ;;
+    start)
+        export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1  # (gptqmodel compiles its Marlin kernels for this GPU only)
+        setsid nohup python3 bench/decode.py --models="${MODELS:-llama2-7b,gemma}" ${ROWS:+--rows="$ROWS"} --profile \
+            --out=/tmp/decode-h100.json > /tmp/decode.log 2>&1 < /dev/null &
+        echo "bench started: /tmp/decode.log" ;;
+    poll)
+        cp /tmp/decode-h100.json /tmp/decode.log "$OUT/" 2>/dev/null || true; grep -v '^{' /tmp/decode.log | tail -n 5
+        grep '^{' /tmp/decode.log | cut -c1-400 || true; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv ;;
 esac

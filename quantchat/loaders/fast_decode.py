@@ -1,11 +1,16 @@
 """Fast decoding for Hugging Face models: gpt-fast's recipe over transformers' own modules.
 
 A static KV cache (fixed addresses, so the step can be replayed), the one-token step compiled by torch.compile
-with mode="reduce-overhead" (Inductor kernels replayed as one CUDA graph), the next token chosen on the GPU
+(Inductor's fused kernels) and then captured whole in one CUDA graph, the next token chosen on the GPU
 (repetition penalty, temperature, top-k, top-p), and one host wait per token, for the token id that streaming
 needs, while the GPU already runs the next step. The prompt is prefilled eagerly (its length changes every
-request). All of it runs in one worker thread, shared by every model in the process: torch.compile's CUDA graph
-trees live in the thread that first used them.
+request).
+
+The graph is captured by hand (torch.cuda.CUDAGraph) rather than by mode="reduce-overhead", which records one
+graph per piece between graph breaks and returns to Python between them: quantized layers whose kernels the
+compiler cannot trace (gptqmodel's Marlin, bitsandbytes) break the step into hundreds of pieces. A captured graph
+replays every kernel of every piece with no Python at all. All GPU work runs in one worker thread, shared by every
+model in the process, so each decoder's static cache serves one request at a time.
 
 Greedy output equals `generate`'s token for token (tests/test_fast_decode.py), with the same logits
 processors in the same order: repetition penalty, min_new_tokens, then temperature, top-k, top-p.
@@ -35,20 +40,7 @@ def _decode_thread() -> queue.Queue:
         return _JOBS
 
 
-def _set_up_graph_tree_state() -> None:
-    """torch sets up the CUDA graph trees' thread-local state in the thread that imports them and asserts it in
-    any other: where something (gptqmodel, say) imported them in the main thread, set it up here as torch does."""
-    from collections import defaultdict
-
-    from torch._inductor import cudagraph_trees
-    local = cudagraph_trees.local
-    if not hasattr(local, "tree_manager_containers"):
-        local.tree_manager_containers = {}
-        local.tree_manager_locks = defaultdict(threading.Lock)
-
-
 def _serve(jobs: queue.Queue) -> None:
-    _set_up_graph_tree_state()
     while True:
         jobs.get()()
 
@@ -63,8 +55,9 @@ class FastDecoder:
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.cache = StaticCache(config=full_attention_config(model.config), max_cache_len=cache_tokens)
         self.compiled = compile
-        self._step = torch.compile(self._forward_one, mode="reduce-overhead", fullgraph=False, dynamic=False) \
-            if compile else self._forward_one
+        self._step = torch.compile(self._forward_one, fullgraph=False, dynamic=False) if compile else self._forward_one
+        self.graph = None  # the captured step (CUDA only), replayed from the three static buffers below
+        self._token_in = self._position_in = self._logits_out = None
 
     # --- runs in the worker thread
     def _forward_one(self, token, position):
@@ -79,6 +72,33 @@ class FastDecoder:
         out = self.model(input_ids=ids, position_ids=positions.view(1, -1), cache_position=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
+
+    def _next_logits(self, token, position):
+        """The step's logits for token at position: the graph's replay where one was captured."""
+        if self.graph is None:
+            return self._step(token.view(1, 1), position)
+        self._token_in.copy_(token.view(1, 1))
+        self._position_in.copy_(position)
+        self.graph.replay()
+        return self._logits_out  # read before the next replay, which overwrites it (same stream, in order)
+
+    def _capture(self) -> None:
+        """Record the (already compiled and run) step into a CUDA graph. Any host sync inside the step fails here,
+        at load, not per token."""
+        torch = self.torch
+        with torch.inference_mode():
+            self._token_in = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self._position_in = torch.zeros(1, dtype=torch.long, device=self.device)
+            side = torch.cuda.Stream()  # torch asks for a few runs on a side stream before capturing
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(self._token_in, self._position_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
+                self._logits_out = self._step(self._token_in, self._position_in)
+            self.graph = graph
 
     def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None]) -> None:
         """One step ahead: step i+1 is queued on the GPU before token i is read on the host, so the GPU does not
@@ -100,10 +120,7 @@ class FastDecoder:
                 more = i + 1 < params.max_new_tokens and ids.shape[1] + i + 1 < self.cache_tokens
                 if more:
                     seen.index_fill_(0, token, True)
-                    if self.compiled:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    # clone: the next replay overwrites the graph's output buffer
-                    logits = self._step(token.view(1, 1), position).clone()
+                    logits = self._next_logits(token, position)
                     position += 1
                     token = choose_token(logits, seen, eos, params, i + 1)
                 if copied:
@@ -143,17 +160,35 @@ class FastDecoder:
         if failure:
             raise failure.pop()
 
-    def warm_up(self) -> int:
-        """Compile and record the step now, so the first user does not wait for it. Returns the compiler's graph
-        breaks in the step: each splits it into separately replayed graphs with Python between them."""
-        def breaks() -> int:
-            from torch._dynamo.utils import counters
-            return sum(counters["graph_break"].values()) if self.compiled else 0
-        before = breaks()
+    def warm_up(self) -> None:
+        """Compile the step now, so the first user does not wait for it, and on CUDA capture it; the captured
+        graph must then give the tokens the uncaptured step gave, or it is not used."""
         ids = self.torch.tensor([[0, 1, 2, 3]], device=self.device)
-        for _ in self.tokens(ids, GenParams(max_new_tokens=4, repetition_penalty=1.0), threading.Event()):
-            pass
-        return breaks() - before
+        params = GenParams(max_new_tokens=8, repetition_penalty=1.0)
+        plain = list(self.tokens(ids, params, threading.Event()))
+        if not (self.compiled and self.device.type == "cuda"):
+            return
+        _in_worker(self._capture)
+        replayed = list(self.tokens(ids, params, threading.Event()))
+        if replayed != plain:
+            self.graph = None
+            raise RuntimeError(f"the captured CUDA graph gave other tokens ({replayed}) than the step ({plain})")
+
+
+def _in_worker(function: Callable[[], None]) -> None:
+    """Run function in the decode thread and wait for it; its exception is raised here."""
+    done: queue.Queue = queue.Queue()
+
+    def job():
+        try:
+            function()
+            done.put(None)
+        except BaseException as e:
+            done.put(e)
+
+    _decode_thread().put(job)
+    if (error := done.get()) is not None:
+        raise error
 
 
 def full_attention_config(config):

@@ -390,7 +390,7 @@ class HFModel:
         try:
             fast = FastDecoder(self.model, self.eos_ids, min(self.info.context_length, DEFAULT_CACHE_TOKENS),
                                compile=self.device.type == "cuda")
-            graph_breaks = fast.warm_up()
+            fast.warm_up()
         except Exception as e:  # a model whose code the static cache or the compiler cannot take
             where = traceback.extract_tb(e.__traceback__)[-1]
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
@@ -399,9 +399,7 @@ class HFModel:
                   file=sys.stderr)
             self.info.decode = f"generate (fast decoding failed: {why})"
             return None
-        self.info.decode = "static cache + CUDA graph" if fast.compiled else "static cache"
-        if graph_breaks:  # shown, as each break costs a return to Python per token (measured by bench/decode.py)
-            self.info.decode += f" ({graph_breaks} graph breaks)"
+        self.info.decode = "static cache + CUDA graph" if fast.graph else "static cache"
         return fast
 
     def count_tokens(self, text: str) -> int:
@@ -481,6 +479,7 @@ class HFModel:
             raise failure.pop()
 
     def close(self) -> None:
+        self.fast = None  # (it holds the model, its cache and its graph)
         del self.model
         if self.torch.cuda.is_available():
             self.torch.cuda.empty_cache()
