@@ -167,7 +167,29 @@ def test_a_compiled_step_broken_into_pieces_still_gives_generates_tokens(tiny_ll
         ids = model._encode("The quick brown fox")
         params = GenParams(max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.0)
         assert list(fast.tokens(ids, params, threading.Event())) == list(model._generate(ids, params, threading.Event()))
-        assert fast.graph is None  # no CUDA graph on the CPU
+        assert not fast.graphs  # no CUDA graphs on the CPU
     finally:
         hook.remove()
+        model.close()
+
+
+def test_attention_windows_grow_with_the_sequence_under_one_compilation(tiny_llama):
+    """Attention reads the static cache up to the smallest window (256, 512, ...) that holds the sequence; a request
+    that crosses windows gives generate's tokens, and the compiled step serves every window without recompiling."""
+    from torch._dynamo.utils import counters
+
+    from quantchat.loaders.fast_decode import FastDecoder, window_lengths
+    assert window_lengths(1000) == [256, 512, 1000] and window_lengths(64) == [64]
+    model = load(tiny_llama, "--max_seq_len=2048")
+    try:
+        fast = FastDecoder(model.model, model.eos_ids, 1024, compile=True)
+        ids = model._encode("The quick brown fox " * 60)
+        assert 256 < ids.shape[1] < 512
+        list(fast.tokens(ids, GenParams(max_new_tokens=4), threading.Event()))  # compiles, window 512
+        compiled = counters["stats"]["unique_graphs"]
+        params = GenParams(max_new_tokens=400, min_new_tokens=400, repetition_penalty=1.0)
+        tokens = list(fast.tokens(ids, params, threading.Event()))  # windows 512, then 1024
+        assert counters["stats"]["unique_graphs"] == compiled
+        assert tokens == list(model._generate(ids, params, threading.Event()))
+    finally:
         model.close()

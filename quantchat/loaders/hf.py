@@ -399,7 +399,7 @@ class HFModel:
                   file=sys.stderr)
             self.info.decode = f"generate (fast decoding failed: {why})"
             return None
-        self.info.decode = "static cache + CUDA graph" if fast.graph else "static cache"
+        self.info.decode = "static cache + CUDA graphs" if fast.graphs else "static cache"
         return fast
 
     def count_tokens(self, text: str) -> int:
