@@ -98,14 +98,33 @@ def greedy_tokens(model, prompt: str, n: int) -> list[int]:
     return list(tokens)
 
 
+def assert_equal_up_to_a_rounding_tie(fast, slow, prompt: str, n: int) -> None:
+    """Greedy tokens of both paths equal, or parting only where the eager model's two candidates are within two
+    bf16 steps of each other (1/64 of the logit): there the fused kernels' rounding decides, not a bug."""
+    import torch
+    a, b = greedy_tokens(fast, prompt, n), greedy_tokens(slow, prompt, n)
+    if a == b:
+        return
+    i = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    ids = torch.cat([slow._encode(prompt), torch.tensor([b[:i]], device=slow.device)], dim=1)
+    with torch.inference_mode():
+        logits = slow.model(input_ids=ids).logits[0, -1].float()
+    gap = abs(float(logits[a[i]] - logits[b[i]]))
+    assert gap <= abs(float(logits[b[i]])) / 64, f"parted at token {i} of {n}: logit gap {gap:.3f}"
+
+
 @pytest.mark.parametrize("flags", [[], ["--load_4bit"]])
 def test_fast_decode_equals_generate_on_gemma(gemma_hf, flags):
+    """bf16: token for token. NF4: the same, except where a rounding tie decides (seen once in 768 tokens)."""
     fast = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", "--fast_decode=True", *flags)))
     slow = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", "--fast_decode=False", *flags)))
     try:
         assert fast.info.decode == "static cache + CUDA graphs", fast.info.decode
         for prompt in ["Water boils at", "The three primary colours are", "def fibonacci(n):"]:
-            assert greedy_tokens(fast, prompt, 256) == greedy_tokens(slow, prompt, 256)
+            if flags:
+                assert_equal_up_to_a_rounding_tie(fast, slow, prompt, 256)
+            else:
+                assert greedy_tokens(fast, prompt, 256) == greedy_tokens(slow, prompt, 256)
     finally:
         fast.close()
         slow.close()
