@@ -43,7 +43,7 @@ ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compile
     "NF4 generate eager": (["--load_4bit=True", "--fast_decode=False"], None, None),
     "GPTQ quantchat fast decode": (["--fast_decode=True"], None, "gptq"),
     "GPTQ generate eager": (["--fast_decode=False"], None, "gptq"),
-    # gptqmodel's Triton kernel: traceable by the compiler, against Marlin, which may break the graph
+    # gptqmodel's Triton kernel against its Marlin kernel (the default on Ampere and newer)
     "GPTQ triton quantchat fast decode": (["--fast_decode=True", "--gptq_dict={'backend': 'triton'}"], None, "gptq"),
     "AWQ quantchat fast decode": (["--fast_decode=True"], None, "awq"),
     "AWQ generate eager": (["--fast_decode=False"], None, "awq"),
@@ -249,7 +249,8 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     results = {"model": model_name, "row": row, "decode": model.info.decode or "generate",
                "quantization": model.info.quantization, "dtype": model.info.dtype, "load_s": round(load_s, 1)}
     # (each length the peer runs costs a compilation)
-    results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if peer else (128, 512), profile=profile))
+    results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if peer else (128, 512),
+                           profile=profile and not peer))  # (the profile follows quantchat's own path)
     results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     results["bytes_per_token_gib"] = round(bytes_per_token(model, 16) / 2**30, 3)
     model.close()
