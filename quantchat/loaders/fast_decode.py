@@ -1,10 +1,11 @@
 """Fast decoding for Hugging Face models: gpt-fast's recipe over transformers' own modules.
 
 A static KV cache (fixed addresses, so the step can be replayed), the one-token step compiled by torch.compile
-(Inductor's fused kernels) and then captured whole in one CUDA graph, the next token chosen on the GPU
+(Inductor's fused kernels) and then captured whole in a CUDA graph, the next token chosen on the GPU
 (repetition penalty, temperature, top-k, top-p), and one host wait per token, for the token id that streaming
 needs, while the GPU already runs the next step. The prompt is prefilled eagerly (its length changes every
-request).
+request). Attention reads the cache only up to the smallest window (256, 512, ... positions) that holds the
+sequence so far, with one captured graph per window.
 
 The graph is captured by hand (torch.cuda.CUDAGraph) rather than by mode="reduce-overhead", which records one
 graph per piece between graph breaks and returns to Python between them: quantized layers whose kernels the
