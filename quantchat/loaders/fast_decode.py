@@ -73,17 +73,19 @@ class FastDecoder:
                          past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1, :].float()
 
-    def _use_window(self, tokens: int) -> int:
-        """Let attention read the first `window` cache positions, the smallest window holding `tokens`."""
-        window = next(n for n in self.windows if n >= tokens)
+    def _window_for(self, tokens: int) -> int:
+        """The smallest attention window that holds `tokens` positions."""
+        return next(n for n in self.windows if n >= tokens)
+
+    def _use_window(self, window: int) -> None:
+        """Let attention read the first `window` cache positions (a captured graph has its window built in)."""
         for layer in self.cache.layers:
             layer.window = self.windows[window]
-        return window
 
     def _prefill(self, ids):
         torch = self.torch
         self.cache.reset()
-        self._use_window(ids.shape[1])
+        self._use_window(self._window_for(ids.shape[1]))
         positions = torch.arange(ids.shape[1], device=self.device)
         out = self.model(input_ids=ids, position_ids=positions.view(1, -1), cache_position=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
@@ -91,9 +93,10 @@ class FastDecoder:
 
     def _next_logits(self, token, position, tokens: int):
         """The step's logits for token at position (`tokens` long with it): a captured graph's replay if any."""
-        window = self._use_window(tokens)
+        window = self._window_for(tokens)
         graph = self.graphs.get(window)
         if graph is None:
+            self._use_window(window)
             return self._step(token.view(1, 1), position)
         self._token_in.copy_(token.view(1, 1))
         self._position_in.copy_(position)
@@ -137,10 +140,11 @@ class FastDecoder:
                 host.copy_(token, non_blocking=cuda)
                 if copied:
                     copied.record()
-                more = i + 1 < params.max_new_tokens and ids.shape[1] + i + 1 < self.cache_tokens
+                length = ids.shape[1] + i + 1  # the sequence's length with the next step's token
+                more = i + 1 < params.max_new_tokens and length < self.cache_tokens
                 if more:
                     seen.index_fill_(0, token, True)
-                    logits = self._next_logits(token, position, ids.shape[1] + i + 1)
+                    logits = self._next_logits(token, position, length)
                     position += 1
                     token = choose_token(logits, seen, eos, params, i + 1)
                 if copied:
