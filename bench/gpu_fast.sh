@@ -8,7 +8,7 @@ set -e
 export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
 if [ ! -d /tmp/site/bitsandbytes ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-        $(ls .whl/conv/*.whl .whl/bnb/*.whl .whl/q1/*.whl .whl/tf/*.whl 2>/dev/null)
+        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl 2>/dev/null)
 fi
 if [ -f "$QUANTCHAT_GEMMA_GGUF" ] && [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
     python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1

@@ -16,7 +16,7 @@ case "$1" in
     setup)
         # transformers 5.23 (.whl/tf) replaces the machine's 5.17, which cannot save a quantized Gemma 3 config
         python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-            $(ls .whl/q1/*.whl .whl/tf/*.whl .whl/ex/*.whl .whl/pyd/*.whl .whl/bnb/*.whl 2>/dev/null) 2>&1 | tail -2
+            $(ls .whl/q1/*.whl .whl/tf/*.whl .whl/ex/*.whl .whl/pyd/*.whl .whl/bnb*/*.whl 2>/dev/null) 2>&1 | tail -2
         [ -d .whl/ex ] || exit 0
         # a build killed half-way leaves its lock, and the next import would wait on it for ever
         pgrep -f "import exllama" > /dev/null || rm -f ~/.cache/torch_extensions/*/exllamav*_ext/lock

@@ -123,6 +123,7 @@ def chats_match_solo(settings, model) -> list[str]:
     def ask(question):
         return "".join(engine.chat([{"role": "user", "content": question}], GenParams(max_new_tokens=48)))
 
+    [ask(q) for q in questions]  # exllamav3 tunes its kernels on first use, which may change the last digits
     alone = [ask(q) for q in questions]
     together: dict[int, str] = {}
     threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i]))) for i in range(2)]

@@ -10,8 +10,7 @@ from quantchat import memory
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA2 = {  # the public Llama-2 configs' shapes
     "7B": SHAPES["llama2-7b"],
-    "13B": {**SHAPES["llama2-7b"], "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-            "num_attention_heads": 40, "num_key_value_heads": 40},
+    "13B": SHAPES["llama2-13b"],
     "70B": {**SHAPES["llama2-7b"], "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
             "num_attention_heads": 64, "num_key_value_heads": 8},
 }
@@ -40,13 +39,13 @@ def test_gptq_group_size_and_bits():
 
 
 def measured_rows():
-    result = json.loads((ROOT / "bench/results/decode-h100.json").read_text())
-    return [row for row in result["rows"] if "prompt_tokens" in row]
+    files = [ROOT / "bench/results/decode-h100.json", ROOT / "bench/results/decode-h100-13b.json"]
+    return [row for f in files if f.exists() for row in json.loads(f.read_text())["rows"] if "prompt_tokens" in row]
 
 
-@pytest.mark.parametrize("row", measured_rows(), ids=lambda row: row["row"])
+@pytest.mark.parametrize("row", measured_rows(), ids=lambda row: f"{row['model']} {row['row']}")
 def test_estimate_within_10_percent_of_the_measured_peak(row):
-    """Peaks of torch's allocator on the H100 (bench/decode.py), random weights of Llama-2-7B's shape, bf16 compute.
+    """Peaks of torch's allocator on the H100 (bench/decode.py), random weights of Llama-2-7B's and 13B's shapes, bf16 compute.
     generate's cache grows to the longest sequence of the row (the 2,048-token prompt); the fast path's static
     cache is allocated at its full length (the bench's --max_seq_len=4096)."""
     config = SHAPES[row["model"]]

@@ -7,6 +7,7 @@ each other instead of risking mixed answers.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import threading
 import time
@@ -143,16 +144,17 @@ class ExLlamaModel:
         return generator, exllamav2.__version__
 
     def _load_v3(self, folder: str, o: dict):
-        import exllamav3
         from exllamav3 import Cache, Config, Generator, Model, Tokenizer
         config = Config.from_directory(folder)
         model = Model.from_config(config)
         context = o["max_seq_len"] or 8192
-        cache = Cache(model, max_num_tokens=max(256, -(-context // 256) * 256))  # whole pages of 256 tokens
+        cache_tokens = max(256, -(-context // 256) * 256)  # whole pages of 256 tokens
+        cache = Cache(model, max_num_tokens=cache_tokens)
         with self.torch.cuda.device(o["gpu_id"]):
-            model.load(use_per_device=o["split"], progressbar=False)
+            # loading runs a prefill of max_chunk_size tokens through the cache, which must hold it
+            model.load(use_per_device=o["split"], progressbar=False, max_chunk_size=min(2048, cache_tokens))
         generator = Generator(model=model, cache=cache, tokenizer=Tokenizer.from_config(config))
-        return generator, exllamav3.__version__
+        return generator, importlib.metadata.version("exllamav3")
 
     def _job(self, ids, params: GenParams):
         """A generation job of the loaded library, with generate's sampling settings."""
