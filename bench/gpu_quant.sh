@@ -7,6 +7,7 @@
 #   bash bench/gpu_quant.sh prepare   -> after bench/gpu_gemma.sh: quantize Gemma (GPTQ, then EXL3) in the background
 #   bash bench/gpu_quant.sh quality   -> bench/quality.py rows (ROWS=...), result in $OUT/quality-h100.json
 #   bash bench/gpu_quant.sh tests     -> tests/test_gpu_quant.py (K="exl3 or exllamav2" to choose)
+#   bash bench/gpu_quant.sh keep      -> the compiled exllamav3 extension into $OUT, to carry to the next machine
 export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0
 GEMMA=/root/.cache/quantchat-tests/gemma3-270m-from-gguf
@@ -20,10 +21,14 @@ case "$1" in
         [ -d .whl/ex ] || exit 0
         # a build killed half-way leaves its lock, and the next import would wait on it for ever
         pgrep -f "import exllama" > /dev/null || rm -f ~/.cache/torch_extensions/*/exllamav*_ext/lock
+        # exllamav3's extension as an earlier machine of the same image built it (bench/gpu_quant.sh keep), which
+        # exllamav3 imports instead of compiling
+        [ -f .gpu/exllamav3_ext.so.xz ] && xz -dc .gpu/exllamav3_ext.so.xz > /tmp/site/exllamav3_ext.so
         # the first import compiles the extension; exllamav3's (177 CUDA files) takes most of the cores
         setsid nohup bash -c "MAX_JOBS=12 python3 -c 'import exllamav3; print(\"exllamav3 compiled\")' \
             > /tmp/compile-exllamav3.log 2>&1" < /dev/null > /dev/null 2>&1 &
-        setsid nohup bash -c "MAX_JOBS=6 python3 -c 'import exllamav2; print(\"exllamav2 compiled\")' \
+        jobs=$([ -f /tmp/site/exllamav3_ext.so ] && echo 14 || echo 6)
+        setsid nohup bash -c "MAX_JOBS=$jobs python3 -c 'import exllamav2; print(\"exllamav2 compiled\")' \
             > /tmp/compile-exllamav2.log 2>&1" < /dev/null > /dev/null 2>&1 &
         echo "setup done; kernels compiling" ;;
     prepare)
@@ -35,6 +40,8 @@ case "$1" in
     tests)
         for i in $(seq 60); do grep -q compiled /tmp/compile-exllamav2.log 2>/dev/null && break; sleep 5; done
         python3 -m pytest -q -s -p no:warnings tests/test_gpu_quant.py --durations=10 ${K:+-k "$K"} ;;
+    keep)  # the compiled exllamav3 extension, for the next machine (carry it as .gpu/exllamav3_ext.so.xz)
+        xz -T16 -c ~/.cache/torch_extensions/*/exllamav3_ext/exllamav3_ext.so > "$OUT/exllamav3_ext.so.xz" ;;
     status)
         tail -n 3 /tmp/compile-*.log /tmp/prepare.log 2>/dev/null; ls $WORK 2>/dev/null; nvidia-smi --query-gpu=memory.used --format=csv ;;
 esac

@@ -1,7 +1,7 @@
 """Quantized checkpoints of the real Gemma 3 270M on a CUDA GPU: quantize.py writes them, generate.py's flags load
 them, the answers stay close to the unquantized model's, and exllama serves concurrent chats without mixing them.
-exllamav2 does not know text-only Gemma 3 and exllamav3 1.6.5 cannot read it, so the exllama tests use a random
-Llama quantized here."""
+exllamav2 does not know text-only Gemma 3 and exllamav3 1.6.5 cannot read it, so the exllama tests use a small
+Llama taught two answers and quantized here."""
 from __future__ import annotations
 
 import importlib.util
@@ -75,7 +75,7 @@ def test_gptq_quantize_then_load_through_its_flag(gemma_hf, reference_perplexity
 
 
 def close_to_source(quantized_folder: str, flags: dict, source: Path) -> None:
-    """A quantized random Llama through its flag: logits close to those of the model it came from."""
+    """A quantized small Llama through its flag: logits close to those of the model it came from."""
     import torch
     model = loaders.load(loaders.plan(from_flags({"base_model": quantized_folder, "fast_decode": False, **flags})))
     reference = loaders.load(loaders.plan(from_flags({"base_model": str(source), "fast_decode": False})))
@@ -90,11 +90,41 @@ def close_to_source(quantized_folder: str, flags: dict, source: Path) -> None:
         reference.close()
 
 
+# What the small Llama below is taught to answer: learnt answers win by about 8 logits, so they survive 4-bit
+# quantization, and the exllama kernels' run-to-run rounding (their split-K sums are atomic adds, in no fixed order)
+# cannot flip a token, as it did between near-tied tokens of an untrained model.
+TAUGHT = {"Write a sentence about the sea.": "The sea is wide and grey, and the waves roll in from the west.",
+          "List four fruits.": "Apples, pears, plums and figs."}
+
+
+def teach(folder: Path, steps: int = 100) -> None:
+    """Train the model on TAUGHT's chats (prompt in the model's template, answer, end of sequence): seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    tokenize=False) + a, add_special_tokens=False).input_ids
+            + [tokenizer.eos_token_id] for q, a in TAUGHT.items()]
+    n = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.eos_token_id] * (n - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (n - len(r)) for r in rows])
+    model = LlamaForCausalLM.from_pretrained(folder).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def llama_512(tmp_path_factory) -> Path:
-    """A random Llama (hidden 512, vocabulary 512): an architecture both exllamas know, quantized in seconds."""
+    """A small Llama (hidden 512, vocabulary 512) taught two answers: an architecture both exllamas know,
+    quantized in seconds."""
     from conftest import build_tiny_llama
-    return build_tiny_llama(tmp_path_factory.mktemp("llama512") / "base", hidden_size=512, vocab_size=512)
+    folder = build_tiny_llama(tmp_path_factory.mktemp("llama512") / "base", hidden_size=512, vocab_size=512)
+    teach(folder)
+    return folder
 
 
 def quantized_llama(llama_512: Path, method: str) -> str:
@@ -105,7 +135,7 @@ def quantized_llama(llama_512: Path, method: str) -> str:
 
 
 def test_awq_on_the_gpu_kernel(llama_512):
-    """gptqmodel 7.6's AWQ cannot quantize Gemma 3 (its rotary embedding call lacks layer_type): a random Llama
+    """gptqmodel 7.6's AWQ cannot quantize Gemma 3 (its rotary embedding call lacks layer_type): a small Llama
     checks that an AWQ checkpoint loads on a CUDA kernel and stays close to the model it came from."""
     folder = quantized_llama(llama_512, "awq")
     model = loaders.load(loaders.plan(from_flags({"base_model": folder, "load_awq": "model"})))
@@ -116,22 +146,22 @@ def test_awq_on_the_gpu_kernel(llama_512):
 
 
 def chats_match_solo(settings, model) -> list[str]:
-    """Two chats at once through one model get the answers each gets alone."""
+    """Alone, each chat gets its taught answer; two chats at once through one model get the same answers."""
     engine = build_engine(settings, model)
-    questions = ["Write a sentence about the sea.", "List four fruits."]
+    questions = list(TAUGHT)
 
     def ask(question):
         return "".join(engine.chat([{"role": "user", "content": question}], GenParams(max_new_tokens=48)))
 
-    [ask(q) for q in questions]  # exllamav3 tunes its kernels on first use, which may change the last digits
     alone = [ask(q) for q in questions]
+    assert alone == list(TAUGHT.values())
     together: dict[int, str] = {}
     threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i]))) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [together[0], together[1]] == alone and alone[0] != alone[1]
+    assert [together[0], together[1]] == alone
     return alone
 
 
@@ -139,7 +169,7 @@ def chats_match_solo(settings, model) -> list[str]:
                                              pytest.param("exl3", "exllamav3", marks=needs("exllamav3"))])
 def test_exllama_close_to_source_and_concurrent_chats_match_solo(llama_512, method, library):
     """GPTQ through exllamav2, EXL3 through exllamav3. exllamav3 1.6.5 cannot read text-only Gemma 3 folders (it
-    looks for '.model.embed_tokens': an empty key prefix), so both are checked on the random Llama."""
+    looks for '.model.embed_tokens': an empty key prefix), so both are checked on the small Llama."""
     folder = quantized_llama(llama_512, method)
     close_to_source(folder, {"load_exllama": True}, llama_512)
     settings = from_flags({"base_model": folder, "load_exllama": True, "concurrency_count": 2})
