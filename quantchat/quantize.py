@@ -96,6 +96,10 @@ def run_gptqmodel(base_model: str, method: str, bits: int, group_size: int, pass
     config = QuantizeConfig(bits=bits, group_size=group_size, mock_quantization=mock, **extra)
     on_gpu = torch.cuda.is_available()
     model = GPTQModel.load(base_model, config, device="cuda:0" if on_gpu else "cpu")
+    if method == "awq" and model.model.config.model_type == "gemma3_text":
+        # AWQ's scale search recomputes the rotary embedding without the layer type (sliding or full attention)
+        # that Gemma 3's requires; gptqmodel can keep the embeddings captured from the model's own forward instead
+        model.awq_preserve_explicit_position_embeddings = True
     # AWQ's default search kernels are CUDA-only; its plain torch kernel runs anywhere
     backend = BACKEND.AUTO if on_gpu or method == "gptq" else BACKEND.AWQ_TORCH
     model.quantize([{"input_ids": p, "attention_mask": [1] * len(p)} for p in passages], batch_size=1,

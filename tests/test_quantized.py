@@ -194,3 +194,35 @@ def test_speed_bench_mock_checkpoints_load(tmp_path, method):
     model = loaders.load(loaders.plan(settings(f"--base_model={out}", f"--load_{method}=model")))
     assert model.info.quantization.startswith(f"{method} 4-bit, group 128, kernel ")
     model.close()
+
+
+def build_tiny_gemma3(folder: Path) -> Path:
+    """A random text-only Gemma 3 (one sliding-window and one full-attention layer) with the test tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    tokenizer = build_tiny_llama(folder.with_name(folder.name + "-tok"))
+    shutil.copytree(tokenizer, folder, ignore=shutil.ignore_patterns("config.json", "*.safetensors"))
+    ids = json.loads((tokenizer / "config.json").read_text())
+    config = Gemma3TextConfig(vocab_size=ids["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=64,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                              bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=0)
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@needs_gptqmodel
+def test_awq_quantizes_text_only_gemma3_on_the_cpu(tmp_path):
+    """gptqmodel's AWQ search recomputes rotary embeddings without the layer type Gemma 3's need (a TypeError);
+    quantize.py has it keep the embeddings captured from the model's own forward."""
+    import torch
+    base = build_tiny_gemma3(tmp_path / "gemma3")
+    out = tmp_path / "awq"
+    quantize(base_model=str(base), method="awq", out=str(out), group_size=32, samples=8, sample_tokens=128)
+    model = loaders.load(loaders.plan(settings(f"--base_model={out}", "--load_awq=model")))
+    assert model.info.quantization.startswith("awq 4-bit, group 32, kernel ")
+    text = "the cat sat on the mat and the dog"
+    with torch.inference_mode():
+        quantized = model.model(model.tokenizer(text, return_tensors="pt").input_ids).logits[0].float()
+    model.close()
+    similarity = torch.nn.functional.cosine_similarity(quantized, last_logits(base, text), dim=-1).mean().item()
+    assert similarity > 0.9, similarity
