@@ -200,7 +200,7 @@ def profiled(model, prompt: str, steps: int = 64) -> dict:
 
 def timings(model, timed, load_s: float, bandwidth: float, lengths=(128, 512), profile: bool = False) -> dict:
     """The speed fields of a row, for any loaded backend: first token after start, decode speed and MBU per length,
-    TTFT and prefill speed for a 2,048-token prompt (and the profile, for the Hugging Face backend)."""
+    TTFT (best of 3, and the first) and prefill speed for a 2,048-token prompt (and the profile, for the Hugging Face backend)."""
     results: dict = {}
     try:
         short_prompt = long_prompt(model, 16)
@@ -214,9 +214,11 @@ def timings(model, timed, load_s: float, bandwidth: float, lengths=(128, 512), p
             results["profile"] = profiled(model, short_prompt)
         prompt = long_prompt(model, 2048)
         n = model.count_tokens(prompt)
-        ttft, _, _ = timed(model, prompt, 2)
-        results.update({"ttft_2048_ms": round(ttft * 1000, 1), "prefill_tokens_per_s": round(n / ttft),
-                        "prompt_tokens": n})
+        # the first prefill of a new length also pays the kernels' one-off set-up: reported apart from the best of 3
+        first, *more = [timed(model, prompt, 2)[0] for _ in range(3)]
+        ttft = min(first, *more)
+        results.update({"ttft_2048_ms": round(ttft * 1000, 1), "ttft_2048_first_ms": round(first * 1000, 1),
+                        "prefill_tokens_per_s": round(n / ttft), "prompt_tokens": n})
     except Exception as e:  # a row that cannot run says why, and the others go on
         results["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     return results
