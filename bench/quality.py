@@ -144,7 +144,8 @@ def versions() -> dict:
 
 def table(result: dict) -> str:
     reference = next((r.get("perplexity") for r in result["rows"] if r["row"] == "reference"), None)
-    lines = [f"Held-out text: {result['tokens']} tokens; machine: {result['machine']}; {result['date']}.", "",
+    samples = f"; quantized with {result['samples']} calibration passages" if "samples" in result else ""
+    lines = [f"Held-out text: {result['tokens']} tokens; machine: {result['machine']}; {result['date']}{samples}.", "",
              "| row | how | perplexity | vs unquantized | quantize s | load s | greedy answer |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
@@ -176,7 +177,7 @@ def main() -> None:
     import torch
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "versions": versions(), "tokens": len(heldout),
-              "window": WINDOW, "model": a.model, "rows": []}
+              "window": WINDOW, "model": a.model, "samples": a.samples, "rows": []}
     for name in a.rows.split(","):
         result["rows"].append(measure(name, a, heldout, tokenizer.bos_token_id))
         if a.out:  # after every row, so that a run cut short keeps what it measured

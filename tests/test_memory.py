@@ -88,3 +88,29 @@ def test_a_model_that_does_not_fit_one_gpu_gets_a_plan(tmp_path, monkeypatch, fr
     else:
         assert p.options["device_map"] == "auto" and "stay on the CPU" in notes and not p.options["fast_decode"]
         assert p.options["max_memory"][0] < free_gib * 2**30
+
+
+@pytest.mark.parametrize("free_gib, expect", [(40, "fits"), (6, "offload")])
+def test_several_gpus_show_each_gpus_share_and_cap_it(tmp_path, monkeypatch, free_gib, expect):
+    """--use_gpu_id=False on two GPUs (as torch and nvidia-smi would report them): each GPU's share is shown, and
+    accelerate gets each GPU's room for weights after its share of the KV cache, activations and CUDA context."""
+    import torch
+    from test_settings import settings
+
+    from quantchat import loaders
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(memory, "free_gpu_bytes", lambda gpu: int(free_gib * 2**30))
+    p = loaders.plan(settings(f"--base_model={llama2_7b_folder(tmp_path)}", "--use_gpu_id=False"))
+    need = memory.MemoryEstimate(p.weight_bytes, p.kv_cache_bytes, p.activation_bytes, p.context_length)
+    share = need.weights / 2 + need.kv_cache / 2 + need.activations + memory.CUDA_CONTEXT
+    assert f"cuda:0 {share / 2**30:.2f} GiB of {free_gib:.2f} GiB free, cuda:1" in p.devices, p.devices
+    room = p.options["max_memory"]
+    assert room[0] == room[1] == free_gib * 2**30 - need.kv_cache // 2 - need.activations - memory.CUDA_CONTEXT
+    assert p.options["device_map"] == "balanced" and not p.options["fast_decode"]
+    if expect == "fits":
+        assert "cpu" not in room and not p.notes
+    else:
+        assert "cpu" in room and "stays on the CPU" in " ".join(p.notes) and p.devices.endswith("+ CPU (weights "
+                                                                                               "that do not fit)")

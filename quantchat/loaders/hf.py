@@ -16,7 +16,7 @@ from .. import memory
 from ..errors import UsageError, UserError, missing_package
 from ..settings import AUTOGPTQ_KEYS, Settings
 from . import checkpoint
-from .base import Either, GenParams, LoadPlan, ModelInfo
+from .base import Either, GenParams, LoadPlan, ModelInfo, human_bytes
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
                       "I32": 4, "I64": 8, "I16": 2, "BOOL": 1}
@@ -141,6 +141,26 @@ def _fit_one_gpu(need: memory.MemoryEstimate, config: dict, dtype: str, quant: s
     return need, need.context_tokens, {s.gpu_id: on_gpu, "cpu": 2**50}
 
 
+def _spread_over_gpus(need: memory.MemoryEstimate, count: int, notes: list[str]) -> tuple[str, dict | None]:
+    """(per-GPU placement shown to the user, accelerate's max_memory) over several GPUs (--use_gpu_id=False).
+    accelerate balances the layers; each GPU also holds its layers' share of the KV cache, a prefill's activations
+    and a CUDA context. Weights that no GPU has room for stay on the CPU, with a note."""
+    share = need.weights // count + need.kv_cache // count + need.activations + memory.CUDA_CONTEXT
+    free = [memory.free_gpu_bytes(gpu) for gpu in range(count)]
+    placement = ", ".join(f"cuda:{gpu} {human_bytes(share)}" + (f" of {human_bytes(f)} free" if f else "")
+                          for gpu, f in enumerate(free))
+    if None in free:
+        return placement, None
+    for_weights = {gpu: max(0, f - need.kv_cache // count - need.activations - memory.CUDA_CONTEXT)
+                   for gpu, f in enumerate(free)}
+    if sum(for_weights.values()) >= need.weights:
+        return placement, for_weights
+    notes.append(f"the model needs {human_bytes(need.weights)} of weights and the {count} GPUs have room for "
+                 f"{human_bytes(sum(for_weights.values()))}: the rest stays on the CPU (much slower; --load_4bit=True "
+                 "would keep it on the GPUs)")
+    return placement, {**for_weights, "cpu": 2**50}
+
+
 def plan(s: Settings, model: str, why: str) -> LoadPlan:
     if s.pre_layer is not None:
         raise UsageError("--pre_layer (layers on the GPU) applies to GGUF models here; a Hugging Face model that does "
@@ -183,6 +203,10 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
         need, context, max_memory = _fit_one_gpu(need, config, dtype, quant, shapes, s, notes)
         if max_memory:
             device_map, devices = "auto", f"{devices} + CPU (weights that do not fit)"
+    elif need and device_map == "balanced":
+        import torch
+        placement, max_memory = _spread_over_gpus(need, torch.cuda.device_count(), notes)
+        devices = f"{devices}: {placement}" + (" + CPU (weights that do not fit)" if "cpu" in (max_memory or {}) else "")
     options = {"device_map": device_map, "max_memory": max_memory, "dtype": dtype, "rope_parameters": rope,
                "max_seq_len": context,
                "tokenizer": s.tokenizer_base_model or model, "revision": s.revision,
