@@ -168,3 +168,25 @@ def test_a_step_broken_into_pieces_is_captured_whole(tiny_llama):
     finally:
         hook.remove()
         model.close()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs two GPUs")
+def test_use_gpu_id_false_spreads_the_model_as_planned():
+    """--use_gpu_id=False over two GPUs: each GPU holds about the share of the weights that the plan showed, and the
+    model answers."""
+    import re
+    from pathlib import Path
+
+    from bench.decode import write_random_model
+    folder = write_random_model("llama2-7b", Path("/tmp/bench-models/llama2-7b"))
+    p = loaders.plan(settings(f"--base_model={folder}", "--use_gpu_id=False"))
+    model = loaders.load(p)
+    try:
+        loaded = dict(re.findall(r"(cuda:\d) ([\d.]+) GiB", model.info.devices))
+        assert set(loaded) == {"cuda:0", "cuda:1"}, model.info.devices
+        for gib in loaded.values():  # accelerate balances by layers: within 10% of half the weights
+            assert abs(float(gib) * 2**30 - p.weight_bytes / 2) < 0.1 * p.weight_bytes / 2, model.info.devices
+        assert len(greedy_tokens(model, "The quick brown fox", 16)) == 16
+    finally:
+        model.close()

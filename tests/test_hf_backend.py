@@ -184,3 +184,18 @@ def test_lora_errors(tiny_llama, tmp_path, gemma_gguf):
         loaders.plan(settings(f"--base_model={tiny_llama}", f"--lora_weights={tmp_path}"))
     with pytest.raises(UsageError, match="converted to GGUF"):
         loaders.plan(settings(f"--lora_weights={tmp_path}"))
+
+
+def test_weights_by_device_sums_each_devices_share(tiny_llama):
+    """What a model spread over devices shows as its devices: each device's bytes of weights (here one layer is
+    moved to the meta device to stand for a second GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantchat.loaders.hf import weights_by_device
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    total = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    layer = model.model.layers[1]
+    moved = sum(t.numel() * 4 for t in [*layer.parameters(), *layer.buffers()])
+    layer.to("meta")
+    shown = weights_by_device(model)
+    assert shown == f"cpu {(total - moved) / 2**20:.1f} MiB, meta {moved / 2**20:.1f} MiB", shown

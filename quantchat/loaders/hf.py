@@ -321,6 +321,16 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def weights_by_device(model) -> str:
+    """Each device's share of the weights as loaded, e.g. 'cuda:0 6.31 GiB, cuda:1 6.28 GiB' (a model that
+    accelerate spread over devices)."""
+    import itertools
+    totals: dict[str, int] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        totals[str(t.device)] = totals.get(str(t.device), 0) + t.numel() * t.element_size()
+    return ", ".join(f"{device} {human_bytes(n)}" for device, n in sorted(totals.items()))
+
+
 def encode_prompt(tokenizer, prompt: str):
     """A rendered prompt's token ids (1 x n): the tokenizer adds BOS unless the chat template already wrote it."""
     bos = tokenizer.bos_token
@@ -392,7 +402,7 @@ class HFModel:
         footprint = self.model.get_memory_footprint()
         device_map = getattr(self.model, "hf_device_map", None)
         devices = p.devices if not device_map or len(set(device_map.values())) <= 1 else \
-            ", ".join(sorted({str(v) for v in device_map.values()}))
+            f"{weights_by_device(self.model)} of weights"
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
         quant = p.quantization
         if o["quantization"]:
