@@ -141,6 +141,11 @@ def _fit_one_gpu(need: memory.MemoryEstimate, config: dict, dtype: str, quant: s
     return need, need.context_tokens, {s.gpu_id: on_gpu, "cpu": 2**50}
 
 
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count()
+
+
 def _spread_over_gpus(need: memory.MemoryEstimate, count: int, notes: list[str]) -> tuple[str, dict | None]:
     """(per-GPU placement shown to the user, accelerate's max_memory) over several GPUs (--use_gpu_id=False).
     accelerate balances the layers; each GPU also holds its layers' share of the KV cache, a prefill's activations
@@ -203,9 +208,8 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
         need, context, max_memory = _fit_one_gpu(need, config, dtype, quant, shapes, s, notes)
         if max_memory:
             device_map, devices = "auto", f"{devices} + CPU (weights that do not fit)"
-    elif need and device_map == "balanced":
-        import torch
-        placement, max_memory = _spread_over_gpus(need, torch.cuda.device_count(), notes)
+    elif need and device_map == "balanced" and _gpu_count() > 1:
+        placement, max_memory = _spread_over_gpus(need, _gpu_count(), notes)
         devices = f"{devices}: {placement}" + (" + CPU (weights that do not fit)" if "cpu" in (max_memory or {}) else "")
     options = {"device_map": device_map, "max_memory": max_memory, "dtype": dtype, "rope_parameters": rope,
                "max_seq_len": context,
