@@ -44,8 +44,14 @@ def check(a: QuantizeArgs) -> None:
                         "unquantized safetensors weights; convert a GGUF with bench/gpu_convert_gemma.py first)")
     if not any(base.glob("*.safetensors")):
         raise UserError(f"{base} has no .safetensors weights to quantize")
-    if checkpoint.quantization(base, json.loads((base / "config.json").read_text())):
+    config = json.loads((base / "config.json").read_text())
+    if checkpoint.quantization(base, config):
         raise UserError(f"{base} is quantized already: quantize the unquantized model")
+    if a.method == "awq" and config.get("model_type") == "gemma3_text":
+        # gptqmodel 7.6's AWQ search calls Gemma 3's rotary embedding without its layer type, and scales Gemma 3's
+        # RMSNorm, which multiplies by (1 + weight), as if it multiplied by weight: with both put right by hand
+        # the result still answered noise (docs/quantization.md)
+        raise UserError("gptqmodel's AWQ cannot quantize text-only Gemma 3 yet: use --method=gptq")
     if not Path(a.calibration).is_file():
         raise UserError(f"--calibration={a.calibration}: no such file")
     if a.method in ("gptq", "awq") and (a.bits not in (2, 3, 4, 8) or int(a.bits) != a.bits):
@@ -96,10 +102,6 @@ def run_gptqmodel(base_model: str, method: str, bits: int, group_size: int, pass
     config = QuantizeConfig(bits=bits, group_size=group_size, mock_quantization=mock, **extra)
     on_gpu = torch.cuda.is_available()
     model = GPTQModel.load(base_model, config, device="cuda:0" if on_gpu else "cpu")
-    if method == "awq" and model.model.config.model_type == "gemma3_text":
-        # AWQ's scale search recomputes the rotary embedding without the layer type (sliding or full attention)
-        # that Gemma 3's requires; gptqmodel can keep the embeddings captured from the model's own forward instead
-        model.awq_preserve_explicit_position_embeddings = True
     # AWQ's default search kernels are CUDA-only; its plain torch kernel runs anywhere
     backend = BACKEND.AUTO if on_gpu or method == "gptq" else BACKEND.AWQ_TORCH
     model.quantize([{"input_ids": p, "attention_mask": [1] * len(p)} for p in passages], batch_size=1,
