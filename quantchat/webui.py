@@ -3,6 +3,7 @@ with documents Q&A a collection picker, uploads with progress, and each answer's
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -206,7 +207,10 @@ class WebUI:
         p = self.engine.defaults
         limits = self.engine.limits
         several = len(self.engines) > 1
-        with gr.Blocks(title=self.title) as demo:
+        # Gradio reports usage to its servers unless told not to, from threads that can hold the process open after
+        # Ctrl-C where there is no network: a local launcher keeps to itself unless the user turns it on
+        reports = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False") == "True"
+        with gr.Blocks(title=self.title, analytics_enabled=reports) as demo:
             gr.Markdown(f"## {self.title}")
             chats = gr.State([[] for _ in self.engines])
             with gr.Row():

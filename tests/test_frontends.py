@@ -211,3 +211,11 @@ def test_model_lock_web_ui_asks_every_model(gemma_gguf, tiny_llama):
         demo.close()
         gemma.close()
         tiny.close()
+
+
+def test_no_usage_reports_to_gradio_unless_asked(web, monkeypatch):
+    """Gradio sends usage reports by default (from threads that can outlive Ctrl-C where there is no network)."""
+    from quantchat.webui import WebUI
+    _, engine = web
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    assert WebUI(engine).build().analytics_enabled is False  # (GRADIO_ANALYTICS_ENABLED=True turns them on)
