@@ -207,8 +207,8 @@ class WebUI:
         p = self.engine.defaults
         limits = self.engine.limits
         several = len(self.engines) > 1
-        # Gradio reports usage to its servers unless told not to, from threads that can hold the process open after
-        # Ctrl-C where there is no network: a local launcher keeps to itself unless the user turns it on
+        # Gradio reports usage to its servers unless told not to: a local launcher keeps to itself unless the user
+        # turns it on
         reports = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False") == "True"
         with gr.Blocks(title=self.title, analytics_enabled=reports) as demo:
             gr.Markdown(f"## {self.title}")

@@ -154,8 +154,10 @@ def test_ctrl_c_shuts_the_web_ui_down_cleanly(gemma_gguf):
     import signal
 
     port = free_port()
+    # as at a terminal: a test run started in the background inherits an ignored SIGINT, which Python keeps
     process = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_seq_len=256"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_until_up(f"http://127.0.0.1:{port}/")
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
@@ -214,7 +216,7 @@ def test_model_lock_web_ui_asks_every_model(gemma_gguf, tiny_llama):
 
 
 def test_no_usage_reports_to_gradio_unless_asked(web, monkeypatch):
-    """Gradio sends usage reports by default (from threads that can outlive Ctrl-C where there is no network)."""
+    """Gradio sends usage reports to its servers by default; a local launcher keeps to itself."""
     from quantchat.webui import WebUI
     _, engine = web
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
