@@ -215,8 +215,8 @@ def timings(model, timed, load_s: float, bandwidth: float, lengths=(128, 512), p
         prompt = long_prompt(model, 2048)
         n = model.count_tokens(prompt)
         # the first prefill of a new length also pays the kernels' one-off set-up: reported apart from the best of 3
-        first, *more = [timed(model, prompt, 2)[0] for _ in range(3)]
-        ttft = min(first, *more)
+        times = [timed(model, prompt, 2)[0] for _ in range(3)]
+        first, ttft = times[0], min(times)
         results.update({"ttft_2048_ms": round(ttft * 1000, 1), "ttft_2048_first_ms": round(first * 1000, 1),
                         "prefill_tokens_per_s": round(n / ttft), "prompt_tokens": n})
     except Exception as e:  # a row that cannot run says why, and the others go on

@@ -141,6 +141,9 @@ def _fit_one_gpu(need: memory.MemoryEstimate, config: dict, dtype: str, quant: s
     return need, need.context_tokens, {s.gpu_id: on_gpu, "cpu": 2**50}
 
 
+SPILLED = " + CPU (weights that do not fit)"  # said of the devices where accelerate keeps some weights on the CPU
+
+
 def _gpu_count() -> int:
     import torch
     return torch.cuda.device_count()
@@ -150,14 +153,14 @@ def _spread_over_gpus(need: memory.MemoryEstimate, count: int, notes: list[str])
     """(per-GPU placement shown to the user, accelerate's max_memory) over several GPUs (--use_gpu_id=False).
     accelerate balances the layers; each GPU also holds its layers' share of the KV cache, a prefill's activations
     and a CUDA context. Weights that no GPU has room for stay on the CPU, with a note."""
-    share = need.weights // count + need.kv_cache // count + need.activations + memory.CUDA_CONTEXT
+    besides_weights = need.kv_cache // count + need.activations + memory.CUDA_CONTEXT  # on each GPU
+    share = need.weights // count + besides_weights
     free = [memory.free_gpu_bytes(gpu) for gpu in range(count)]
     placement = ", ".join(f"cuda:{gpu} {human_bytes(share)}" + (f" of {human_bytes(f)} free" if f else "")
                           for gpu, f in enumerate(free))
     if None in free:
         return placement, None
-    for_weights = {gpu: max(0, f - need.kv_cache // count - need.activations - memory.CUDA_CONTEXT)
-                   for gpu, f in enumerate(free)}
+    for_weights = {gpu: max(0, f - besides_weights) for gpu, f in enumerate(free)}
     if sum(for_weights.values()) >= need.weights:
         return placement, for_weights
     notes.append(f"the model needs {human_bytes(need.weights)} of weights and the {count} GPUs have room for "
@@ -207,10 +210,10 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
     if need and _one_gpu(device_map):
         need, context, max_memory = _fit_one_gpu(need, config, dtype, quant, shapes, s, notes)
         if max_memory:
-            device_map, devices = "auto", f"{devices} + CPU (weights that do not fit)"
-    elif need and device_map == "balanced" and _gpu_count() > 1:
-        placement, max_memory = _spread_over_gpus(need, _gpu_count(), notes)
-        devices = f"{devices}: {placement}" + (" + CPU (weights that do not fit)" if "cpu" in (max_memory or {}) else "")
+            device_map, devices = "auto", devices + SPILLED
+    elif need and device_map == "balanced" and (count := _gpu_count()) > 1:
+        placement, max_memory = _spread_over_gpus(need, count, notes)
+        devices = f"{devices}: {placement}" + (SPILLED if "cpu" in (max_memory or {}) else "")
     options = {"device_map": device_map, "max_memory": max_memory, "dtype": dtype, "rope_parameters": rope,
                "max_seq_len": context,
                "tokenizer": s.tokenizer_base_model or model, "revision": s.revision,
