@@ -232,7 +232,8 @@ class WebUI:
                     exported = gr.File(label="exported chat", visible=True, elem_id="exported")
                 with gr.Column(scale=2):
                     with gr.Accordion("Model", open=True):
-                        gr.Markdown(self.model_panel(), elem_id="model-panel")
+                        # (a function: each page load shows the current state, e.g. the fast path once warm)
+                        gr.Markdown(self.model_panel, elem_id="model-panel")
                     mode = self._documents_panel() if self.library else gr.State("LLM")
                     with gr.Accordion("Settings", open=False, elem_id="settings"):
                         system = gr.Textbox(self.system_prompt, label="system prompt", lines=3)

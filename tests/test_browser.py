@@ -172,3 +172,27 @@ def test_documents_upload_and_answer_with_sources(gemma_gguf, browser, tmp_path)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_model_panel_shows_the_decode_path_as_it_is_at_each_page_load(browser):
+    """The Hugging Face backend's fast path warms up after the UI is up: a page loaded later shows it ready."""
+    from conftest import FakeModel
+    from test_settings import settings
+
+    from quantchat.generate import build_engine
+    from quantchat.webui import WebUI
+    model = FakeModel(["Hi"])
+    model.info.decode = "generate until the compiled decode path is ready (compiling)"
+    port = free_port()
+    demo = WebUI(build_engine(settings(), model)).launch("127.0.0.1", port, share=False, block=False)
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("document.querySelector('#model-panel')?.innerText.includes('compiling')")
+        model.info.decode = "static cache + CUDA graphs"
+        page.reload()
+        page.wait_for_function("document.querySelector('#model-panel')?.innerText.includes('CUDA graphs')")
+        assert "compiling" not in page.locator("#model-panel").inner_text()
+    finally:
+        page.close()
+        demo.close()

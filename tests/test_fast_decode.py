@@ -193,3 +193,39 @@ def test_attention_windows_grow_with_the_sequence_under_one_compilation(tiny_lla
         assert tokens == list(model._generate(ids, params, threading.Event()))
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("warm_up_fails", [False, True])
+def test_generate_answers_while_the_fast_path_warms_up(tiny_llama, monkeypatch, warm_up_fails):
+    """On CUDA the fast path compiles in the background: requests before it is ready are answered by generate, the
+    later ones by the fast path; a warm-up that fails leaves generate answering, with the reason shown."""
+    from quantchat.loaders import hf
+    from quantchat.loaders.fast_decode import FastDecoder
+    gate = threading.Event()
+    warm_up = FastDecoder.warm_up
+
+    def slow_warm_up(self):
+        gate.wait()
+        if warm_up_fails:
+            raise RuntimeError("the compiler gave up")
+        warm_up(self)
+    monkeypatch.setattr(hf, "_warm_up_in_background", lambda device: True)
+    monkeypatch.setattr(FastDecoder, "warm_up", slow_warm_up)
+    slow = load(tiny_llama)
+    model = load(tiny_llama, "--fast_decode=True")
+    try:
+        expected = answer(slow, "The quick brown fox", max_new_tokens=24)
+        assert model.fast is None and "compiling" in model.info.decode
+        assert answer(model, "The quick brown fox", max_new_tokens=24) == expected
+        gate.set()
+        assert model.wait_for_fast_decode(timeout=60) is not warm_up_fails
+        assert model.fast_ready.is_set()
+        if warm_up_fails:
+            assert "the compiler gave up" in model.info.decode
+        else:
+            assert model.info.decode == "static cache"
+        assert answer(model, "The quick brown fox", max_new_tokens=24) == expected
+    finally:
+        gate.set()
+        model.close()
+        slow.close()

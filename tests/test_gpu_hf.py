@@ -119,7 +119,7 @@ def test_fast_decode_equals_generate_on_gemma(gemma_hf, flags):
     fast = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", "--fast_decode=True", *flags)))
     slow = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", "--fast_decode=False", *flags)))
     try:
-        assert fast.info.decode == "static cache + CUDA graphs", fast.info.decode
+        assert fast.wait_for_fast_decode() and fast.info.decode == "static cache + CUDA graphs", fast.info.decode
         for prompt in ["Water boils at", "The three primary colours are", "def fibonacci(n):"]:
             if flags:
                 assert_equal_up_to_a_rounding_tie(fast, slow, prompt, 256)
@@ -139,7 +139,7 @@ def test_fast_decode_equals_generate_on_a_7b_shape():
     fast = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=1024",
                                               "--load_half=False")))
     try:
-        assert fast.fast is not None and fast.fast.graphs, fast.info.decode
+        assert fast.wait_for_fast_decode() and fast.fast.graphs, fast.info.decode
         fast_tokens = greedy_tokens(fast, "The quick brown fox", 256)
         fast.fast = None  # the same weights, through generate
         assert greedy_tokens(fast, "The quick brown fox", 256) == fast_tokens

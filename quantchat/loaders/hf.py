@@ -7,7 +7,9 @@ import importlib.util
 import json
 import queue
 import struct
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,12 @@ def _rope(config: dict, s: Settings) -> dict | None:
 
 def _one_gpu(device_map) -> bool:
     return isinstance(device_map, dict) and str(next(iter(device_map.values()))) not in ("cpu", "mps")
+
+
+def _warm_up_in_background(device) -> bool:
+    """On CUDA the fast path's compilation takes minutes (about 2 for a 7B model on an H100): generate answers the
+    requests that come before it is ready. On the CPU nothing is compiled and the warm-up takes seconds."""
+    return device.type == "cuda"
 
 
 def _fast_decode_by_default(device_map, s: Settings) -> bool:
@@ -420,11 +428,31 @@ class HFModel:
                               quant, p.context_length or 2048, footprint, template,
                               tok.bos_token or "", tok.eos_token or "")
         self.device = self.model.get_input_embeddings().weight.device
-        self.fast = self._fast_decoder() if o["fast_decode"] else None
+        self.fast = None  # the fast decode path once it is warm; until then (or where it fails) generate answers
+        self.fast_ready = threading.Event()  # set when the fast path is warm or has failed
+        self._warming = None
+        if not o["fast_decode"]:
+            self.fast_ready.set()
+        elif _warm_up_in_background(self.device):
+            self.info.decode = "generate until the compiled decode path is ready (compiling)"
+            self._warming = threading.Thread(target=self._warm_up_fast_decoder, name="fast-decode-warm-up",
+                                             daemon=True)
+            self._warming.start()
+        else:
+            self._warm_up_fast_decoder()
+
+    def _warm_up_fast_decoder(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.fast = self._fast_decoder()
+        finally:
+            self.fast_ready.set()
+        if self.fast and self._warming:
+            print(f"fast decoding ready ({self.info.decode}) after {time.perf_counter() - started:.0f} s",
+                  file=sys.stderr)
 
     def _fast_decoder(self):
-        """The static-cache decode loop, compiled and warmed up now; None (with a warning) where it cannot run."""
-        import sys
+        """The static-cache decode loop, compiled and warmed up; None (with a warning) where it cannot run."""
         import traceback
 
         from .fast_decode import DEFAULT_CACHE_TOKENS, FastDecoder
@@ -519,7 +547,13 @@ class HFModel:
         if failure:
             raise failure.pop()
 
+    def wait_for_fast_decode(self, timeout: float | None = None) -> bool:
+        """Wait until the fast decode path is warm or has failed; whether it is in use."""
+        self.fast_ready.wait(timeout)
+        return self.fast is not None
+
     def close(self) -> None:
+        self.fast_ready.wait()  # a warm-up still running holds the model
         self.fast = None  # (it holds the model, its cache and its graph)
         del self.model
         if self.torch.cuda.is_available():

@@ -1,0 +1,123 @@
+"""What each compiler or kernel option buys the fast decode path: one process per variant, on the GPU machine.
+
+  python bench/ablation.py --variants=baseline,coordinate-descent,sdpa-math --out=/tmp/ablation.jsonl
+
+A variant is a name or names joined by "+" (options combined). Each process builds random weights of the
+Llama-2-7B shape straight on the GPU (speed does not depend on the values), builds the fast decoder as the Hugging
+Face backend does, and reports: compile + capture time, decode tokens/s for 128 tokens (best of 3), time to first
+token for a 2,048-token prompt (best of 3), and where a decode step's GPU time goes (kernels per token, top kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def apply(option: str, decoder_class) -> None:
+    """Set one option for this process, before the decoder is built."""
+    import torch
+    if option == "baseline":
+        return
+    if option == "coordinate-descent":  # gpt-fast's setting: batch-1 matmuls become tuned Triton reductions
+        torch._inductor.config.coordinate_descent_tuning = True
+    elif option == "sdpa-efficient":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(False)
+    elif option == "sdpa-math":  # attention left to the compiler
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+    elif option == "layers-compiled":  # each decoder layer compiled alone (one compilation serves all), the rest eager
+        init = decoder_class.__init__
+
+        def layers_compiled(self, model, *args, **kwargs):
+            init(self, model, *args, **kwargs)
+            for layer in model.model.layers:
+                layer.compile()
+            self._step = self._forward_one
+        decoder_class.__init__ = layers_compiled
+    else:
+        raise SystemExit(f"unknown option {option}")
+
+
+def run_variant(variant: str, shape: str) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.decode import SHAPES
+    from quantchat.loaders.base import GenParams
+    from quantchat.loaders.fast_decode import FastDecoder
+    for option in variant.split("+"):
+        apply(option, FastDecoder)
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    started = time.perf_counter()
+    fast = FastDecoder(model, {2}, 4096, compile=True)
+    fast.warm_up()
+    warm_s = time.perf_counter() - started
+
+    def timed(ids, new):
+        params = GenParams(max_new_tokens=new, min_new_tokens=new, repetition_penalty=1.0)
+        start = time.perf_counter()
+        first = None
+        n = 0
+        for _ in fast.tokens(ids, params, threading.Event()):
+            n += 1
+            first = first or time.perf_counter()
+        end = time.perf_counter()
+        return first - start, (n - 1) / (end - first)
+
+    short = torch.randint(3, 32000, (1, 16), device="cuda")
+    speed = max(timed(short, 128)[1] for _ in range(3))
+    long = torch.randint(3, 32000, (1, 2048), device="cuda")
+    ttft = min(timed(long, 1)[0] for _ in range(3))
+    from torch.profiler import ProfilerActivity, profile
+    steps = 32
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed(short, steps + 1)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels)
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    return {"variant": variant, "shape": shape, "graphs": len(fast.graphs), "warm_s": round(warm_s, 1),
+            "decode_128_tokens_per_s": round(speed, 1), "ttft_2048_ms": round(ttft * 1000, 1),
+            "gpu_busy_ms_per_token": round(busy / steps / 1000, 3),
+            "kernels_per_token": round(sum(e.count for e in kernels) / steps, 1),
+            "top": [[e.key[:70], round(e.self_device_time_total / steps, 1), round(e.count / steps, 1)] for e in top]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", default="baseline")
+    parser.add_argument("--shape", default="llama2-7b")
+    parser.add_argument("--one", action="store_true", help="(internal) run the one variant in this process")
+    parser.add_argument("--out", default="/tmp/ablation.jsonl")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_variant(args.variants, args.shape)))
+        return
+    for variant in args.variants.split(","):
+        started = time.perf_counter()
+        # a compiler cache of its own: the cache key does not cover every option (attention backends)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"/tmp/inductor-{variant}"}
+        run = subprocess.run([sys.executable, __file__, "--one", f"--variants={variant}", f"--shape={args.shape}"],
+                             capture_output=True, text=True, check=False, env=env)
+        line = run.stdout.strip().splitlines()[-1] if run.returncode == 0 else json.dumps(
+            {"variant": variant, "error": run.stderr.strip().splitlines()[-3:]})
+        with open(args.out, "a") as out:
+            out.write(line + "\n")
+        print(f"{variant}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
