@@ -257,11 +257,12 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     model = loaders.load(loaders.plan(settings))  # the fast path then compiles and warms up in the background
     load_s = time.perf_counter() - started
     timed = timed_static_generate if peer == "static" else timed_stream
-    results = {"model": model_name, "row": row, "decode": model.info.decode or "generate",
-               "quantization": model.info.quantization, "dtype": model.info.dtype, "load_s": round(load_s, 1)}
+    results = {"model": model_name, "row": row, "quantization": model.info.quantization, "dtype": model.info.dtype,
+               "load_s": round(load_s, 1)}
     # (each length the peer runs costs a compilation)
     results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if peer else (128, 512),
                            profile=profile and not peer))  # (the profile follows quantchat's own path)
+    results["decode"] = model.info.decode or "generate"  # (once the fast path is warm)
     results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     results["bytes_per_token_gib"] = round(bytes_per_token(model, 16) / 2**30, 3)
     model.close()
