@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -234,6 +235,8 @@ def measure_gguf(model_name: str, row: str, bandwidth: float, workdir: str) -> d
     command = [sys.executable, str(ROOT / "bench" / "decode_gguf.py"), f"--model={model_name}",
                f"--type={GGUF_ROWS[row]}", f"--bandwidth={bandwidth}", f"--workdir={workdir}"]
     run = subprocess.run(command, capture_output=True, text=True, check=False)
+    if run.returncode < 0:  # killed by a signal: its last line of output would not say so
+        return {"model": model_name, "row": row, "error": f"killed by {signal.Signals(-run.returncode).name}"}
     if run.returncode != 0:
         lines = run.stderr.strip().splitlines()
         return {"model": model_name, "row": row, "error": (lines[-1] if lines else f"exit {run.returncode}")[:300]}
@@ -277,8 +280,8 @@ def table(result: dict) -> str:
              "| model | row | load s | first token s | fast path s | peak GiB | TTFT 2048 ms | prefill tok/s "
              "| decode 128 tok/s | decode 512 tok/s | MBU (128) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        start = f"| {r['model']} | {r['row']} | {r['load_s']} | {r.get('start_to_first_token_s', '-')} " \
-                f"| {r.get('start_to_fast_decode_s', '-')} | {r['peak_gpu_gib']} "
+        start = f"| {r['model']} | {r['row']} | {r.get('load_s', '-')} | {r.get('start_to_first_token_s', '-')} " \
+                f"| {r.get('start_to_fast_decode_s', '-')} | {r.get('peak_gpu_gib', '-')} "
         if "error" in r and "decode_128_tokens_per_s" not in r:
             lines.append(f"{start}| failed: {r['error']} | | | | |")
             continue

@@ -39,13 +39,15 @@ def test_gptq_group_size_and_bits():
 
 
 def measured_rows():
-    files = [ROOT / "bench/results/decode-h100.json", ROOT / "bench/results/decode-h100-13b.json"]
+    files = [ROOT / "bench/results/decode-h100.json", ROOT / "bench/results/decode-h100-13b.json",
+             ROOT / "bench/results/decode-h100-8b.json"]
     return [row for f in files if f.exists() for row in json.loads(f.read_text())["rows"] if "prompt_tokens" in row]
 
 
 @pytest.mark.parametrize("row", measured_rows(), ids=lambda row: f"{row['model']} {row['row']}")
 def test_estimate_within_10_percent_of_the_measured_peak(row):
-    """Peaks of torch's allocator on the H100 (bench/decode.py), random weights of Llama-2-7B's and 13B's shapes, bf16 compute.
+    """Peaks of torch's allocator on the H100 (bench/decode.py), random weights of Llama-2-7B's, Llama-2-13B's and
+    Llama-3-8B's shapes (grouped-query attention, a 128k vocabulary), bf16 compute.
     generate's cache grows to the longest sequence of the row (the 2,048-token prompt); the fast path's static
     cache is allocated at its full length (the bench's --max_seq_len=4096)."""
     config = SHAPES[row["model"]]

@@ -64,8 +64,8 @@ class FastDecoder:
             torch._dynamo.maybe_mark_dynamic(marker, 0)  # one compilation may serve every window
         self.compiled = compile
         # coordinate descent tuning (gpt-fast's setting) turns each batch-1 matmul into a tuned Triton reduction fused
-        # with its neighbours (the norm before it, the activation): 176 against 159 tokens/s for the Llama-2-7B shape
-        # on an H100, half the kernels per token and no split-K reductions, for about 40 s more compilation
+        # with its neighbours (the norm before it, the activation): 174 against 158 tokens/s for the Llama-2-7B shape
+        # on an H100 (docs/benchmarks.md), for about 40 s more compilation
         tuning = {"coordinate_descent_tuning": True}
         self._step = torch.compile(self._forward_one, fullgraph=False, options=tuning) if compile else self._forward_one
         self.graphs: dict = {}  # window: the captured step (CUDA only), replayed from the static buffers below
