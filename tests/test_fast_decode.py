@@ -229,3 +229,20 @@ def test_generate_answers_while_the_fast_path_warms_up(tiny_llama, monkeypatch, 
         gate.set()
         model.close()
         slow.close()
+
+
+def test_closing_during_the_warm_up_returns_at_once(tiny_llama, monkeypatch):
+    """Ctrl-C during the background compilation must not wait for it; the finished warm-up is then dropped."""
+    from quantchat.loaders import hf
+    from quantchat.loaders.fast_decode import FastDecoder
+    gate = threading.Event()
+    warm_up = FastDecoder.warm_up
+    monkeypatch.setattr(hf, "_warm_up_in_background", lambda device: True)
+    monkeypatch.setattr(FastDecoder, "warm_up", lambda self: (gate.wait(), warm_up(self)))
+    model = load(tiny_llama, "--fast_decode=True")
+    closing = threading.Thread(target=model.close)
+    closing.start()
+    closing.join(timeout=10)
+    assert not closing.is_alive()
+    gate.set()
+    assert model.wait_for_fast_decode(timeout=60) is False and model.fast is None

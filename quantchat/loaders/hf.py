@@ -431,6 +431,7 @@ class HFModel:
         self.fast = None  # the fast decode path once it is warm; until then (or where it fails) generate answers
         self.fast_ready = threading.Event()  # set when the fast path is warm or has failed
         self._warming = None
+        self._closed = False
         if not o["fast_decode"]:
             self.fast_ready.set()
         elif _warm_up_in_background(self.device):
@@ -444,7 +445,8 @@ class HFModel:
     def _warm_up_fast_decoder(self) -> None:
         started = time.perf_counter()
         try:
-            self.fast = self._fast_decoder()
+            fast = self._fast_decoder()
+            self.fast = None if self._closed else fast  # closed while compiling: its memory goes with this thread
         finally:
             self.fast_ready.set()
         if self.fast and self._warming:
@@ -553,11 +555,14 @@ class HFModel:
         return self.fast is not None
 
     def close(self) -> None:
-        self.fast_ready.wait()  # a warm-up still running holds the model
+        """Returns at once, also during the background warm-up (Ctrl-C must not wait for a compilation): the
+        warm-up's thread then holds the model until it ends and drops what it built."""
+        self._closed = True
         self.fast = None  # (it holds the model, its cache and its graph)
-        del self.model
-        if self.torch.cuda.is_available():
-            self.torch.cuda.empty_cache()
+        if self.fast_ready.is_set():
+            del self.model
+            if self.torch.cuda.is_available():
+                self.torch.cuda.empty_cache()
 
 
 def _as_list(value) -> list[int]:
