@@ -1,6 +1,6 @@
 """What each compiler or kernel option buys the fast decode path: one process per variant, on the GPU machine.
 
-  python bench/ablation.py --variants=baseline,coordinate-descent,sdpa-math --out=/tmp/ablation.jsonl
+  python bench/ablation.py --variants=baseline,coordinate-descent,sdpa-math   (lines in $OUT/ablation.jsonl)
 
 A variant is a name or names joined by "+" (options combined). Each process builds random weights of the
 Llama-2-7B shape straight on the GPU (speed does not depend on the values), builds the fast decoder as the Hugging
@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline")
     parser.add_argument("--shape", default="llama2-7b")
     parser.add_argument("--one", action="store_true", help="(internal) run the one variant in this process")
-    parser.add_argument("--out", default="/tmp/ablation.jsonl")
+    # on the GPU machine $OUT is the folder whose files come back
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "ablation.jsonl"))
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_variant(args.variants, args.shape)))
