@@ -53,8 +53,7 @@ def run_variant(variant: str, shape: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench.decode import SHAPES
-    from quantchat.loaders.base import GenParams
+    from bench.decode import SHAPES, exact_greedy, profiled, timed_tokens
     from quantchat.loaders.fast_decode import FastDecoder
     for option in variant.split("+"):
         apply(option, FastDecoder)
@@ -68,32 +67,15 @@ def run_variant(variant: str, shape: str) -> dict:
     warm_s = time.perf_counter() - started
 
     def timed(ids, new):
-        params = GenParams(max_new_tokens=new, min_new_tokens=new, repetition_penalty=1.0)
-        start = time.perf_counter()
-        first = None
-        n = 0
-        for _ in fast.tokens(ids, params, threading.Event()):
-            n += 1
-            first = first or time.perf_counter()
-        end = time.perf_counter()
-        return first - start, (n - 1) / (end - first)
+        return timed_tokens(fast.tokens(ids, exact_greedy(new), threading.Event()))
 
     short = torch.randint(3, 32000, (1, 16), device="cuda")
     speed = max(timed(short, 128)[1] for _ in range(3))
     long = torch.randint(3, 32000, (1, 2048), device="cuda")
     ttft = min(timed(long, 1)[0] for _ in range(3))
-    from torch.profiler import ProfilerActivity, profile
-    steps = 32
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timed(short, steps + 1)
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kernels)
-    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]
     return {"variant": variant, "shape": shape, "graphs": len(fast.graphs), "warm_s": round(warm_s, 1),
             "decode_128_tokens_per_s": round(speed, 1), "ttft_2048_ms": round(ttft * 1000, 1),
-            "gpu_busy_ms_per_token": round(busy / steps / 1000, 3),
-            "kernels_per_token": round(sum(e.count for e in kernels) / steps, 1),
-            "top": [[e.key[:70], round(e.self_device_time_total / steps, 1), round(e.count / steps, 1)] for e in top]}
+            "profile": profiled(lambda: timed(short, 32), 32)}
 
 
 def main() -> None:

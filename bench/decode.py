@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -115,18 +116,27 @@ def mock_quantized(folder: Path, method: str) -> Path:
     return out
 
 
-def timed_stream(model, prompt: str, new_tokens: int) -> tuple[float, float, int]:
-    """(time to first token, decode tokens/s after it, tokens) of one greedy answer of exactly new_tokens."""
+def exact_greedy(new_tokens: int):
+    """Generation settings for timing: greedy, exactly new_tokens, no repetition penalty."""
     from quantchat.loaders.base import GenParams
-    params = GenParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, repetition_penalty=1.0)
+    return GenParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, repetition_penalty=1.0)
+
+
+def timed_tokens(tokens: Iterator) -> tuple[float, float, int]:
+    """(time to first token, tokens/s after it, tokens) of a generator, which starts its work when first asked."""
     start = time.perf_counter()
     first, count = None, 0
-    for _ in model.stream(prompt, params, threading.Event()):
+    for _ in tokens:
         count += 1
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
     return first - start, (count - 1) / (end - first), count
+
+
+def timed_stream(model, prompt: str, new_tokens: int) -> tuple[float, float, int]:
+    """(time to first token, decode tokens/s after it, tokens) of one greedy answer of exactly new_tokens."""
+    return timed_tokens(model.stream(prompt, exact_greedy(new_tokens), threading.Event()))
 
 
 def timed_static_generate(model, prompt: str, new_tokens: int) -> tuple[float, float, int]:
@@ -183,18 +193,20 @@ def long_prompt(model, tokens: int) -> str:
     return " ".join(words)
 
 
-def profiled(model, prompt: str, steps: int = 64) -> dict:
-    """Where a decode step's time goes: GPU busy time per token against wall time per token, and the top kernels."""
+def profiled(decode: Callable[[], object], steps: int = 64) -> dict:
+    """Where a decode step's time goes, for decode() making `steps` tokens: GPU busy time per token against wall
+    time per token, kernels per token, and the top kernels."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        timed_stream(model, prompt, steps)
+        decode()
         wall = time.perf_counter() - start
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
     return {"wall_ms_per_token": round(wall / steps * 1000, 2), "gpu_busy_ms_per_token": round(busy / steps * 1000, 2),
+            "kernels_per_token": round(sum(e.count for e in kernels) / steps, 1),
             "top_kernels": [{"name": e.key[:90], "share": round(e.self_device_time_total / 1e6 / busy, 3),
                              "calls_per_token": round(e.count / steps, 1)} for e in top]}
 
@@ -217,7 +229,7 @@ def timings(model, timed, load_s: float, bandwidth: float, lengths=(128, 512), p
             results[f"decode_{new}_tokens_per_s"] = round(speed, 1)
             results[f"mbu_{new}"] = round(speed * bytes_per_token(model, 16 + new // 2) / bandwidth, 3)
         if profile:
-            results["profile"] = profiled(model, short_prompt)
+            results["profile"] = profiled(lambda: timed_stream(model, short_prompt, 64), 64)
         # three prompts of lengths new to the process, as a user's are (kernels may set up per shape); the first
         # prefill of the run also pays one-off set-up, so it is reported apart from the best of 3
         prompts = [long_prompt(model, 2048 - 8 * i) for i in range(3)]

@@ -430,26 +430,25 @@ class HFModel:
         self.device = self.model.get_input_embeddings().weight.device
         self.fast = None  # the fast decode path once it is warm; until then (or where it fails) generate answers
         self.fast_ready = threading.Event()  # set when the fast path is warm or has failed
-        self._warming = None
         self._closed = False
         if not o["fast_decode"]:
             self.fast_ready.set()
         elif _warm_up_in_background(self.device):
             self.info.decode = "generate until the compiled decode path is ready (compiling)"
-            self._warming = threading.Thread(target=self._warm_up_fast_decoder, name="fast-decode-warm-up",
-                                             daemon=True)
-            self._warming.start()
+            threading.Thread(target=self._warm_up_fast_decoder, kwargs={"announce": True}, name="fast-decode-warm-up",
+                             daemon=True).start()
         else:
             self._warm_up_fast_decoder()
 
-    def _warm_up_fast_decoder(self) -> None:
+    def _warm_up_fast_decoder(self, announce: bool = False) -> None:
+        """Build the fast path; with announce (a background warm-up), say on stderr when it is ready."""
         started = time.perf_counter()
         try:
             fast = self._fast_decoder()
             self.fast = None if self._closed else fast  # closed while compiling: its memory goes with this thread
         finally:
             self.fast_ready.set()
-        if self.fast and self._warming:
+        if self.fast and announce:
             print(f"fast decoding ready ({self.info.decode}) after {time.perf_counter() - started:.0f} s",
                   file=sys.stderr)
 
