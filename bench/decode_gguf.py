@@ -22,6 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# llama_cpp before numpy (which gguf imports): on the H100 machine a CUDA build of llama.cpp segfaulted loading any
+# model in a process that had imported numpy first (docs/backends.md)
+import llama_cpp  # noqa: E402
+
 from bench.decode import SHAPES, timed_stream, timings  # noqa: E402
 
 FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}  # llama.cpp's llama_ftype values (gguf.LlamaFileType)
@@ -92,7 +96,6 @@ def gguf_of(model_name: str, kind: str, workdir: Path) -> Path:
         return f16
     out = workdir / f"{model_name}-{kind}.gguf"
     if not out.exists():
-        import llama_cpp
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FILE_TYPES[kind]
         params.nthread = os.cpu_count() or 1

@@ -421,8 +421,11 @@ class HFModel:
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
         quant = p.quantization
         if o["quantization"]:
+            from .fused_projections import fuse_projections
             kernels = quantized_kernels(self.model)
             quant += f", kernel {kernels}"
+            if fuse_projections(self.model):
+                quant += ", q/k/v and gate/up fused"
             print(f"{o['quantization']['quant_method'].upper()} layers run on gptqmodel's {kernels}")
         self.info = ModelInfo(f"hf (transformers {transformers.__version__})", p.model, devices, p.dtype,
                               quant, p.context_length or 2048, footprint, template,
