@@ -118,6 +118,18 @@ def test_a_gguf_model_never_imports_torch(gemma_gguf):
     assert out.stdout.strip() == "False"
 
 
+def test_the_command_line_loads_llama_cpp_before_numpy(gemma_gguf):
+    """A CUDA build of llama.cpp segfaulted loading a model in a process that had imported numpy first
+    (docs/backends.md): the terminal chat on a GGUF must load llama.cpp's library before numpy."""
+    import subprocess
+    code = ("import sys; from quantchat.generate import main;"
+            "code = main(['--base_model=' + sys.argv[1], '--cli=True', '--max_seq_len=256']);"
+            "names = list(sys.modules); print(code, names.index('llama_cpp.llama_cpp') < names.index('numpy'))")
+    out = subprocess.run([sys.executable, "-c", code, gemma_gguf], input="", capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1].endswith("0 True"), out.stdout
+
+
 def test_speed_bench_gguf_rows_on_a_tiny_shape(tmp_path, monkeypatch):
     """bench/decode.py's llama.cpp rows: the random GGUF is written, llama.cpp quantizes it, and the row is timed
     through quantchat's llama.cpp backend, its bytes per token read from the file (here a tiny shape)."""
