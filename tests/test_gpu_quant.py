@@ -165,6 +165,37 @@ def chats_match_solo(settings, model) -> list[str]:
     return alone
 
 
+@needs("gptqmodel")
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_fused_projections_on_the_marlin_kernels(llama_512, method, monkeypatch):
+    """q/k/v and gate/up fused on gptqmodel's CUDA kernels: the taught answers come back through generate (while
+    the fast path warms up beside it) and through the fast path, alone and two at once, and the logits match
+    the separate layers'."""
+    import torch
+
+    from quantchat.loaders import fused_projections
+    flags = {"base_model": quantized_llama(llama_512, method), f"load_{method}": "model", "concurrency_count": 2}
+    settings = from_flags(flags)
+    model = loaders.load(loaders.plan(settings))
+    assert "Marlin" in model.info.quantization, model.info.quantization
+    assert model.info.quantization.endswith("q/k/v and gate/up fused"), model.info.quantization
+    chats_match_solo(settings, model)
+    assert model.wait_for_fast_decode(600), model.info.decode
+    chats_match_solo(settings, model)
+    ids = model.tokenizer(" ".join(TAUGHT.values()), return_tensors="pt").input_ids.to(model.device)
+    with torch.inference_mode():
+        fused = model.model(ids).logits.float()
+    model.close()
+    monkeypatch.setattr(fused_projections, "fuse_projections", lambda model: 0)
+    separate_model = loaders.load(loaders.plan(from_flags({**flags, "fast_decode": False})))
+    assert not separate_model.info.quantization.endswith("fused")
+    with torch.inference_mode():
+        separate = separate_model.model(ids).logits.float()
+    separate_model.close()
+    assert (fused.argmax(-1) == separate.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(fused, separate, rtol=0.05, atol=0.05 * separate.abs().max().item())
+
+
 @pytest.mark.parametrize("method, library", [pytest.param("gptq", "exllamav2", marks=needs("exllamav2")),
                                              pytest.param("exl3", "exllamav3", marks=needs("exllamav3"))])
 def test_exllama_close_to_source_and_concurrent_chats_match_solo(llama_512, method, library):
