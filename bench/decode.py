@@ -231,8 +231,9 @@ def timings(model, timed, load_s: float, bandwidth: float, lengths=(128, 512), p
         if profile:
             results["profile"] = profiled(lambda: timed_stream(model, short_prompt, 64), 64)
         # three prompts of lengths new to the process, as a user's are (kernels may set up per shape); the first
-        # prefill of the run also pays one-off set-up, so it is reported apart from the best of 3
-        prompts = [long_prompt(model, 2048 - 8 * i) for i in range(3)]
+        # prefill of the run also pays one-off set-up, so it is reported apart from the best of 3. Each starts with
+        # its own word: a backend that caches prompt prefixes (exllamav2's generator) must not reuse the last one
+        prompts = [f"{word} " + long_prompt(model, 2040 - 8 * i) for i, word in enumerate(("One", "Two", "Three"))]
         times = [timed(model, prompt, 2)[0] for prompt in prompts]
         first, ttft = times[0], min(times)
         n = model.count_tokens(prompts[times.index(ttft)])

@@ -1,8 +1,8 @@
 """Projections that read the same input (attention's q, k and v; the MLP's gate and up) run as one 4-bit matmul.
 
 At batch 1 a 4-bit kernel reads a small matrix far below the GPU's bandwidth: on an H100, gptqmodel's Marlin
-reads a 4096x4096 matrix at 0.84 TB/s and a 4096x22016 one at 1.95 TB/s, so 32 Llama-2-7B layers take
-2.75 ms with seven matmuls each and 2.12 ms with four (bench/results/marlin-h100.json).
+reads a 4096x4096 matrix at 0.83 TB/s and a 4096x22016 one at 1.94 TB/s, so 32 Llama-2-7B layers take
+2.75 ms with seven matmuls each and 2.12 ms with four (bench/results/kernels-h100.json).
 
 The model's own code is left as it is: it still calls q_proj, k_proj and v_proj, which become slices of one
 shared layer. The first slice computes every output; the others reuse them when they get the same input
