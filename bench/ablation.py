@@ -1,11 +1,12 @@
 """What each compiler or kernel option buys the fast decode path: one process per variant, on the GPU machine.
 
-  python bench/ablation.py --variants=baseline,coordinate-descent,sdpa-math   (lines in $OUT/ablation.jsonl)
+  python bench/ablation.py --variants=baseline,no-coordinate-descent,sdpa-math   (lines in $OUT/ablation.jsonl)
 
-A variant is a name or names joined by "+" (options combined). Each process builds random weights of the
-Llama-2-7B shape straight on the GPU (speed does not depend on the values), builds the fast decoder as the Hugging
-Face backend does, and reports: compile + capture time, decode tokens/s for 128 tokens (best of 3), time to first
-token for a 2,048-token prompt (best of 3), and where a decode step's GPU time goes (kernels per token, top kernels).
+A variant is a name or names joined by "+" (options combined); "baseline" is the fast path as shipped. Each
+process builds random weights of the Llama-2-7B shape straight on the GPU (speed does not depend on the values),
+builds the fast decoder as the Hugging Face backend does, and reports: compile + capture time, decode tokens/s
+for 128 tokens (best of 3), time to first token for a 2,048-token prompt (best of 3), and where a decode step's
+GPU time goes (kernels per token, top kernels).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def apply(option: str, decoder_class) -> None:
     import torch
     if option == "baseline":
         return
-    if option == "coordinate-descent":  # gpt-fast's setting: batch-1 matmuls become tuned Triton reductions
-        torch._inductor.config.coordinate_descent_tuning = True
+    if option == "no-coordinate-descent":  # the compiler's default tuning instead of the decoder's
+        decoder_class.COMPILE_OPTIONS = {}
     elif option == "sdpa-efficient":
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.enable_flash_sdp(False)

@@ -49,6 +49,11 @@ def _serve(jobs: queue.Queue) -> None:
 
 
 class FastDecoder:
+    # coordinate descent tuning (gpt-fast's setting) turns each batch-1 matmul into a tuned Triton reduction fused
+    # with its neighbours (the norm before it, the activation): 174 against 158 tokens/s for the Llama-2-7B shape
+    # on an H100 (docs/benchmarks.md), for about 40 s more compilation
+    COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+
     def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool):
         import torch
         self.torch, self.model, self.eos_ids = torch, model, sorted(eos_ids)
@@ -63,11 +68,8 @@ class FastDecoder:
         for marker in self.windows.values():
             torch._dynamo.maybe_mark_dynamic(marker, 0)  # one compilation may serve every window
         self.compiled = compile
-        # coordinate descent tuning (gpt-fast's setting) turns each batch-1 matmul into a tuned Triton reduction fused
-        # with its neighbours (the norm before it, the activation): 174 against 158 tokens/s for the Llama-2-7B shape
-        # on an H100 (docs/benchmarks.md), for about 40 s more compilation
-        tuning = {"coordinate_descent_tuning": True}
-        self._step = torch.compile(self._forward_one, fullgraph=False, options=tuning) if compile else self._forward_one
+        self._step = torch.compile(self._forward_one, fullgraph=False, options=self.COMPILE_OPTIONS) if compile \
+            else self._forward_one
         self.graphs: dict = {}  # window: the captured step (CUDA only), replayed from the static buffers below
         self._token_in = self._position_in = None
         self._logits_out: dict = {}
