@@ -289,7 +289,8 @@ def _quantized_kwargs(p: LoadPlan) -> tuple[str, dict]:
 
 def quantized_kernels(model) -> str:
     """The gptqmodel kernel classes that run the model's quantized layers, e.g. 'MarlinLinear'."""
-    names = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gptqmodel.")})
+    from .fused_projections import is_gptqmodel_layer
+    names = sorted({type(m).__name__ for m in model.modules() if is_gptqmodel_layer(m)})
     return ", ".join(names) or "none found"
 
 
