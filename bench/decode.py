@@ -59,6 +59,12 @@ ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compile
 
 GGUF_ROWS = {  # random shapes only, measured by bench/decode_gguf.py in a process without torch
     "llama.cpp F16": "F16", "llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_K_M": "Q4_K_M"}
+# Named row sets (--rows=hf): every row above fits one run on a GPU of one's own; a lent machine held for 30 minutes
+# runs these two apart, each with the peers its rows are judged against and the same two quantchat rows as anchors
+ROW_SETS = {
+    "hf": [row for row in ROWS if row != "GPTQ exllamav2"],
+    "engines": ["quantchat fast decode", "GPTQ quantchat fast decode", "GPTQ exllamav2", *GGUF_ROWS],
+}
 
 
 def installed(package: str) -> str:
@@ -107,13 +113,25 @@ def write_random_model(name: str, folder: Path) -> Path:
 
 
 def mock_quantized(folder: Path, method: str) -> Path:
-    """A 4-bit, group-128 GPTQ or AWQ checkpoint of the random model, written beside it once. gptqmodel's mock
-    quantization skips the search for good values, which speed does not depend on."""
+    """A 4-bit, group-128 GPTQ or AWQ checkpoint of the random model, written beside it once, without the search for
+    good values, which speed does not depend on (quantchat.quantize.run_gptqmodel's mock)."""
     from quantchat.quantize import run_gptqmodel
     out = folder.with_name(f"{folder.name}-{method}")
     if not (out / "config.json").exists():
         run_gptqmodel(str(folder), method, 4, 128, [list(range(5, 133))], str(out), mock=True)
     return out
+
+
+def prepare(model_name: str, workdir: Path, rows: list[str]) -> None:
+    """The random model and its quantized checkpoints that the rows use, ahead of the run (bench/gpu_fast.sh writes
+    them while the kernels compile; the GGUF files are bench/decode_gguf.py's, in a process of their own)."""
+    if model_name == "gemma":
+        return
+    path = write_random_model(model_name, workdir / model_name)
+    for checkpoint in sorted({ROWS[row][2] for row in rows if row in ROWS} - {None}):
+        started = time.perf_counter()
+        mock_quantized(path, checkpoint)
+        print(f"{model_name}: {checkpoint} checkpoint ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
 
 def exact_greedy(new_tokens: int):
@@ -275,8 +293,10 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     timed = timed_static_generate if peer == "static" else timed_stream
     results = {"model": model_name, "row": row, "quantization": model.info.quantization, "dtype": model.info.dtype,
                "load_s": round(load_s, 1)}
-    # (each length the peer runs costs a compilation)
-    results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if peer else (128, 512),
+    # the peer compiles once per length; eager generate's cost per token is its per-step overhead, the same at
+    # 512 as at 128 (earlier runs: 9.3 against 9.8 tokens/s), and 512 more tokens of it take a minute
+    eager = "--fast_decode=False" in flags
+    results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if peer or eager else (128, 512),
                            profile=profile and not peer))  # (the profile follows quantchat's own path)
     results["decode"] = model.info.decode or "generate"  # (once the fast path is warm)
     results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -328,6 +348,8 @@ def main() -> None:
     parser.add_argument("--table")
     parser.add_argument("--chart")
     parser.add_argument("--profile", action="store_true", help="also profile 64 decode steps per row")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only write the random models and the checkpoints the rows need (GPTQ, AWQ), then stop")
     args = parser.parse_args()
     if args.table:
         result = json.loads(Path(args.table).read_text())
@@ -335,8 +357,16 @@ def main() -> None:
         if args.chart:
             chart(result, args.chart)
         return
+    rows = [row for name in args.rows.split(",") for row in ROW_SETS.get(name, [name])]
+    unknown = [row for row in rows if row not in ROWS and row not in GGUF_ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}: choose from {[*ROWS, *GGUF_ROWS]} or the sets {[*ROW_SETS]}")
     import torch
     from conftest import CACHE
+    if args.prepare:
+        for model_name in args.models.split(","):
+            prepare(model_name, Path(args.workdir), rows)
+        return
     bandwidth = measured_bandwidth()
     result = {"date": time.strftime("%Y-%m-%d"), "rows": [],
               "machine": {"gpu": torch.cuda.get_device_name(0), "bandwidth_gb_s": round(bandwidth / 1e9),
@@ -346,7 +376,7 @@ def main() -> None:
     for model_name in args.models.split(","):
         path = CACHE / "gemma3-270m-from-gguf" if model_name == "gemma" else \
             write_random_model(model_name, Path(args.workdir) / model_name)
-        for row in args.rows.split(","):
+        for row in rows:
             if row in GGUF_ROWS and model_name == "gemma":  # its real GGUF is bench/launcher.py's llama.cpp row
                 continue
             print(f"{model_name}: {row} ...", file=sys.stderr, flush=True)

@@ -1,34 +1,55 @@
 #!/bin/bash
-# On the GPU machine, after the Gemma GGUF was carried to /root/gemma (4 calls, see docs/benchmarks.md):
+# On the GPU machine (carry the wheels: .whl/conv .whl/bnb130 .whl/q1 .whl/tf, and .whl/ex for exllamav2):
 #   bash bench/gpu_fast.sh tests   -> the GPU tests of the Hugging Face backend and its fast decode path
-#   bash bench/gpu_fast.sh bench   -> bench/decode.py for Gemma and the Llama-2-7B shape, with profiles
-#   bash bench/gpu_fast.sh start   -> the same in the background (MODELS=..., ROWS=...), for a run longer than a call;
-#                                     one result file per model
+#                                     (after the Gemma GGUF was carried to /root/gemma, bench/gpu_gemma.sh)
+#   bash bench/gpu_fast.sh start   -> bench/decode.py in the background (MODELS=llama2-7b, ROWS=hf or engines or
+#                                     row names), for a run longer than a call; one result file per model
 #   bash bench/gpu_fast.sh poll    -> what the background run has written so far, into $OUT
+#   bash bench/gpu_fast.sh keep    -> gptqmodel's Marlin build into $OUT, to carry as .gpu/marlin_cache.tgz
+# For the llama.cpp rows, bash bench/gpu_setup.sh first starts llama-cpp-python's CUDA build; the run waits for it.
 set -e
 export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
 export TORCH_CUDA_ARCH_LIST=9.0  # every process alike: torch rebuilds a JIT extension built for other archs
 if [ ! -d /tmp/site/bitsandbytes ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl 2>/dev/null)
+        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl .whl/ex/*.whl 2>/dev/null)
 fi
 if [ -f "$QUANTCHAT_GEMMA_GGUF" ] && [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
     python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1
 fi
+MODELS=${MODELS:-llama2-7b,gemma}
+ROWS=${ROWS:-hf}
+compile() {  # name, python code that builds a kernel library: in the background, its log ends "exit N" when done
+    setsid nohup bash -c 'MAX_JOBS=8 python3 -c "$1" > "/tmp/compile-$0.log" 2>&1; echo "exit $?" >> "/tmp/compile-$0.log"' \
+        "$1" "$2" < /dev/null > /dev/null 2>&1 &
+}
 case "$1" in
     tests) python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py --durations=12 ;;
-    bench) python3 bench/decode.py --models="${MODELS:-llama2-7b,gemma}" --profile --out="$OUT/decode-h100.json" ;;
     start)
-        export PYTHONUNBUFFERED=1
-        # one process and one result file per model, one after the other
-        runs=""
-        for model in $(echo "${MODELS:-llama2-7b,gemma}" | tr , ' '); do
-            runs="$runs python3 bench/decode.py --models=$model ${ROWS:+--rows=\"$ROWS\"} --profile \
-                --out=/tmp/decode-h100-$model.json;"
-        done
-        setsid nohup bash -c "$runs" > /tmp/decode.log 2>&1 < /dev/null &
+        # the kernels the rows load compile while the random model and its checkpoints are written, so that no
+        # timed load pays for them: gptqmodel's Marlin for fp16 (the random models' dtype), exllamav2's extension
+        [ -f .gpu/marlin_cache.tgz ] && mkdir -p ~/.cache/gptqmodel && tar xzf .gpu/marlin_cache.tgz -C ~/.cache/gptqmodel
+        [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('marlin_fp16'))"
+        [ -d /tmp/site/exllamav2 ] && compile exllamav2 "import exllamav2; print('exllamav2 compiled')"
+        setsid nohup bash "$0" run > /tmp/decode.log 2>&1 < /dev/null &
         echo "bench started: /tmp/decode.log" ;;
+    run)  # (started by start)
+        export PYTHONUNBUFFERED=1
+        python3 bench/decode.py --models="$MODELS" --rows="$ROWS" --prepare
+        for log in /tmp/compile-*.log; do
+            [ -f "$log" ] || continue
+            until grep -q '^exit ' "$log"; do sleep 5; done
+            echo "$log: $(tail -n 2 "$log" | tr '\n' ' ')"
+        done
+        [ -f /tmp/llbuild.log ] && bash bench/gpu_wait_llama.sh
+        # one process and one result file per model, one after the other
+        for model in $(echo "$MODELS" | tr , ' '); do
+            python3 bench/decode.py --models="$model" --rows="$ROWS" --profile --out="/tmp/decode-h100-$model.json" || true
+        done
+        echo "=== bench done" ;;
     poll)
         cp /tmp/decode-h100-*.json /tmp/decode.log "$OUT/" 2>/dev/null || true; grep -v '^{' /tmp/decode.log | tail -n 5
         grep '^{' /tmp/decode.log | cut -c1-400 || true; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv ;;
+    keep)
+        tar czf "$OUT/marlin_cache.tgz" --exclude='*.o' --exclude='.ninja*' -C ~/.cache/gptqmodel torch_extensions ;;
 esac

@@ -91,7 +91,8 @@ def quantize_gptqmodel(a: QuantizeArgs) -> None:
 def run_gptqmodel(base_model: str, method: str, bits: int, group_size: int, passages: list[list[int]], out: str,
                   mock: bool = False) -> None:
     """GPTQ or AWQ with gptqmodel on the first GPU, or the CPU without one. mock: skip the search for good values
-    (a checkpoint of the right layout for speed measurements, bench/decode.py)."""
+    (a checkpoint of the right layout for speed measurements, bench/decode.py): GPTQ's mock quantization, and for
+    AWQ, which has none, gptqmodel's round-to-nearest fallback for every layer it can send there."""
     # gptqmodel sizes its CPU thread pools from the core count and refuses fewer than two workers
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
     import torch
@@ -99,6 +100,10 @@ def run_gptqmodel(base_model: str, method: str, bits: int, group_size: int, pass
     from gptqmodel.quantization.config import FORMAT, METHOD
     from gptqmodel.utils.backend import BACKEND
     extra = {"quant_method": METHOD.AWQ, "format": FORMAT.GEMM} if method == "awq" else {}
+    if mock and method == "awq":
+        # a calibration-coverage threshold no layer reaches: minutes of scale and clip search for a 7B saved
+        from gptqmodel.quantization.config import Fallback
+        extra["fallback"] = Fallback(threshold=2**62)
     config = QuantizeConfig(bits=bits, group_size=group_size, mock_quantization=mock, **extra)
     on_gpu = torch.cuda.is_available()
     model = GPTQModel.load(base_model, config, device="cuda:0" if on_gpu else "cpu")
