@@ -41,9 +41,12 @@ SHAPES = {  # the public configs' shapes
                   "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
                   "rope_theta": 500000.0},
 }
-ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compiled path last (it compiles in the main thread)
+# name: (quantchat flags, peer, checkpoint). A peer row is transformers as shipped (torch's own attention backends),
+# loaded through quantchat for the same weights; transformers' own compiled path last (it compiles in the main thread)
+ROWS = {
     "quantchat fast decode": (["--fast_decode=True"], None, None),
     "generate eager": (["--fast_decode=False"], None, None),
+    "transformers generate eager": (["--fast_decode=False"], "eager", None),
     "NF4 quantchat fast decode": (["--load_4bit=True", "--fast_decode=True"], None, None),
     "NF4 generate eager": (["--load_4bit=True", "--fast_decode=False"], None, None),
     "GPTQ quantchat fast decode": (["--fast_decode=True"], None, "gptq"),
@@ -60,10 +63,14 @@ ROWS = {  # name: (quantchat flags, peer, checkpoint); transformers' own compile
 GGUF_ROWS = {  # random shapes only, measured by bench/decode_gguf.py in a process without torch
     "llama.cpp F16": "F16", "llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_K_M": "Q4_K_M"}
 # Named row sets (--rows=hf): every row above fits one run on a GPU of one's own; a lent machine held for 30 minutes
-# runs these two apart, each with the peers its rows are judged against and the same two quantchat rows as anchors
+# runs the sets apart, each with the peers its rows are judged against and quantchat's fast bf16 row as an anchor
 ROW_SETS = {
-    "hf": [row for row in ROWS if row != "GPTQ exllamav2"],
-    "engines": ["quantchat fast decode", "GPTQ quantchat fast decode", "GPTQ exllamav2", *GGUF_ROWS],
+    "hf": ["quantchat fast decode", "generate eager", "transformers generate eager", "NF4 quantchat fast decode",
+           "NF4 generate eager", "GPTQ quantchat fast decode", "AWQ quantchat fast decode", "int8 generate eager",
+           "generate static cache + compile (transformers' own)"],
+    "variants": ["GPTQ generate eager", "AWQ generate eager", "GPTQ triton quantchat fast decode"],
+    "engines": ["quantchat fast decode", "generate eager", "transformers generate eager", "GPTQ quantchat fast decode",
+                "GPTQ exllamav2", *GGUF_ROWS, "generate static cache + compile (transformers' own)"],
 }
 
 
@@ -290,6 +297,8 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     started = time.perf_counter()
     model = loaders.load(loaders.plan(settings))  # the fast path then compiles and warms up in the background
     load_s = time.perf_counter() - started
+    if peer:  # undo quantchat's choice of attention backends (quantchat.loaders.hf.attention_without_shape_plans)
+        torch.backends.cuda.enable_cudnn_sdp(True)
     timed = timed_static_generate if peer == "static" else timed_stream
     results = {"model": model_name, "row": row, "quantization": model.info.quantization, "dtype": model.info.dtype,
                "load_s": round(load_s, 1)}

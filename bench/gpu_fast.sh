@@ -1,18 +1,18 @@
 #!/bin/bash
-# On the GPU machine (carry the wheels: .whl/conv .whl/bnb130 .whl/q1 .whl/tf, and .whl/ex for exllamav2):
+# On the GPU machine (carry the wheels: .whl/conv .whl/bnb130 .whl/q1 .whl/tf, and .whl/ex2 for exllamav2):
 #   bash bench/gpu_fast.sh tests   -> the GPU tests of the Hugging Face backend and its fast decode path
 #                                     (after the Gemma GGUF was carried to /root/gemma, bench/gpu_gemma.sh)
-#   bash bench/gpu_fast.sh start   -> bench/decode.py in the background (MODELS=llama2-7b, ROWS=hf or engines or
-#                                     row names), for a run longer than a call; one result file per model
+#   bash bench/gpu_fast.sh start   -> bench/decode.py in the background (MODELS=llama2-7b, ROWS=hf, engines,
+#                                     variants or row names), for a run longer than a call; one file per model
 #   bash bench/gpu_fast.sh poll    -> what the background run has written so far, into $OUT
 #   bash bench/gpu_fast.sh keep    -> gptqmodel's Marlin build into $OUT, to carry as .gpu/marlin_cache.tgz
 # For the llama.cpp rows, bash bench/gpu_setup.sh first starts llama-cpp-python's CUDA build; the run waits for it.
 set -e
 export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
 export TORCH_CUDA_ARCH_LIST=9.0  # every process alike: torch rebuilds a JIT extension built for other archs
-if [ ! -d /tmp/site/bitsandbytes ]; then
+if [ ! -f /tmp/site/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl .whl/ex/*.whl 2>/dev/null)
+        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl .whl/ex*/*.whl 2>/dev/null) && touch /tmp/site/.installed
 fi
 if [ -f "$QUANTCHAT_GEMMA_GGUF" ] && [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
     python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1
@@ -27,9 +27,11 @@ case "$1" in
     tests) python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py --durations=12 ;;
     start)
         # the kernels the rows load compile while the random model and its checkpoints are written, so that no
-        # timed load pays for them: gptqmodel's Marlin for fp16 (the random models' dtype), exllamav2's extension
+        # timed load pays for them: gptqmodel's Marlin (GPTQ runs it in bf16, the models' dtype; AWQ in fp16), and
+        # exllamav2's extension. An earlier machine's Marlin build (keep) spares its compilation.
         [ -f .gpu/marlin_cache.tgz ] && mkdir -p ~/.cache/gptqmodel && tar xzf .gpu/marlin_cache.tgz -C ~/.cache/gptqmodel
-        [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('marlin_fp16'))"
+        marlin=$(echo "$ROWS" | grep -qE "AWQ|hf" && echo marlin || echo marlin_bf16)
+        [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('$marlin'))"
         [ -d /tmp/site/exllamav2 ] && compile exllamav2 "import exllamav2; print('exllamav2 compiled')"
         setsid nohup bash "$0" run > /tmp/decode.log 2>&1 < /dev/null &
         echo "bench started: /tmp/decode.log" ;;

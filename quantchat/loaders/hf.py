@@ -104,6 +104,15 @@ def _rope(config: dict, s: Settings) -> dict | None:
     return {**base, **rope}
 
 
+def attention_without_shape_plans(torch) -> None:
+    """On CUDA, leave cuDNN out of PyTorch's attention (SDPA) backends. torch 2.11 sends masked attention on Hopper
+    and newer to cuDNN first, which builds an execution plan for every new sequence length: a prompt of a new
+    length, and every step of generate (its cache grows by one), pays for a plan. Flash and memory-efficient
+    attention, next in torch's order, have no plans. Process-wide, as torch keeps this setting."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def _one_gpu(device_map) -> bool:
     return isinstance(device_map, dict) and str(next(iter(device_map.values()))) not in ("cpu", "mps")
 
@@ -379,6 +388,7 @@ class HFModel:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         o = p.options
         self.torch = torch
+        attention_without_shape_plans(torch)
         dtype = getattr(torch, o["dtype"])
         common = {"revision": o["revision"], "trust_remote_code": o["trust_remote_code"]}
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": o["device_map"], "offload_folder": o["offload_folder"],
