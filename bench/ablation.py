@@ -5,7 +5,7 @@
 A variant is a name or names joined by "+" (options combined); "baseline" is the fast path as shipped. Each
 process builds random weights of the Llama-2-7B shape straight on the GPU (speed does not depend on the values),
 builds the fast decoder as the Hugging Face backend does, and reports: compile + capture time, decode tokens/s
-for 128 tokens (best of 3), time to first token for a prompt of about 2,048 tokens (best of 3 new lengths), and
+for 128 tokens (best of 3) and 512, time to first token for a prompt of about 2,048 tokens (best of 3 new lengths), and
 where a decode step's GPU time goes (kernels per token, top kernels).
 """
 from __future__ import annotations
@@ -30,8 +30,10 @@ def apply(option: str, decoder_class) -> None:
         return
     if option == "no-coordinate-descent":  # the compiler's default tuning instead of the decoder's
         decoder_class.COMPILE_OPTIONS = {}
-    elif option == "cudnn-attention":  # torch's own order of attention backends (cuDNN first on Hopper)
+    elif option == "cudnn-attention":  # torch's own order of attention backends (cuDNN first on Hopper) throughout
         torch.backends.cuda.enable_cudnn_sdp(True)
+    elif option == "no-cudnn-decode":  # the captured steps' attention as the rest of the process's: no cuDNN
+        decoder_class.CUDNN_DECODE_ATTENTION = False
     elif option == "sdpa-efficient":
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.enable_flash_sdp(False)
@@ -76,10 +78,12 @@ def run_variant(variant: str, shape: str) -> dict:
 
     short = torch.randint(3, 32000, (1, 16), device="cuda")
     speed = max(timed(short, 128)[1] for _ in range(3))
+    speed_512 = timed(short, 512)[1]
     # three prompt lengths new to the process, as decode.py's (a backend may set up per shape)
     ttft = min(timed(torch.randint(3, 32000, (1, 2048 - 8 * i), device="cuda"), 1)[0] for i in range(3))
     return {"variant": variant, "shape": shape, "graphs": len(fast.graphs), "warm_s": round(warm_s, 1),
-            "decode_128_tokens_per_s": round(speed, 1), "ttft_2048_ms": round(ttft * 1000, 1),
+            "decode_128_tokens_per_s": round(speed, 1), "decode_512_tokens_per_s": round(speed_512, 1),
+            "ttft_2048_ms": round(ttft * 1000, 1),
             "profile": profiled(lambda: timed(short, 32), 32)}
 
 

@@ -19,6 +19,7 @@ processors in the same order: repetition penalty, min_new_tokens, then temperatu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import threading
@@ -53,6 +54,9 @@ class FastDecoder:
     # with its neighbours (the norm before it, the activation): 174 against 158 tokens/s for the Llama-2-7B shape
     # on an H100 (docs/benchmarks.md), for about 40 s more compilation
     COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+    # the captured steps' attention: cuDNN (torch's first choice on Hopper), whose per-shape plan each window's
+    # graph builds once at warm-up, where the rest of the process leaves it out (hf.attention_without_shape_plans)
+    CUDNN_DECODE_ATTENTION = True
 
     def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool):
         import torch
@@ -196,14 +200,27 @@ class FastDecoder:
         graph must then give the tokens the uncaptured step gave, or it is not used."""
         ids = self.torch.tensor([[0, 1, 2, 3]], device=self.device)
         params = GenParams(max_new_tokens=8, repetition_penalty=1.0)
-        plain = list(self.tokens(ids, params, threading.Event()))
-        if not (self.compiled and self.device.type == "cuda"):
-            return
-        _in_worker(self._capture)
+        with self._decode_attention():  # the step compiles here, with the attention it is then captured with
+            plain = list(self.tokens(ids, params, threading.Event()))
+            if not (self.compiled and self.device.type == "cuda"):
+                return
+            _in_worker(self._capture)
         replayed = list(self.tokens(ids, params, threading.Event()))
         if replayed != plain:
             self.graphs.clear()
             raise RuntimeError(f"the captured CUDA graph gave other tokens ({replayed}) than the step ({plain})")
+
+    @contextlib.contextmanager
+    def _decode_attention(self):
+        """cuDNN attention allowed while the step compiles and is captured, then the process's setting again.
+        (The setting is process-wide: a generate running beside the warm-up may also use cuDNN meanwhile.)"""
+        backends = self.torch.backends.cuda
+        before = backends.cudnn_sdp_enabled()
+        backends.enable_cudnn_sdp(before or (self.CUDNN_DECODE_ATTENTION and self.device.type == "cuda"))
+        try:
+            yield
+        finally:
+            backends.enable_cudnn_sdp(before)
 
 
 def _in_worker(function: Callable[[], None]) -> None:
