@@ -5,7 +5,7 @@
 #   bash bench/gpu_fast.sh start   -> bench/decode.py in the background (MODELS=llama2-7b, ROWS=hf, engines,
 #                                     variants or row names), for a run longer than a call; one file per model
 #   bash bench/gpu_fast.sh poll    -> what the background run has written so far, into $OUT
-#   bash bench/gpu_fast.sh keep    -> gptqmodel's Marlin build into $OUT, to carry as .gpu/marlin_cache.tgz
+#   bash bench/gpu_fast.sh keep    -> gptqmodel's Marlin builds into $OUT, to carry as .gpu/marlin_bf16.tgz, _fp16
 # For the llama.cpp rows, bash bench/gpu_setup.sh first starts llama-cpp-python's CUDA build; the run waits for it.
 set -e
 export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
@@ -29,7 +29,8 @@ case "$1" in
         # the kernels the rows load compile while the random model and its checkpoints are written, so that no
         # timed load pays for them: gptqmodel's Marlin (GPTQ runs it in bf16, the models' dtype; AWQ in fp16), and
         # exllamav2's extension. An earlier machine's Marlin build (keep) spares its compilation.
-        [ -f .gpu/marlin_cache.tgz ] && mkdir -p ~/.cache/gptqmodel && tar xzf .gpu/marlin_cache.tgz -C ~/.cache/gptqmodel
+        mkdir -p ~/.cache/gptqmodel
+        for cache in .gpu/marlin_*.tgz; do [ -f "$cache" ] && tar xzf "$cache" -C ~/.cache/gptqmodel; done
         marlin=$(echo "$ROWS" | grep -qE "AWQ|hf" && echo marlin || echo marlin_bf16)
         [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('$marlin'))"
         [ -d /tmp/site/exllamav2 ] && compile exllamav2 "import exllamav2; print('exllamav2 compiled')"
@@ -52,6 +53,9 @@ case "$1" in
     poll)
         cp /tmp/decode-h100-*.json /tmp/decode.log "$OUT/" 2>/dev/null || true; grep -v '^{' /tmp/decode.log | tail -n 5
         grep '^{' /tmp/decode.log | cut -c1-400 || true; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv ;;
-    keep)
-        tar czf "$OUT/marlin_cache.tgz" --exclude='*.o' --exclude='.ninja*' -C ~/.cache/gptqmodel torch_extensions ;;
+    keep)  # one file per dtype: both together are more than a call brings back
+        for dtype in bf16 fp16; do
+            tar czf "$OUT/marlin_$dtype.tgz" --exclude='*.o' --exclude='.ninja*' -C ~/.cache/gptqmodel \
+                torch_extensions/marlin_$dtype
+        done ;;
 esac

@@ -246,3 +246,26 @@ def test_closing_during_the_warm_up_returns_at_once(tiny_llama, monkeypatch):
     assert not closing.is_alive()
     gate.set()
     assert model.wait_for_fast_decode(timeout=60) is False and model.fast is None
+
+
+@pytest.mark.parametrize("device, captured_with_cudnn", [("cuda", True), ("cpu", False)])
+def test_the_captured_step_alone_gets_cudnn_attention(device, captured_with_cudnn):
+    """The Hugging Face backend leaves cuDNN out of attention (a plan per new length); the decode step, compiled and
+    captured once per window at warm-up, takes it back for that time only. The switch itself works without a GPU."""
+    import types
+
+    import torch
+
+    from quantchat.loaders.fast_decode import FastDecoder
+    decoder = types.SimpleNamespace(torch=torch, device=torch.device(device), CUDNN_DECODE_ATTENTION=True)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        with FastDecoder._decode_attention(decoder):
+            assert torch.backends.cuda.cudnn_sdp_enabled() is captured_with_cudnn
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False  # the process's setting again
+        decoder.CUDNN_DECODE_ATTENTION = False  # bench/ablation.py's no-cudnn-decode
+        with FastDecoder._decode_attention(decoder):
+            assert torch.backends.cuda.cudnn_sdp_enabled() is False
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -120,6 +120,8 @@ def test_fast_decode_equals_generate_on_gemma(gemma_hf, flags):
     slow = loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", "--fast_decode=False", *flags)))
     try:
         assert fast.wait_for_fast_decode() and fast.info.decode == "static cache + CUDA graphs", fast.info.decode
+        # prompts and generate without cuDNN attention (a plan per new length); the captured steps had it
+        assert not fast.torch.backends.cuda.cudnn_sdp_enabled()
         for prompt in ["Water boils at", "The three primary colours are", "def fibonacci(n):"]:
             if flags:
                 assert_equal_up_to_a_rounding_tie(fast, slow, prompt, 256)
