@@ -101,7 +101,7 @@ def run_gptqmodel(base_model: str, method: str, bits: int, group_size: int, pass
     from gptqmodel.utils.backend import BACKEND
     extra = {"quant_method": METHOD.AWQ, "format": FORMAT.GEMM} if method == "awq" else {}
     if mock and method == "awq":
-        # a calibration-coverage threshold no layer reaches: minutes of scale and clip search for a 7B saved
+        # a calibration-coverage threshold no layer reaches: the layers skip AWQ's scale and clip search
         from gptqmodel.quantization.config import Fallback
         extra["fallback"] = Fallback(threshold=2**62)
     config = QuantizeConfig(bits=bits, group_size=group_size, mock_quantization=mock, **extra)
