@@ -1,6 +1,8 @@
-"""Decode speed against the memory-bandwidth limit, Hugging Face backend, one GPU: every row in one run.
+"""Decode speed against the memory-bandwidth limit on one GPU: every backend's rows and their peers in one run.
 
-  python bench/decode.py --models=gemma,llama2-7b --out=bench/results/decode-h100.json
+  python bench/decode.py --models=gemma,llama2-7b --out=bench/results/decode-h100.json   (every row)
+  python bench/decode.py --models=llama2-7b --rows=hf --profile --out=FILE   (a row set: hf, engines, variants)
+  python bench/decode.py --models=llama2-7b --rows=hf --prepare   (only write the models and checkpoints)
   python bench/decode.py --table=bench/results/decode-h100.json [--chart=docs/decode-h100.png]
 
 Models: the real Gemma 3 270M (dequantized from its GGUF, where tests/conftest.py caches it) and random weights
