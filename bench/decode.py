@@ -1,7 +1,7 @@
 """Decode speed against the memory-bandwidth limit on one GPU: every backend's rows and their peers in one run.
 
   python bench/decode.py --models=gemma,llama2-7b --out=bench/results/decode-h100.json   (every row)
-  python bench/decode.py --models=llama2-7b --rows=hf --profile --out=FILE   (a row set: hf, engines, variants)
+  python bench/decode.py --models=llama2-7b --rows=hf --profile --out=FILE   (a set: hf, engines, variants, exllamav3)
   python bench/decode.py --models=llama2-7b --rows=hf --prepare   (only write the models and checkpoints)
   python bench/decode.py --table=bench/results/decode-h100.json [--chart=docs/decode-h100.png]
 
@@ -59,6 +59,7 @@ ROWS = {
     "AWQ generate eager": (["--fast_decode=False"], None, "awq"),
     "int8 generate eager": (["--load_8bit=True", "--fast_decode=False"], None, None),
     "GPTQ exllamav2": (["--load_exllama=True"], None, "gptq"),
+    "EXL3 exllamav3": (["--load_exllama=True"], None, "exl3"),
     "generate static cache + compile (transformers' own)": (["--fast_decode=False"], "static", None),
 }
 
@@ -73,6 +74,8 @@ ROW_SETS = {
     "variants": ["GPTQ generate eager", "AWQ generate eager", "GPTQ triton quantchat fast decode"],
     "engines": ["quantchat fast decode", "generate eager", "transformers generate eager", "GPTQ quantchat fast decode",
                 "GPTQ exllamav2", *GGUF_ROWS, "generate static cache + compile (transformers' own)"],
+    # exllamav3's converter quantizes for real (its format has no mock): minutes for a 7B, so a set of its own
+    "exllamav3": ["quantchat fast decode", "EXL3 exllamav3"],
 }
 
 
@@ -122,11 +125,16 @@ def write_random_model(name: str, folder: Path) -> Path:
 
 
 def mock_quantized(folder: Path, method: str) -> Path:
-    """A 4-bit, group-128 GPTQ or AWQ checkpoint of the random model, written beside it once, without the search for
-    good values, which speed does not depend on (quantchat.quantize.run_gptqmodel's mock)."""
-    from quantchat.quantize import run_gptqmodel
+    """A 4-bit checkpoint of the random model, written beside it once: GPTQ or AWQ (group 128) without the search for
+    good values, which speed does not depend on (quantchat.quantize.run_gptqmodel's mock), or EXL3 at 4 bits per
+    weight through exllamav3's converter, on 8 calibration rows of 256 tokens."""
+    from quantchat.quantize import QuantizeArgs, quantize_exl3, run_gptqmodel
     out = folder.with_name(f"{folder.name}-{method}")
-    if not (out / "config.json").exists():
+    if (out / "config.json").exists():
+        return out
+    if method == "exl3":
+        quantize_exl3(QuantizeArgs(str(folder), "exl3", str(out), bits=4, samples=8, sample_tokens=256))
+    else:
         run_gptqmodel(str(folder), method, 4, 128, [list(range(5, 133))], str(out), mock=True)
     return out
 

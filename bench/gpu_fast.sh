@@ -1,9 +1,11 @@
 #!/bin/bash
-# On the GPU machine (carry the wheels: .whl/conv .whl/bnb130 .whl/q1 .whl/tf, and .whl/ex2 for exllamav2):
+# On the GPU machine (carry the wheels: .whl/conv .whl/bnb130 .whl/q1 .whl/tf, and .whl/ex2 for exllamav2,
+# .whl/ex with .whl/pyd and .gpu/exllamav3_ext.so.xz for exllamav3):
 #   bash bench/gpu_fast.sh tests   -> the GPU tests of the Hugging Face backend and its fast decode path
 #                                     (after the Gemma GGUF was carried to /root/gemma, bench/gpu_gemma.sh)
 #   bash bench/gpu_fast.sh start   -> bench/decode.py in the background (MODELS=llama2-7b, ROWS=hf, engines,
-#                                     variants or row names), for a run longer than a call; one file per model
+#                                     variants, exllamav3 or row names), for a run longer than a call; one file
+#                                     per model
 #   bash bench/gpu_fast.sh poll    -> what the background run has written so far, into $OUT
 #   bash bench/gpu_fast.sh keep    -> gptqmodel's Marlin builds into $OUT, to carry as .gpu/marlin_bf16.tgz, _fp16
 # For the llama.cpp rows, bash bench/gpu_setup.sh first starts llama-cpp-python's CUDA build; the run waits for it.
@@ -12,7 +14,7 @@ export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m
 export TORCH_CUDA_ARCH_LIST=9.0  # every process alike: torch rebuilds a JIT extension built for other archs
 if [ ! -f /tmp/site/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl .whl/ex*/*.whl 2>/dev/null) && touch /tmp/site/.installed
+        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl .whl/ex*/*.whl .whl/pyd/*.whl 2>/dev/null) && touch /tmp/site/.installed
 fi
 if [ -f "$QUANTCHAT_GEMMA_GGUF" ] && [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
     python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1
@@ -34,6 +36,9 @@ case "$1" in
         marlin=$(echo "$ROWS" | grep -qE "AWQ|hf" && echo marlin || echo marlin_bf16)
         [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('$marlin'))"
         [ -d /tmp/site/exllamav2 ] && compile exllamav2 "import exllamav2; print('exllamav2 compiled')"
+        # exllamav3's extension as an earlier machine built it (bench/gpu_quant.sh keep), imported instead of built
+        [ -d /tmp/site/exllamav3 ] && [ -f .gpu/exllamav3_ext.so.xz ] && xz -dc .gpu/exllamav3_ext.so.xz > /tmp/site/exllamav3_ext.so
+        [ -d /tmp/site/exllamav3 ] && compile exllamav3 "import exllamav3; print('exllamav3 compiled')"
         setsid nohup bash "$0" run > /tmp/decode.log 2>&1 < /dev/null &
         echo "bench started: /tmp/decode.log" ;;
     run)  # (started by start)
