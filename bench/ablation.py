@@ -58,7 +58,7 @@ def run_variant(variant: str, shape: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench.decode import SHAPES, exact_greedy, profiled, timed_tokens
+    from bench.decode import SHAPES, exact_greedy, installed, profiled, timed_tokens
     from quantchat.loaders.fast_decode import FastDecoder
     from quantchat.loaders.hf import attention_without_shape_plans
     attention_without_shape_plans(torch)  # as the Hugging Face backend sets it at load
@@ -81,7 +81,9 @@ def run_variant(variant: str, shape: str) -> dict:
     speed_512 = timed(short, 512)[1]
     # three prompt lengths new to the process, as decode.py's (a backend may set up per shape)
     ttft = min(timed(torch.randint(3, 32000, (1, 2048 - 8 * i), device="cuda"), 1)[0] for i in range(3))
-    return {"variant": variant, "shape": shape, "graphs": len(fast.graphs), "warm_s": round(warm_s, 1),
+    return {"variant": variant, "shape": shape, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": installed("transformers"), "date": time.strftime("%Y-%m-%d"),
+            "graphs": len(fast.graphs), "warm_s": round(warm_s, 1),
             "decode_128_tokens_per_s": round(speed, 1), "decode_512_tokens_per_s": round(speed_512, 1),
             "ttft_2048_ms": round(ttft * 1000, 1),
             "profile": profiled(lambda: timed(short, 32), 32)}

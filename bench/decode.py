@@ -368,7 +368,7 @@ def main() -> None:
     parser.add_argument("--chart")
     parser.add_argument("--profile", action="store_true", help="also profile 64 decode steps per row")
     parser.add_argument("--prepare", action="store_true",
-                        help="only write the random models and the checkpoints the rows need (GPTQ, AWQ), then stop")
+                        help="only write the random models and the checkpoints the rows need (GPTQ, AWQ, EXL3), then stop")
     args = parser.parse_args()
     if args.table:
         result = json.loads(Path(args.table).read_text())
