@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench.gpu_watch import GpuWatch, slowdown_note  # noqa: E402
+
 SHAPES = {  # the public configs' shapes
     "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
                   "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
@@ -340,7 +342,8 @@ def table(result: dict) -> str:
         lines.append(f"{start}| {r.get('ttft_2048_ms', '-')} "
                      f"| {r.get('prefill_tokens_per_s', '-')} | {r['decode_128_tokens_per_s']} "
                      f"| {r.get('decode_512_tokens_per_s', '-')} | {r['mbu_128']:.0%} |")
-    return "\n".join(lines)
+    note = slowdown_note(result["rows"])
+    return "\n".join([*lines, "", note] if note else lines)
 
 
 def chart(result: dict, path: str) -> None:
@@ -399,8 +402,10 @@ def main() -> None:
             if row in GGUF_ROWS and model_name == "gemma":  # its real GGUF is bench/launcher.py's llama.cpp row
                 continue
             print(f"{model_name}: {row} ...", file=sys.stderr, flush=True)
-            result["rows"].append(measure_gguf(model_name, row, bandwidth, args.workdir) if row in GGUF_ROWS
-                                  else measure(model_name, path, row, bandwidth, args.profile))
+            with GpuWatch() as watch:
+                result["rows"].append(measure_gguf(model_name, row, bandwidth, args.workdir) if row in GGUF_ROWS
+                                      else measure(model_name, path, row, bandwidth, args.profile))
+            result["rows"][-1]["gpu_state"] = watch.summary()
             print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(result, indent=1))

@@ -5,7 +5,7 @@
 #                                     (after the Gemma GGUF was carried to /root/gemma, bench/gpu_gemma.sh)
 #   bash bench/gpu_fast.sh start   -> bench/decode.py in the background (MODELS=llama2-7b, ROWS=hf, engines,
 #                                     variants, exllamav3 or row names), for a run longer than a call; one file
-#                                     per model
+#                                     per model. HOLD=1: its timing waits until `tests` has ended
 #   bash bench/gpu_fast.sh poll    -> what the background run has written so far, into $OUT
 #   bash bench/gpu_fast.sh keep    -> gptqmodel's Marlin builds into $OUT, to carry as .gpu/marlin_bf16.tgz, _fp16
 # For the llama.cpp rows, bash bench/gpu_setup.sh first starts llama-cpp-python's CUDA build; the run waits for it.
@@ -26,19 +26,22 @@ compile() {  # name, python code that builds a kernel library: in the background
         "$1" "$2" < /dev/null > /dev/null 2>&1 &
 }
 case "$1" in
-    tests) python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py --durations=12 ;;
+    tests)  # a run started with HOLD=1 waits for these to end before it times anything
+        python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py --durations=12 || status=$?
+        rm -f /tmp/bench.hold; exit ${status:-0} ;;
     start)
         # the kernels the rows load compile while the random model and its checkpoints are written, so that no
         # timed load pays for them: gptqmodel's Marlin (GPTQ runs it in bf16, the models' dtype; AWQ in fp16), and
         # exllamav2's extension. An earlier machine's Marlin build (keep) spares its compilation.
         mkdir -p ~/.cache/gptqmodel
         for cache in .gpu/marlin_*.tgz; do [ -f "$cache" ] && tar xzf "$cache" -C ~/.cache/gptqmodel; done
-        marlin=$(echo "$ROWS" | grep -qE "AWQ|hf" && echo marlin || echo marlin_bf16)
-        [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('$marlin'))"
+        # both dtypes: gptqmodel builds Marlin for fp16 on a bf16 GPTQ load as well
+        [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('marlin'))"
         [ -d /tmp/site/exllamav2 ] && compile exllamav2 "import exllamav2; print('exllamav2 compiled')"
         # exllamav3's extension as an earlier machine built it (bench/gpu_quant.sh keep), imported instead of built
         [ -d /tmp/site/exllamav3 ] && [ -f .gpu/exllamav3_ext.so.xz ] && xz -dc .gpu/exllamav3_ext.so.xz > /tmp/site/exllamav3_ext.so
         [ -d /tmp/site/exllamav3 ] && compile exllamav3 "import exllamav3; print('exllamav3 compiled')"
+        [ "$HOLD" = 1 ] && touch /tmp/bench.hold
         setsid nohup bash "$0" run > /tmp/decode.log 2>&1 < /dev/null &
         echo "bench started: /tmp/decode.log" ;;
     run)  # (started by start)
@@ -50,6 +53,7 @@ case "$1" in
             echo "$log: $(tail -n 2 "$log" | tr '\n' ' ')"
         done
         [ -f /tmp/llbuild.log ] && bash bench/gpu_wait_llama.sh
+        while [ -f /tmp/bench.hold ]; do sleep 5; done
         # one process and one result file per model, one after the other
         for model in $(echo "$MODELS" | tr , ' '); do
             python3 bench/decode.py --models="$model" --rows="$ROWS" --profile --out="/tmp/decode-h100-$model.json" || true

@@ -1,9 +1,12 @@
 """bench/decode.py's command line, without a GPU: the named row sets and the check of the rows asked for."""
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.decode import GGUF_ROWS, ROW_SETS, ROWS
+from bench.gpu_watch import GpuWatch, slowdown_note, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,3 +24,28 @@ def test_an_unknown_row_is_one_clear_error_before_any_work():
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "unknown rows ['no such row']" in run.stderr and "'engines'" in run.stderr
+
+
+def test_a_row_on_a_gpu_that_slowed_itself_down_says_so():
+    # nvidia-smi's lines as bench/gpu_watch.py asks for them: temperature, SM clock, active clocks event reasons
+    hot = summarize(["86, 1710, 0x0000000000000020", "88, 1530, 0x0000000000000060", "[N/A], 1980, 0x0"])
+    assert hot == {"samples": 2, "max_temperature_c": 88, "sm_clock_mhz": [1530, 1710],
+                   "slowdowns": ["SW thermal slowdown", "HW thermal slowdown"]}
+    idle = summarize(["54, 345, 0x0000000000000001", "60, 1980, 0x0000000000000000"])
+    assert idle["slowdowns"] == [] and summarize(["nvidia-smi failed"]) is None
+    rows = [{"row": "bf16", "gpu_state": hot}, {"row": "GPTQ", "gpu_state": idle}, {"row": "gguf", "gpu_state": None}]
+    assert slowdown_note(rows) == ("The GPU slowed itself down during: bf16 (SW thermal slowdown, HW thermal slowdown,"
+                                   " up to 88 °C).")
+    assert slowdown_note(rows[1:]) == ""
+
+
+def test_the_watch_samples_while_its_block_runs(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"  # stands in for the driver's tool: prints one GPU's line per call
+    fake.write_text("#!/bin/sh\necho '81, 1980, 0x0000000000000020'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with GpuWatch(period_s=0.05) as watch:
+        time.sleep(0.5)
+    state = watch.summary()
+    assert state["samples"] >= 2 and state["slowdowns"] == ["SW thermal slowdown"]
+    assert not watch.thread.is_alive()
