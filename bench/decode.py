@@ -314,10 +314,10 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     timed = timed_static_generate if peer == "static" else timed_stream
     results = {"model": model_name, "row": row, "quantization": model.info.quantization, "dtype": model.info.dtype,
                "load_s": round(load_s, 1)}
-    # the peer compiles once per length; eager generate's cost per token is its per-step overhead, the same at
-    # 512 as at 128 (earlier runs: 9.3 against 9.8 tokens/s), and 512 more tokens of it take a minute
-    eager = "--fast_decode=False" in flags
-    results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if peer or eager else (128, 512),
+    # rows through generate (the peers too) time 128 tokens: eager generate's cost per token is its per-step
+    # overhead, the same at 512 (earlier runs: 9.3 against 9.8 tokens/s), and the compiled peer compiles per length
+    through_generate = "--fast_decode=False" in flags
+    results.update(timings(model, timed, load_s, bandwidth, lengths=(128,) if through_generate else (128, 512),
                            profile=profile and not peer))  # (the profile follows quantchat's own path)
     results["decode"] = model.info.decode or "generate"  # (once the fast path is warm)
     results["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

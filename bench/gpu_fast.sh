@@ -10,21 +10,14 @@
 #   bash bench/gpu_fast.sh keep    -> gptqmodel's Marlin builds into $OUT, to carry as .gpu/marlin_bf16.tgz, _fp16
 # For the llama.cpp rows, bash bench/gpu_setup.sh first starts llama-cpp-python's CUDA build; the run waits for it.
 set -e
-export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
-export TORCH_CUDA_ARCH_LIST=9.0  # every process alike: torch rebuilds a JIT extension built for other archs
-if [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-        $(ls .whl/conv/*.whl .whl/bnb*/*.whl .whl/q1/*.whl .whl/tf/*.whl .whl/ex*/*.whl .whl/pyd/*.whl 2>/dev/null) && touch /tmp/site/.installed
-fi
+. bench/gpu_common.sh
+export QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
+install_carried_wheels
 if [ -f "$QUANTCHAT_GEMMA_GGUF" ] && [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
     python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1
 fi
 MODELS=${MODELS:-llama2-7b,gemma}
 ROWS=${ROWS:-hf}
-compile() {  # name, python code that builds a kernel library: in the background, its log ends "exit N" when done
-    setsid nohup bash -c 'MAX_JOBS=8 python3 -c "$1" > "/tmp/compile-$0.log" 2>&1; echo "exit $?" >> "/tmp/compile-$0.log"' \
-        "$1" "$2" < /dev/null > /dev/null 2>&1 &
-}
 case "$1" in
     tests)  # a run started with HOLD=1 waits for these to end before it times anything
         python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py --durations=12 || status=$?
@@ -36,11 +29,10 @@ case "$1" in
         mkdir -p ~/.cache/gptqmodel
         for cache in .gpu/marlin_*.tgz; do [ -f "$cache" ] && tar xzf "$cache" -C ~/.cache/gptqmodel; done
         # both dtypes: gptqmodel builds Marlin for fp16 on a bf16 GPTQ load as well
-        [ -d /tmp/site/gptqmodel ] && compile marlin "from gptqmodel import extension; print(extension.load('marlin'))"
-        [ -d /tmp/site/exllamav2 ] && compile exllamav2 "import exllamav2; print('exllamav2 compiled')"
-        # exllamav3's extension as an earlier machine built it (bench/gpu_quant.sh keep), imported instead of built
-        [ -d /tmp/site/exllamav3 ] && [ -f .gpu/exllamav3_ext.so.xz ] && xz -dc .gpu/exllamav3_ext.so.xz > /tmp/site/exllamav3_ext.so
-        [ -d /tmp/site/exllamav3 ] && compile exllamav3 "import exllamav3; print('exllamav3 compiled')"
+        [ -d $SITE/gptqmodel ] && compile_in_background marlin "from gptqmodel import extension; print(extension.load('marlin'))"
+        [ -d $SITE/exllamav2 ] && compile_in_background exllamav2 "import exllamav2; print('exllamav2 compiled')"
+        unpack_exllamav3_extension
+        [ -d $SITE/exllamav3 ] && compile_in_background exllamav3 "import exllamav3; print('exllamav3 compiled')"
         [ "$HOLD" = 1 ] && touch /tmp/bench.hold
         setsid nohup bash "$0" run > /tmp/decode.log 2>&1 < /dev/null &
         echo "bench started: /tmp/decode.log" ;;

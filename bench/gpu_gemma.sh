@@ -8,8 +8,8 @@ mkdir -p /root/gemma
 cp ".gpu/p$1" /root/gemma/
 if [ "$1" = 3 ]; then
     cat /root/gemma/p0 /root/gemma/p1 /root/gemma/p2 /root/gemma/p3 > /root/gemma/gemma-3-270m-q4_k_m.gguf
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/conv/*.whl
+    . bench/gpu_common.sh && install_carried_wheels
     tar xJf .gpu/tok.tar.xz -C /root/gemma
-    PYTHONPATH=/tmp/site python3 bench/gpu_convert_gemma.py /root/gemma/gemma-3-270m-q4_k_m.gguf /root/gemma/tok
+    python3 bench/gpu_convert_gemma.py /root/gemma/gemma-3-270m-q4_k_m.gguf /root/gemma/tok
 fi
 ls -la /root/gemma

@@ -8,28 +8,23 @@
 #   bash bench/gpu_quant.sh quality   -> bench/quality.py rows (ROWS=...), result in $OUT/quality-h100.json
 #   bash bench/gpu_quant.sh tests     -> tests/test_gpu_quant.py (K="exl3 or exllamav2" to choose)
 #   bash bench/gpu_quant.sh keep      -> the compiled exllamav3 extension into $OUT, to carry to the next machine
-export PYTHONPATH=/tmp/site QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf PYTHONUNBUFFERED=1
-export TORCH_CUDA_ARCH_LIST=9.0
+. bench/gpu_common.sh
+export QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf PYTHONUNBUFFERED=1
 GEMMA=/root/.cache/quantchat-tests/gemma3-270m-from-gguf
 export GEMMA WORK=/root/.cache/quantchat-tests/quant  # where tests/test_gpu_quant.py looks for the quantized copies too
 quality() { python3 bench/quality.py --model=$GEMMA --gguf=$QUANTCHAT_GEMMA_GGUF --work=$WORK --rows="$1" --out="$2"; }
 case "$1" in
     setup)
         # transformers 5.23 (.whl/tf) replaces the machine's 5.17, which cannot save a quantized Gemma 3 config
-        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-            $(ls .whl/q1/*.whl .whl/tf/*.whl .whl/ex/*.whl .whl/pyd/*.whl .whl/bnb*/*.whl 2>/dev/null) 2>&1 | tail -2
+        install_carried_wheels 2>&1 | tail -2
         [ -d .whl/ex ] || exit 0
         # a build killed half-way leaves its lock, and the next import would wait on it for ever
         pgrep -f "import exllama" > /dev/null || rm -f ~/.cache/torch_extensions/*/exllamav*_ext/lock
-        # exllamav3's extension as an earlier machine of the same image built it (bench/gpu_quant.sh keep), which
-        # exllamav3 imports instead of compiling
-        [ -f .gpu/exllamav3_ext.so.xz ] && xz -dc .gpu/exllamav3_ext.so.xz > /tmp/site/exllamav3_ext.so
+        unpack_exllamav3_extension
         # the first import compiles the extension; exllamav3's (177 CUDA files) takes most of the cores
-        setsid nohup bash -c "MAX_JOBS=12 python3 -c 'import exllamav3; print(\"exllamav3 compiled\")' \
-            > /tmp/compile-exllamav3.log 2>&1" < /dev/null > /dev/null 2>&1 &
-        jobs=$([ -f /tmp/site/exllamav3_ext.so ] && echo 14 || echo 6)
-        setsid nohup bash -c "MAX_JOBS=$jobs python3 -c 'import exllamav2; print(\"exllamav2 compiled\")' \
-            > /tmp/compile-exllamav2.log 2>&1" < /dev/null > /dev/null 2>&1 &
+        compile_in_background exllamav3 "import exllamav3; print('exllamav3 compiled')" 12
+        compile_in_background exllamav2 "import exllamav2; print('exllamav2 compiled')" \
+            $([ -f $SITE/exllamav3_ext.so ] && echo 14 || echo 6)
         echo "setup done; kernels compiling" ;;
     prepare)
         setsid nohup bash -c "$(declare -f quality); quality gptq,exl3 /tmp/prepare.json > /tmp/prepare.log 2>&1" \

@@ -3,10 +3,8 @@
 # llama-cpp-python with CUDA from the carried, slimmed source (.gpu/llama_src.tar.gz) in the background.
 # The build takes about 5 minutes; bench/gpu_wait_llama.sh waits for it and installs the wheel.
 set -e
-# whichever wheel folders this call carried (.whl/conv, .whl/bnb ...)
-wheels=$(ls .whl/*.whl .whl/*/*.whl 2>/dev/null || true)
-[ -z "$wheels" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $wheels && touch /tmp/site/.installed
+. bench/gpu_common.sh
+install_carried_wheels
 mkdir -p /tmp/llbuild && tar xzf .gpu/llama_src.tar.gz -C /tmp/llbuild
 cd /tmp/llbuild/llama_cpp_python-*
 export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=off -DGGML_NATIVE=off"
