@@ -351,7 +351,8 @@ def chart(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if "decode_128_tokens_per_s" in r]
-    labels = [f"{r['model']}\n{r['row']}" for r in rows]
+    labels = [f"{r['model']}\n{r['row']}" + (" (GPU slowed down)" if (r.get("gpu_state") or {}).get("slowdowns") else "")
+              for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     ax.barh(labels, [r["decode_128_tokens_per_s"] for r in rows], color="#f2b705")
     ax.set_xlabel("decode tokens/s, batch 1, 128 new tokens")

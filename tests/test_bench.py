@@ -49,3 +49,13 @@ def test_the_watch_samples_while_its_block_runs(tmp_path, monkeypatch):
     state = watch.summary()
     assert state["samples"] >= 2 and state["slowdowns"] == ["SW thermal slowdown"]
     assert not watch.thread.is_alive()
+
+
+def test_the_table_names_the_rows_timed_on_a_slowed_gpu():
+    from bench.decode import table
+    machine = {"gpu": "H100", "bandwidth_gb_s": 2950, "torch": "2.11", "transformers": "5.23", "bitsandbytes": "-"}
+    row = {"model": "llama2-7b", "row": "quantchat fast decode", "decode_128_tokens_per_s": 102.8, "mbu_128": 0.46}
+    hot = {**row, "gpu_state": summarize(["86, 1710, 0x20"])}
+    assert "slowed itself down" not in table({"machine": machine, "date": "2026-11-24", "rows": [row]})
+    assert table({"machine": machine, "date": "2026-11-24", "rows": [hot]}).endswith(
+        "The GPU slowed itself down during: quantchat fast decode (SW thermal slowdown, up to 86 °C).")
