@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench.gpu_watch import GpuWatch, slowdown_note  # noqa: E402
+from bench.gpu_watch import GpuWatch, slowdown_note, slowdowns  # noqa: E402
 
 SHAPES = {  # the public configs' shapes
     "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -351,8 +351,7 @@ def chart(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if "decode_128_tokens_per_s" in r]
-    labels = [f"{r['model']}\n{r['row']}" + (" (GPU slowed down)" if (r.get("gpu_state") or {}).get("slowdowns") else "")
-              for r in rows]
+    labels = [f"{r['model']}\n{r['row']}" + (" (GPU slowed down)" if slowdowns(r) else "") for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     ax.barh(labels, [r["decode_128_tokens_per_s"] for r in rows], color="#f2b705")
     ax.set_xlabel("decode tokens/s, batch 1, 128 new tokens")

@@ -70,8 +70,13 @@ class GpuWatch:
         return summarize(self.lines)
 
 
+def slowdowns(row: dict) -> list[str]:
+    """The slowdown reasons seen while a result row ran (none where it was not watched)."""
+    return (row.get("gpu_state") or {}).get("slowdowns") or []
+
+
 def slowdown_note(rows: list[dict]) -> str:
     """A line under a result table naming the rows that ran on a GPU slowing itself down ('' when none did)."""
-    slowed = [f"{r['row']} ({', '.join(r['gpu_state']['slowdowns'])}, up to {r['gpu_state']['max_temperature_c']} °C)"
-              for r in rows if (r.get("gpu_state") or {}).get("slowdowns")]
+    slowed = [f"{r['row']} ({', '.join(slowdowns(r))}, up to {r['gpu_state']['max_temperature_c']} °C)"
+              for r in rows if slowdowns(r)]
     return f"The GPU slowed itself down during: {'; '.join(slowed)}." if slowed else ""

@@ -1,4 +1,5 @@
-"""bench/decode.py's command line, without a GPU: the named row sets and the check of the rows asked for."""
+"""bench/decode.py without a GPU: the named row sets, the check of the rows asked for, and the record of a GPU that
+slowed itself down during a row (bench/gpu_watch.py)."""
 import os
 import subprocess
 import sys
