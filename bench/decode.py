@@ -309,7 +309,10 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     started = time.perf_counter()
     model = loaders.load(loaders.plan(settings))  # the fast path then compiles and warms up in the background
     load_s = time.perf_counter() - started
-    if peer:  # undo quantchat's choice of attention backends (quantchat.loaders.hf.attention_without_shape_plans)
+    # a peer undoes quantchat's choice of attention backends (quantchat.loaders.hf.attention_without_shape_plans) for
+    # its own row only: the setting is process-wide, and the rows after it must not depend on the order of the rows
+    cudnn_attention = torch.backends.cuda.cudnn_sdp_enabled()
+    if peer:
         torch.backends.cuda.enable_cudnn_sdp(True)
     timed = timed_static_generate if peer == "static" else timed_stream
     results = {"model": model_name, "row": row, "quantization": model.info.quantization, "dtype": model.info.dtype,
@@ -324,6 +327,7 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     results["bytes_per_token_gib"] = round(bytes_per_token(model, 16) / 2**30, 3)
     model.close()
     del model
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     return results
 
 
