@@ -1,7 +1,7 @@
 """python generate.py --base_model=... : load a model and chat with it (flags as in h2oGPT; --help lists them)."""
 import sys
 
-from quantchat.generate import main
+from quantchat.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,8 +59,8 @@ def run_variant(variant: str, shape: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.decode import SHAPES, exact_greedy, installed, profiled, timed_tokens
-    from quantchat.loaders.fast_decode import FastDecoder
-    from quantchat.loaders.hf import attention_without_shape_plans
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    from quantchat.loaders.hf.model import attention_without_shape_plans
     attention_without_shape_plans(torch)  # as the Hugging Face backend sets it at load
     for option in variant.split("+"):
         apply(option, FastDecoder)

@@ -297,7 +297,7 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     import torch
 
     from quantchat import loaders
-    from quantchat.generate import parse_flags
+    from quantchat.cli import parse_flags
     from quantchat.settings import from_flags
     flags, peer, checkpoint = ROWS[row]
     if checkpoint:
@@ -309,7 +309,7 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     started = time.perf_counter()
     model = loaders.load(loaders.plan(settings))  # the fast path then compiles and warms up in the background
     load_s = time.perf_counter() - started
-    # a peer undoes quantchat's choice of attention backends (quantchat.loaders.hf.attention_without_shape_plans) for
+    # a peer undoes quantchat's choice of attention backends (quantchat.loaders.hf.model.attention_without_shape_plans) for
     # its own row only: the setting is process-wide, and the rows after it must not depend on the order of the rows
     cudnn_attention = torch.backends.cuda.cudnn_sdp_enabled()
     if peer:

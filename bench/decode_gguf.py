@@ -113,7 +113,7 @@ def gpu_used_bytes() -> int | None:
 
 def measure(model_name: str, kind: str, bandwidth: float, workdir: Path) -> dict:
     from quantchat import loaders
-    from quantchat.generate import parse_flags
+    from quantchat.cli import parse_flags
     from quantchat.settings import from_flags
     path = gguf_of(model_name, kind, workdir)
     before = gpu_used_bytes()

@@ -3,6 +3,14 @@ export SITE=${SITE:-/tmp/site}
 export PYTHONPATH=$SITE
 export TORCH_CUDA_ARCH_LIST=9.0  # every process alike: torch rebuilds a JIT extension built for other archs
 
+# result files are named after the GPU they ran on: "h200" from "NVIDIA H200", "rtx4090" from "NVIDIA GeForce RTX 4090"
+gpu_name() {  # the GPU's model from its name as nvidia-smi prints it (read on stdin)
+    tr 'A-Z' 'a-z' | sed -E 's/(nvidia|geforce|tesla) //g' |
+        awk '{ if ($1 ~ /[0-9]/) print $1; else print $1 $2 }' | cut -d- -f1 | head -n 1
+}
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | gpu_name || true)
+export GPU_NAME=${GPU_NAME:-gpu}
+
 install_carried_wheels() {
     # the wheels this call and earlier ones carried (.whl/*/), each file once: two folders may carry the same wheel
     # (pip refuses it twice), and one installed by an earlier call is not installed again under a running process

@@ -48,11 +48,11 @@ case "$1" in
         while [ -f /tmp/bench.hold ]; do sleep 5; done
         # one process and one result file per model, one after the other
         for model in $(echo "$MODELS" | tr , ' '); do
-            python3 bench/decode.py --models="$model" --rows="$ROWS" --profile --out="/tmp/decode-h100-$model.json" || true
+            python3 bench/decode.py --models="$model" --rows="$ROWS" --profile --out="/tmp/decode-$GPU_NAME-$model.json" || true
         done
         echo "=== bench done" ;;
     poll)
-        cp /tmp/decode-h100-*.json /tmp/decode.log "$OUT/" 2>/dev/null || true; grep -v '^{' /tmp/decode.log | tail -n 5
+        cp /tmp/decode-$GPU_NAME-*.json /tmp/decode.log "$OUT/" 2>/dev/null || true; grep -v '^{' /tmp/decode.log | tail -n 5
         grep '^{' /tmp/decode.log | cut -c1-400 || true; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv ;;
     keep)  # one file per dtype: both together are more than a call brings back
         for dtype in bf16 fp16; do

@@ -5,7 +5,7 @@
 #                                         .whl/pyd pydantic for exllamav3, .whl/bnb) and start compiling exllamav3's
 #                                         and exllamav2's kernels
 #   bash bench/gpu_quant.sh prepare   -> after bench/gpu_gemma.sh: quantize Gemma (GPTQ, then EXL3) in the background
-#   bash bench/gpu_quant.sh quality   -> bench/quality.py rows (ROWS=...), result in $OUT/quality-h100.json
+#   bash bench/gpu_quant.sh quality   -> bench/quality.py rows (ROWS=...), result in $OUT/quality-$GPU_NAME.json
 #   bash bench/gpu_quant.sh tests     -> tests/test_gpu_quant.py (K="exl3 or exllamav2" to choose)
 #   bash bench/gpu_quant.sh keep      -> the compiled exllamav3 extension into $OUT, to carry to the next machine
 . bench/gpu_common.sh
@@ -31,7 +31,7 @@ case "$1" in
             < /dev/null > /dev/null 2>&1 &
         echo "quantizing in the background: /tmp/prepare.log" ;;
     quality)
-        quality "${ROWS:-reference,int8,nf4,gptq,awq,exllama-gptq,exl3}" "$OUT/quality-h100.json" ;;
+        quality "${ROWS:-reference,int8,nf4,gptq,awq,exllama-gptq,exl3}" "$OUT/quality-$GPU_NAME.json" ;;
     tests)
         for i in $(seq 60); do grep -q compiled /tmp/compile-exllamav2.log 2>/dev/null && break; sleep 5; done
         python3 -m pytest -q -s -p no:warnings tests/test_gpu_quant.py --durations=10 ${K:+-k "$K"} ;;

@@ -5,7 +5,7 @@
 32 layers of distinct random weights (so that no matrix is served from the L2 cache), each layer's matmuls
 captured in one CUDA graph and replayed: gptqmodel's Marlin (the GPTQ/AWQ kernel quantchat loads on CUDA) with
 seven matmuls per layer (q, k, v, o, gate, up, down) and with four (q/k/v and gate/up fused, as
-quantchat/loaders/fused_projections.py runs them), then the same for PyTorch's own int4 kernel (tinygemm, what
+quantchat/loaders/hf/fused_projections.py runs them), then the same for PyTorch's own int4 kernel (tinygemm, what
 torchao's int4 weight-only uses), and the time of each matrix shape alone. Group size 128, bf16 activations.
 """
 from __future__ import annotations

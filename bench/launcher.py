@@ -9,6 +9,7 @@ Writes a JSON result file and prints a Markdown table made from it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -20,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quantchat import loaders  # noqa: E402
-from quantchat.generate import build_engine, parse_flags  # noqa: E402
+from quantchat.assembly import build_engine  # noqa: E402
+from quantchat.cli import parse_flags  # noqa: E402
 from quantchat.settings import from_flags  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -50,7 +52,7 @@ def measure(name: str, argv: list[str], force_fp16: bool = False) -> dict:
                                               "--max_seq_len=2048", "--repetition_penalty=1.0"]))
     plan = loaders.plan(settings)
     if force_fp16:
-        plan.options["dtype"], plan.dtype = "float16", "float16"
+        plan.options, plan.dtype = dataclasses.replace(plan.options, dtype="float16"), "float16"
     started = time.perf_counter()
     model = loaders.load(plan)
     load_s = time.perf_counter() - started

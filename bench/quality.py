@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from quantchat import loaders  # noqa: E402
-from quantchat.generate import build_engine  # noqa: E402
+from quantchat.assembly import build_engine  # noqa: E402
 from quantchat.loaders.base import GenParams  # noqa: E402
 from quantchat.quantize import DATA  # noqa: E402
 from quantchat.settings import from_flags  # noqa: E402

@@ -15,21 +15,19 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
 
+from . import api_models
 from .engine import ChatEngine, Reply
 from .errors import UserError
 
 MAX_BODY_BYTES = 4 * 2**20
-COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options", "user",
-          "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs"}
-CHAT_ONLY = {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice", "functions",
-             "function_call", "top_logprobs", "parallel_tool_calls", "langchain_mode"}
-COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
+R = TypeVar("R", bound=api_models.Request)
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length", "time": "length"}
 
 
@@ -121,7 +119,8 @@ class OpenAIServer:
         if not header.startswith("Bearer ") or header[7:].strip() not in self.api_keys:
             raise ApiError(401, "Incorrect API key provided.", kind="invalid_request_error", code="invalid_api_key")
 
-    async def _body(self, request: Request) -> dict:
+    async def _request(self, request: Request, model: type[R]) -> R:
+        """The body parsed and checked by its pydantic model; any failure is a 4xx naming the field."""
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
@@ -131,58 +130,16 @@ class OpenAIServer:
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def _params(self, body: dict, allowed: set[str]):
-        unknown = sorted(set(body) - allowed)
-        if unknown:
-            raise ApiError(400, f"unsupported parameter: {unknown[0]}", param=unknown[0])
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if body.get(name):
-                raise ApiError(400, f"{name} is not supported; use repetition_penalty", param=name)
-        for name in ("logprobs", "echo", "tools", "functions", "suffix"):
-            if body.get(name):
-                raise ApiError(400, f"{name} is not supported", param=name)
-        if body.get("best_of", 1) != 1:
-            raise ApiError(400, "only best_of=1 is supported", param="best_of")
-        if (body.get("response_format") or {"type": "text"}).get("type") != "text":
-            raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
-            raise ApiError(400, "stop must be a string or a list of at most 16 strings", param="stop")
-        length = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        temperature = _number(body, "temperature", float)
-        overrides = {"max_new_tokens": _number(body, length, int), "temperature": temperature,
-                     "top_p": _number(body, "top_p", float), "top_k": _number(body, "top_k", int),
-                     "repetition_penalty": _number(body, "repetition_penalty", float),
-                     "seed": _number(body, "seed", int), "stop": stop,
-                     "do_sample": None if temperature is None else temperature > 0}
         try:
-            return self.engine.params(**overrides)
+            return model.model_validate(body)
+        except ValidationError as e:
+            raise _invalid(e) from None
+
+    def _params(self, body: api_models.Request):
+        try:
+            return self.engine.params(**body.generation())
         except UserError as e:
             raise ApiError(400, str(e)) from None
-
-    @staticmethod
-    def _messages(body: dict) -> list[dict]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", param="messages")
-        out = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-                raise ApiError(400, "each message needs a role: system, user or assistant", param="messages")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise ApiError(400, "only text content is supported", param="messages")
-                content = "".join(p.get("text", "") for p in content)
-            if not isinstance(content, str):
-                raise ApiError(400, "message content must be text", param="messages")
-            out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-        return out
 
     # --- the app
     def _build(self) -> FastAPI:
@@ -230,27 +187,22 @@ class OpenAIServer:
     async def _complete(self, request: Request, chat: bool):
         self._check_key(request)
         engine = self._engine()
-        body = await self._body(request)
-        params = self._params(body, COMMON | (CHAT_ONLY if chat else COMPLETION_ONLY))
+        body = await self._request(request, api_models.ChatRequest if chat else api_models.CompletionRequest)
+        params = self._params(body)
         cancel = threading.Event()
-        documents = self._documents(body.get("langchain_mode")) if chat else None
+        documents = self._documents(body.langchain_mode) if chat else None
         try:
             if chat:
-                reply = engine.chat(self._messages(body), params, cancel, documents)
+                reply = engine.chat([m.as_dict() for m in body.messages], params, cancel, documents)
             else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str) or not prompt:
-                    raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-                reply = engine.complete(prompt, params, cancel)
+                reply = engine.complete(body.text(), params, cancel)
         except UserError as e:
             raise ApiError(400, str(e)) from None
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": engine.model.info.model}
         sources = {"sources": [p.as_dict() for p in reply.sources]} if documents is not None else {}
         endpoint = request.url.path
-        if body.get("stream"):
+        if body.stream:
             return StreamingResponse(self._events(reply, cancel, meta, chat, endpoint, sources),
                                      media_type="text/event-stream")
         try:
@@ -313,13 +265,19 @@ class OpenAIServer:
             cancel.set()  # a client that disconnected: stop generating and free the model
 
 
-def _number(body: dict, name: str, kind: type) -> int | float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)):
-        raise ApiError(400, f"{name} must be a {'whole number' if kind is int else 'number'}", param=name)
-    return value
+def _invalid(error: ValidationError) -> ApiError:
+    """The first problem pydantic found, as OpenAI words it: the field is the error's param."""
+    first = error.errors()[0]
+    param = str(first["loc"][0]) if first["loc"] else None
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, api_models.Unsupported):
+        return ApiError(400, str(cause), param=cause.param or param)
+    if first["type"] == "extra_forbidden":
+        return ApiError(400, f"unsupported parameter: {param}", param=param)
+    if param == "messages":
+        return ApiError(400, "messages must be a non-empty list of {role: system, user or assistant; content: text}",
+                        param=param)
+    return ApiError(400, f"{param}: {first['msg']}", param=param)
 
 
 def _usage(reply: Reply) -> dict:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .documents.passages import Passage, question_with_context
 from .errors import UserError
+from .generation import check_generation
 from .loaders.base import ChatModel, GenParams
 from .prompter import Message, Prompter
 
@@ -171,14 +172,7 @@ class ChatEngine:
         if unknown:
             raise UserError(f"unknown generation settings: {sorted(unknown)}")
         p = replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
-        if p.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1 (got {p.max_new_tokens})")
-        if not 0 <= p.temperature <= 100:
-            raise UserError(f"temperature must be between 0 and 100 (got {p.temperature})")
-        if not 0 < p.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] (got {p.top_p})")
-        if p.max_time <= 0:
-            raise UserError(f"max_time must be positive (got {p.max_time})")
+        check_generation(asdict(p))
         p.max_new_tokens = min(p.max_new_tokens, self.limits.max_max_new_tokens)
         p.max_time = min(p.max_time, self.limits.max_max_time)
         p.min_new_tokens = min(max(p.min_new_tokens, 0), p.max_new_tokens)

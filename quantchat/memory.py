@@ -47,25 +47,21 @@ def shapes_from_config(c: dict) -> list[tuple[str, int]] | None:
     return shapes
 
 
-def bytes_per_linear_weight(quant: str, quant_config: dict | None = None) -> float | None:
-    """Bytes per weight of a quantized Linear layer; None where the layers stay in the model's dtype."""
-    if quant == "int8":
-        return 1.0
-    if quant.startswith("4-bit"):
-        # 4 bits plus one absmax per 64 weights (fp32, or 8-bit with a second-level fp32 per 256 blocks)
-        return 0.5 + (1.0 / 64 + 4 / 256 / 64 if "double" in quant else 4.0 / 64)
-    if quant_config and quant_config.get("bits"):
-        bits = float(quant_config["bits"])
-        group = quant_config.get("group_size") or 0
-        # GPTQ/AWQ: an fp16 scale and a packed zero point per group (group_size -1: one group per column)
-        per_group = (2 + bits / 8) / group if group and group > 0 else 0.0
-        return bits / 8 + per_group
-    return None
+def packed_bytes_per_weight(quant_config: dict) -> float | None:
+    """Bytes per weight of a GPTQ/AWQ-style packed Linear layer (bits and group_size from its quantization_config);
+    None where the config does not say its bits."""
+    if not quant_config.get("bits"):
+        return None
+    bits = float(quant_config["bits"])
+    group = quant_config.get("group_size") or 0
+    # an fp16 scale and a packed zero point per group (group_size -1: one group per column)
+    per_group = (2 + bits / 8) / group if group and group > 0 else 0.0
+    return bits / 8 + per_group
 
 
-def weight_bytes(shapes: list[tuple[str, int]], dtype: str, quant: str, quant_config: dict | None = None) -> int:
-    """Bytes of the loaded weights. Quantization covers the Linear layers: not embeddings nor lm_head."""
-    linear_bytes = bytes_per_linear_weight(quant, quant_config)
+def weight_bytes(shapes: list[tuple[str, int]], dtype: str, linear_bytes: float | None = None) -> int:
+    """Bytes of the loaded weights; `linear_bytes` per weight of the quantized Linear layers (None: the model's
+    dtype). Quantization covers the Linear layers: not embeddings nor lm_head."""
     total = 0.0
     for name, count in shapes:
         linear = count > 0 and not any(k in name for k in ("embed", "lm_head", "wte", "wpe"))
@@ -94,26 +90,12 @@ def activation_bytes(c: dict, context: int, dtype_bytes: float) -> int:
     return int(tokens * (6 * hidden + 3 * inter) * dtype_bytes)
 
 
-def estimate(config: dict, shapes: list[tuple[str, int]], dtype: str, quant: str, context: int,
+def estimate(config: dict, shapes: list[tuple[str, int]], dtype: str, linear_bytes: float | None, context: int,
              batch: int = 1) -> MemoryEstimate | None:
-    """The whole estimate for `context` tokens (prompt and answer) in each of `batch` sequences."""
-    quant_config = config.get("quantization_config")
+    """The whole estimate for `context` tokens (prompt and answer) in each of `batch` sequences; `linear_bytes` as
+    for weight_bytes."""
     kv = kv_cache_bytes(config, context, DTYPE_BYTES[dtype], batch)
     if kv is None:
         return None
-    return MemoryEstimate(weight_bytes(shapes, dtype, quant, quant_config), kv,
+    return MemoryEstimate(weight_bytes(shapes, dtype, linear_bytes), kv,
                           activation_bytes(config, context, DTYPE_BYTES[dtype]), context)
-
-
-def free_gpu_bytes(gpu: int) -> int | None:
-    """Free memory of one GPU as the driver reports it (asked of nvidia-smi: no CUDA library is loaded here)."""
-    import shutil
-    import subprocess
-    if not shutil.which("nvidia-smi"):
-        return None
-    run = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", str(gpu)],
-                         capture_output=True, text=True, check=False)
-    try:
-        return int(run.stdout.strip().splitlines()[0]) * 2**20
-    except (ValueError, IndexError):
-        return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .errors import UserError, missing_package
+from .machine import Machine
 
 # h2oGPT's score_model='auto'
 H2OGPT_DEFAULT = "OpenAssistant/reward-model-deberta-v3-large-v2"
@@ -18,7 +19,7 @@ class RewardScorer:
             raise missing_package("transformers", "hf", "--score_model") from None
         self.torch = torch
         name = H2OGPT_DEFAULT if name == "auto" else name
-        device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
+        device = Machine.probe(torch_view=True).torch_device(gpu_id)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()

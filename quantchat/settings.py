@@ -13,7 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import bnb_modes
 from .errors import UsageError
+from .generation import check_generation
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}  # --server_name values that keep the web UI and API to this machine
 
 
 def flag(default: Any, help: str, kind: str | None = None):
@@ -33,8 +37,7 @@ class Settings:
     tokenizer_base_model: str = flag("", "tokenizer folder or hub id, when it differs from base_model")
     load_8bit: bool = flag(False, "load weights as int8 with bitsandbytes")
     load_4bit: bool = flag(False, "load weights as 4-bit with bitsandbytes (see low_bit_mode)")
-    low_bit_mode: int = flag(1, "4-bit details: 0 bitsandbytes defaults (FP4, fp32 compute); 1 NF4 + double quantization; "
-                                "2 NF4; 3 FP4 + double quantization; 4 NF4 + double quantization (1-4 compute in the model dtype)")
+    low_bit_mode: int = flag(1, bnb_modes.help_text())
     load_half: bool | None = flag(None, "True: fp16/bf16 weights even on the CPU; False: fp32; None: automatic", kind="bool?")
     use_flash_attention_2: bool = flag(False, "attention through the flash-attn package (Hugging Face backend)")
     revision: str | None = flag(None, "hub revision (branch, tag or commit) of base_model", kind="str?")
@@ -220,18 +223,19 @@ def validate(s: Settings) -> None:
     """Clashing flags and out-of-range values: one line each, exit code 2."""
     if s.load_8bit and s.load_4bit:
         raise UsageError("--load_8bit and --load_4bit clash: choose one")
-    if s.low_bit_mode not in range(5):
-        raise UsageError(f"--low_bit_mode={s.low_bit_mode}: choose 0, 1, 2, 3 or 4")
+    if s.low_bit_mode not in bnb_modes.LOW_BIT_MODES:
+        *first, last = map(str, bnb_modes.LOW_BIT_MODES)
+        raise UsageError(f"--low_bit_mode={s.low_bit_mode}: choose {', '.join(first)} or {last}")
     if s.load_half is not None and s.load_8bit:
         raise UsageError("--load_half and --load_8bit clash: int8 weights are not half precision; choose one")
     if s.cli and s.share:
         raise UsageError("--cli and --share clash: share publishes the web UI, which --cli does not start")
-    checks = [
-        ("max_new_tokens", s.max_new_tokens, 1, None), ("max_max_new_tokens", s.max_max_new_tokens, 1, None),
-        ("min_new_tokens", s.min_new_tokens, 0, None), ("max_time", s.max_time, 0.001, None),
-        ("max_max_time", s.max_max_time, 0.001, None), ("temperature", s.temperature, 0.0, 100.0),
-        ("top_k", s.top_k, 0, None), ("top_p", s.top_p, 0.0, 1.0), ("num_beams", s.num_beams, 1, 64),
-        ("repetition_penalty", s.repetition_penalty, 0.01, 100.0), ("max_seq_len", s.max_seq_len, 16, None),
+    check_generation({name: getattr(s, name) for name in ("max_new_tokens", "min_new_tokens", "max_time", "temperature",
+                                                          "top_k", "top_p", "num_beams", "repetition_penalty")},
+                     as_flags=True)
+    checks = [  # the other numbers' ranges
+        ("max_max_new_tokens", s.max_max_new_tokens, 1, None), ("max_max_time", s.max_max_time, 0.001, None),
+        ("max_seq_len", s.max_seq_len, 16, None),
         ("n_gpu_layers", s.n_gpu_layers, -1, None), ("pre_layer", s.pre_layer, 0, None), ("gpu_id", s.gpu_id, 0, None),
         ("server_port", s.server_port, 1, 65535), ("concurrency_count", s.concurrency_count, 1, 1024),
         ("openai_port", s.openai_port, 1, 65535),

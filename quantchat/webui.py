@@ -14,8 +14,8 @@ import gradio as gr
 from .documents.passages import sources_lines
 from .engine import ChatEngine
 from .errors import UserError
+from .settings import LOOPBACK
 
-LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 SETTINGS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "max_time"]
 
 

@@ -14,7 +14,7 @@ from test_settings import settings
 
 from quantchat import loaders
 from quantchat.api import OpenAIServer, serve
-from quantchat.generate import build_engine
+from quantchat.assembly import build_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -103,6 +103,11 @@ def test_stop_strings_and_models(client, engine):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, None),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e9}, 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "8"}, 400, "max_tokens"),  # strict types
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 17}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "word " * 700}]}, 400, None),
@@ -164,7 +169,7 @@ def test_generate_serves_the_api_only(gemma_gguf):
 
 
 def test_api_without_a_key_stays_on_loopback(capsys):
-    from quantchat.generate import start_api
+    from quantchat.cli import start_api
     s = settings("--server_name=0.0.0.0", f"--openai_port={free_port()}")
     api, _ = start_api(s)
     try:

@@ -179,7 +179,7 @@ def test_the_model_panel_shows_the_decode_path_as_it_is_at_each_page_load(browse
     from conftest import FakeModel
     from test_settings import settings
 
-    from quantchat.generate import build_engine
+    from quantchat.assembly import build_engine
     from quantchat.webui import WebUI
     model = FakeModel(["Hi"])
     model.info.decode = "generate until the compiled decode path is ready (compiling)"

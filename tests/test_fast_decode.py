@@ -63,7 +63,7 @@ def test_token_choice_matches_transformers_processors():
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from quantchat.loaders.fast_decode import choose_token
+    from quantchat.loaders.hf.fast_decode import choose_token
     torch.manual_seed(0)
     logits = torch.randn(1, 300) * 0.3
     history = torch.tensor([[5, 17, 17, 250]])
@@ -108,8 +108,8 @@ def test_long_requests_fall_back_to_generate(tiny_llama):
 
 
 def test_fast_decode_is_off_on_the_cpu_unless_asked(tiny_llama):
-    assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is False
-    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True")).options["fast_decode"] is True
+    assert loaders.plan(settings(f"--base_model={tiny_llama}")).options.fast_decode is False
+    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True")).options.fast_decode is True
 
 
 def test_sliding_window_layers_keep_their_window(tmp_path, tiny_llama):
@@ -139,16 +139,16 @@ def test_sliding_window_layers_keep_their_window(tmp_path, tiny_llama):
         slow.close()
 
 
-def test_fast_decode_default_on_one_gpu_except_int8(tiny_llama, monkeypatch):
-    from quantchat.loaders import hf
-    monkeypatch.setattr(hf, "_placement", lambda s: ("cuda:0 (a GPU)", {"": 0}, "bfloat16", []))
-    assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is True
-    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--load_4bit")).options["fast_decode"] is True
-    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--load_8bit")).options["fast_decode"] is False
-    assert loaders.plan(settings(f"--base_model={tiny_llama}", "--load_8bit", "--fast_decode=True")).options[
-        "fast_decode"] is True
-    monkeypatch.setattr(hf, "_placement", lambda s: ("2 GPUs, balanced", "balanced", "bfloat16", []))
-    assert loaders.plan(settings(f"--base_model={tiny_llama}")).options["fast_decode"] is False
+def test_fast_decode_default_on_one_gpu_except_int8(tiny_llama):
+    from quantchat.machine import GPU, Machine
+    gpu = GPU(0, "a GPU", 80 * 2**30, 80 * 2**30, True)
+    one, two = Machine(gpus=(gpu,)), Machine(gpus=(gpu, GPU(1, "another", 80 * 2**30, 80 * 2**30, True)))
+
+    def fast_decode(*flags, machine=one):
+        return loaders.plan(settings(f"--base_model={tiny_llama}", *flags), machine).options.fast_decode
+    assert fast_decode() is True and fast_decode("--load_4bit") is True
+    assert fast_decode("--load_8bit") is False and fast_decode("--load_8bit", "--fast_decode=True") is True
+    assert fast_decode("--use_gpu_id=False", machine=two) is False
 
 
 def test_a_compiled_step_broken_into_pieces_still_gives_generates_tokens(tiny_llama):
@@ -157,7 +157,7 @@ def test_a_compiled_step_broken_into_pieces_still_gives_generates_tokens(tiny_ll
     tests/test_gpu_hf.py). Compiled here on the CPU."""
     import torch
 
-    from quantchat.loaders.fast_decode import FastDecoder
+    from quantchat.loaders.hf.fast_decode import FastDecoder
     model = load(tiny_llama)
     hook = model.model.model.layers[0].register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())
     try:
@@ -178,7 +178,7 @@ def test_attention_windows_grow_with_the_sequence_under_one_compilation(tiny_lla
     that crosses windows gives generate's tokens, and the compiled step serves every window without recompiling."""
     from torch._dynamo.utils import counters
 
-    from quantchat.loaders.fast_decode import FastDecoder, window_lengths
+    from quantchat.loaders.hf.fast_decode import FastDecoder, window_lengths
     assert window_lengths(1000) == [256, 512, 1000] and window_lengths(64) == [64]
     model = load(tiny_llama, "--max_seq_len=2048")
     try:
@@ -199,8 +199,8 @@ def test_attention_windows_grow_with_the_sequence_under_one_compilation(tiny_lla
 def test_generate_answers_while_the_fast_path_warms_up(tiny_llama, monkeypatch, warm_up_fails):
     """On CUDA the fast path compiles in the background: requests before it is ready are answered by generate, the
     later ones by the fast path; a warm-up that fails leaves generate answering, with the reason shown."""
-    from quantchat.loaders import hf
-    from quantchat.loaders.fast_decode import FastDecoder
+    from quantchat.loaders.hf import model as hf_model
+    from quantchat.loaders.hf.fast_decode import FastDecoder
     gate = threading.Event()
     warm_up = FastDecoder.warm_up
 
@@ -209,7 +209,7 @@ def test_generate_answers_while_the_fast_path_warms_up(tiny_llama, monkeypatch, 
         if warm_up_fails:
             raise RuntimeError("the compiler gave up")
         warm_up(self)
-    monkeypatch.setattr(hf, "_warm_up_in_background", lambda device: True)
+    monkeypatch.setattr(hf_model, "_warm_up_in_background", lambda device: True)
     monkeypatch.setattr(FastDecoder, "warm_up", slow_warm_up)
     slow = load(tiny_llama)
     model = load(tiny_llama, "--fast_decode=True")
@@ -233,11 +233,11 @@ def test_generate_answers_while_the_fast_path_warms_up(tiny_llama, monkeypatch, 
 
 def test_closing_during_the_warm_up_returns_at_once(tiny_llama, monkeypatch):
     """Ctrl-C during the background compilation must not wait for it; the finished warm-up is then dropped."""
-    from quantchat.loaders import hf
-    from quantchat.loaders.fast_decode import FastDecoder
+    from quantchat.loaders.hf import model as hf_model
+    from quantchat.loaders.hf.fast_decode import FastDecoder
     gate = threading.Event()
     warm_up = FastDecoder.warm_up
-    monkeypatch.setattr(hf, "_warm_up_in_background", lambda device: True)
+    monkeypatch.setattr(hf_model, "_warm_up_in_background", lambda device: True)
     monkeypatch.setattr(FastDecoder, "warm_up", lambda self: (gate.wait(), warm_up(self)))
     model = load(tiny_llama, "--fast_decode=True")
     closing = threading.Thread(target=model.close)
@@ -256,7 +256,7 @@ def test_the_captured_step_alone_gets_cudnn_attention(device, captured_with_cudn
 
     import torch
 
-    from quantchat.loaders.fast_decode import FastDecoder
+    from quantchat.loaders.hf.fast_decode import FastDecoder
     decoder = types.SimpleNamespace(torch=torch, device=torch.device(device), CUDNN_DECODE_ATTENTION=True)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)

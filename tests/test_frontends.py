@@ -10,8 +10,8 @@ from conftest import FakeModel, free_port, wait_until_up
 from test_settings import settings
 
 from quantchat import loaders
+from quantchat.assembly import build_engine
 from quantchat.engine import ChatEngine
-from quantchat.generate import build_engine
 from quantchat.prompter import FORMATS, Prompter
 from quantchat.terminal import run_terminal
 
@@ -184,7 +184,7 @@ def test_export_and_import_a_chat(tmp_path):
 
 
 def test_model_lock_dry_run_plans_each_model(capsys, tiny_llama):
-    from quantchat.generate import main
+    from quantchat.cli import main
     lock = f"[{{'base_model': '{tiny_llama}'}}, {{'max_seq_len': 1024}}]"
     assert main([f"--model_lock={lock}", "--load_4bit=False", "--dry_run=True"]) == 0
     out = capsys.readouterr().out

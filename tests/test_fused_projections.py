@@ -11,7 +11,7 @@ from test_settings import settings
 from torch import nn
 
 from quantchat import loaders
-from quantchat.loaders.fused_projections import ProjectionSlice, SharedProjection, fuse_projections
+from quantchat.loaders.hf.fused_projections import ProjectionSlice, SharedProjection, fuse_projections
 
 
 def counted_slices(sizes=(6, 3, 3)):

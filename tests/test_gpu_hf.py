@@ -2,6 +2,7 @@
 
 Run apart from tests/test_gpu_llamacpp.py (bench/gpu_tests.sh does): torch and a CUDA llama.cpp clash in one process.
 """
+import dataclasses
 import threading
 
 import pytest
@@ -48,7 +49,7 @@ def test_hugging_face_fp16_on_cuda(tiny_llama):
     """fp16 is what GPUs without bf16 get. (Gemma 3 itself overflows in fp16 and answers nothing: docs/backends.md.)"""
     import torch
     plan = loaders.plan(settings(f"--base_model={tiny_llama}"))
-    plan.options["dtype"], plan.dtype = "float16", "float16"
+    plan.options, plan.dtype = dataclasses.replace(plan.options, dtype="float16"), "float16"
     model = loaders.load(plan)
     try:
         assert next(model.model.parameters()).dtype == torch.float16 and model.device.type == "cuda"
@@ -70,8 +71,8 @@ def test_out_of_memory_during_generation_is_reported_freed_and_survived(tmp_path
     from conftest import build_tiny_llama
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from quantchat.assembly import build_engine
     from quantchat.errors import UserError
-    from quantchat.generate import build_engine
     folder = build_tiny_llama(tmp_path / "wide")
     config = LlamaConfig.from_pretrained(folder)
     config.update({"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16,
@@ -154,7 +155,7 @@ def test_a_step_broken_into_pieces_is_captured_whole(tiny_llama):
     the hand-captured CUDA graph still holds every piece, and replaying it gives generate's tokens."""
     import torch
 
-    from quantchat.loaders.fast_decode import FastDecoder
+    from quantchat.loaders.hf.fast_decode import FastDecoder
     model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=False",
                                                "--load_half=False")))
     hook = model.model.model.layers[0].register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())

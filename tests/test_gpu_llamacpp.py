@@ -18,7 +18,7 @@ GREEDY = GenParams(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
 def test_llamacpp_puts_every_layer_on_the_gpu(gemma_gguf, capfd):
     assert "torch" not in sys.modules
     plan = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048"))
-    assert plan.devices == "GPU 0: 18 of 18 layers" and plan.options["n_gpu_layers"] == -1
+    assert plan.devices == "GPU 0: 18 of 18 layers" and plan.options.llama_kwargs["n_gpu_layers"] == -1
     model = loaders.load(plan)
     try:
         assert "llama.cpp: 18 of 18 layers on the GPU" in capfd.readouterr().err

@@ -14,7 +14,7 @@ from conftest import CACHE
 
 from bench.quality import log_probs, logits, windows
 from quantchat import loaders
-from quantchat.generate import build_engine
+from quantchat.assembly import build_engine
 from quantchat.loaders.base import GenParams
 from quantchat.quantize import DATA
 from quantchat.quantize import main as quantize
@@ -173,7 +173,7 @@ def test_fused_projections_on_the_marlin_kernels(llama_512, method, monkeypatch)
     the separate layers'."""
     import torch
 
-    from quantchat.loaders import fused_projections
+    from quantchat.loaders.hf import fused_projections
     flags = {"base_model": quantized_llama(llama_512, method), f"load_{method}": "model", "concurrency_count": 2}
     settings = from_flags(flags)
     model = loaders.load(loaders.plan(settings))

@@ -9,8 +9,8 @@ import torch
 from test_settings import settings
 
 from quantchat import loaders
+from quantchat.assembly import build_engine
 from quantchat.errors import UsageError, UserError
-from quantchat.generate import build_engine
 from quantchat.loaders.base import GenParams
 
 GREEDY = GenParams(max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
@@ -114,7 +114,7 @@ def test_corrupt_safetensors_is_one_clear_error(tiny_llama, tmp_path):
 
 
 def test_importing_quantchat_imports_no_backend():
-    code = ("import sys, quantchat.generate, quantchat.loaders, quantchat.engine, quantchat.prompter, quantchat.terminal;"
+    code = ("import sys, quantchat.cli, quantchat.loaders, quantchat.engine, quantchat.prompter, quantchat.terminal;"
             "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'bitsandbytes', 'gradio', 'chromadb', "
             "'sentence_transformers', 'pypdf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -191,7 +191,7 @@ def test_weights_by_device_sums_each_devices_share(tiny_llama):
     moved to the meta device to stand for a second GPU)."""
     from transformers import AutoModelForCausalLM
 
-    from quantchat.loaders.hf import weights_by_device
+    from quantchat.loaders.hf.model import weights_by_device
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     total = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
     layer = model.model.layers[1]

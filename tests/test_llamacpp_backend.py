@@ -6,8 +6,8 @@ import pytest
 from test_settings import settings
 
 from quantchat import loaders
+from quantchat.assembly import build_engine
 from quantchat.errors import UserError
-from quantchat.generate import build_engine
 from quantchat.loaders.base import GenParams
 
 GREEDY = GenParams(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
@@ -109,7 +109,7 @@ def test_same_gguf_in_both_backends_agrees_on_greedy_tokens(gemma, gemma_hf):
 def test_a_gguf_model_never_imports_torch(gemma_gguf):
     """torch and a CUDA build of llama.cpp segfault in one process (docs/backends.md): keep them apart."""
     import subprocess
-    code = ("import sys, threading; from quantchat import loaders; from quantchat.generate import parse_flags;"
+    code = ("import sys, threading; from quantchat import loaders; from quantchat.cli import parse_flags;"
             "from quantchat.settings import from_flags; from quantchat.loaders.base import GenParams;"
             "m = loaders.load(loaders.plan(from_flags(parse_flags(['--max_seq_len=256']))));"
             "list(m.stream('Hi', GenParams(max_new_tokens=2), threading.Event()));"
@@ -122,7 +122,7 @@ def test_the_command_line_loads_llama_cpp_before_numpy(gemma_gguf):
     """A CUDA build of llama.cpp segfaulted loading a model in a process that had imported numpy first
     (docs/backends.md): the terminal chat on a GGUF must load llama.cpp's library before numpy."""
     import subprocess
-    code = ("import sys; from quantchat.generate import main;"
+    code = ("import sys; from quantchat.cli import main;"
             "code = main(['--base_model=' + sys.argv[1], '--cli=True', '--max_seq_len=256']);"
             "names = list(sys.modules); print(code, names.index('llama_cpp.llama_cpp') < names.index('numpy'))")
     out = subprocess.run([sys.executable, "-c", code, gemma_gguf], input="", capture_output=True, text=True,

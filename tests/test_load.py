@@ -17,7 +17,7 @@ from test_settings import settings
 
 from quantchat import loaders
 from quantchat.api import OpenAIServer, serve
-from quantchat.generate import build_engine
+from quantchat.assembly import build_engine
 from quantchat.webui import WebUI
 
 USERS = 16

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from bench.decode import SHAPES
-from quantchat import memory
+from quantchat import bnb_modes, memory
+from quantchat.machine import GPU, Machine
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA2 = {  # the public Llama-2 configs' shapes
@@ -14,12 +15,13 @@ LLAMA2 = {  # the public Llama-2 configs' shapes
     "70B": {**SHAPES["llama2-7b"], "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
             "num_attention_heads": 64, "num_key_value_heads": 8},
 }
-NF4 = "4-bit NF4, double quantization"
+NF4 = bnb_modes.LOW_BIT_MODES[1].bytes_per_weight
+INT8 = bnb_modes.INT8.bytes_per_weight
 
 
 @pytest.mark.parametrize("size, quant, low, high", [
-    ("7B", "none", 14 * 0.9, 14 * 1.1), ("13B", "none", 26 * 0.9, 26 * 1.1), ("70B", "none", 140 * 0.9, 140 * 1.1),
-    ("7B", "int8", 7 * 0.9, 7 * 1.1), ("13B", "int8", 13 * 0.9, 13 * 1.1), ("70B", "int8", 70 * 0.9, 70 * 1.1),
+    ("7B", None, 14 * 0.9, 14 * 1.1), ("13B", None, 26 * 0.9, 26 * 1.1), ("70B", None, 140 * 0.9, 140 * 1.1),
+    ("7B", INT8, 7 * 0.9, 7 * 1.1), ("13B", INT8, 13 * 0.9, 13 * 1.1), ("70B", INT8, 70 * 0.9, 70 * 1.1),
     ("7B", NF4, 4, 5), ("13B", NF4, 7, 9), ("70B", NF4, 35, 40),
 ])
 def test_weights_match_the_usual_guidance(size, quant, low, high):
@@ -31,10 +33,10 @@ def test_weights_match_the_usual_guidance(size, quant, low, high):
 
 def test_gptq_group_size_and_bits():
     shapes = memory.shapes_from_config(LLAMA2["7B"])
-    g128 = memory.weight_bytes(shapes, "float16", "gptq", {"bits": 4, "group_size": 128})
-    per_column = memory.weight_bytes(shapes, "float16", "gptq", {"bits": 4, "group_size": -1})
-    three_bit = memory.weight_bytes(shapes, "float16", "gptq", {"bits": 3, "group_size": 128})
-    assert three_bit < per_column < g128 < memory.weight_bytes(shapes, "float16", "none") / 3
+    def packed(bits, group):
+        return memory.weight_bytes(shapes, "float16", memory.packed_bytes_per_weight({"bits": bits, "group_size": group}))
+    g128, per_column, three_bit = packed(4, 128), packed(4, -1), packed(3, 128)
+    assert three_bit < per_column < g128 < memory.weight_bytes(shapes, "float16") / 3
     assert 3.5e9 < g128 < 4.2e9   # TheBloke's 4-bit 128g Llama-2-7B GPTQ is 3.9 GB
 
 
@@ -51,7 +53,8 @@ def test_estimate_within_10_percent_of_the_measured_peak(row):
     generate's cache grows to the longest sequence of the row (the 2,048-token prompt); the fast path's static
     cache is allocated at its full length (the bench's --max_seq_len=4096)."""
     config = SHAPES[row["model"]]
-    quant = row["quantization"]
+    mode = bnb_modes.by_description(row["quantization"])  # a result row keeps the plan's description
+    quant = mode.bytes_per_weight if mode else None
     context = 4096 if row["decode"].startswith("static cache") else row["prompt_tokens"] + 2
     need = memory.estimate(config, memory.shapes_from_config(config), "bfloat16", quant, context)
     measured = row["peak_gpu_gib"] * 2**30
@@ -70,47 +73,41 @@ def llama2_7b_folder(tmp_path):
     (14.8, ["--max_seq_len=4096"], "offload"),
     (10, [], "offload"),
 ])
-def test_a_model_that_does_not_fit_one_gpu_gets_a_plan(tmp_path, monkeypatch, free_gib, flags, expect):
+def test_a_model_that_does_not_fit_one_gpu_gets_a_plan(tmp_path, free_gib, flags, expect):
     """The plan for one GPU given its free memory (as nvidia-smi would report it): shorter context first, then
     weights on the CPU through accelerate's max_memory; the note says which."""
     from test_settings import settings
 
     from quantchat import loaders
-    from quantchat.loaders import hf
-    monkeypatch.setattr(hf, "_placement", lambda s: ("cuda:0 (test)", {"": 0}, "bfloat16", []))
-    monkeypatch.setattr(hf.memory, "free_gpu_bytes", lambda gpu: int(free_gib * 2**30))
-    p = loaders.plan(settings(f"--base_model={llama2_7b_folder(tmp_path)}", *flags))
+    machine = Machine(gpus=(GPU(0, "test", 80 * 2**30, int(free_gib * 2**30), True),))
+    p = loaders.plan(settings(f"--base_model={llama2_7b_folder(tmp_path)}", *flags), machine)
     notes = " ".join(p.notes)
     if expect == "fits":
-        assert p.context_length == 4096 and p.options["max_memory"] is None and not notes
+        assert p.context_length == 4096 and p.options.max_memory is None and not notes
     elif expect == "shortened":
-        assert 2048 <= p.context_length < 4096 and "context shortened" in notes and p.options["max_memory"] is None
+        assert 2048 <= p.context_length < 4096 and "context shortened" in notes and p.options.max_memory is None
         total = memory.MemoryEstimate(p.weight_bytes, p.kv_cache_bytes, p.activation_bytes, p.context_length).total
         assert total <= free_gib * 2**30
     else:
-        assert p.options["device_map"] == "auto" and "stay on the CPU" in notes and not p.options["fast_decode"]
-        assert p.options["max_memory"][0] < free_gib * 2**30
+        assert p.options.device_map == "auto" and "stay on the CPU" in notes and not p.options.fast_decode
+        assert p.options.max_memory[0] < free_gib * 2**30
 
 
 @pytest.mark.parametrize("free_gib, expect", [(40, "fits"), (6, "offload")])
-def test_several_gpus_show_each_gpus_share_and_cap_it(tmp_path, monkeypatch, free_gib, expect):
-    """--use_gpu_id=False on two GPUs (as torch and nvidia-smi would report them): each GPU's share is shown, and
-    accelerate gets each GPU's room for weights after its share of the KV cache, activations and CUDA context."""
-    import torch
+def test_several_gpus_show_each_gpus_share_and_cap_it(tmp_path, free_gib, expect):
+    """--use_gpu_id=False on two GPUs: each GPU's share is shown, and accelerate gets each GPU's room for weights
+    after its share of the KV cache, activations and CUDA context."""
     from test_settings import settings
 
     from quantchat import loaders
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr(memory, "free_gpu_bytes", lambda gpu: int(free_gib * 2**30))
-    p = loaders.plan(settings(f"--base_model={llama2_7b_folder(tmp_path)}", "--use_gpu_id=False"))
+    machine = Machine(gpus=tuple(GPU(i, "test", 80 * 2**30, int(free_gib * 2**30), True) for i in range(2)))
+    p = loaders.plan(settings(f"--base_model={llama2_7b_folder(tmp_path)}", "--use_gpu_id=False"), machine)
     need = memory.MemoryEstimate(p.weight_bytes, p.kv_cache_bytes, p.activation_bytes, p.context_length)
     share = need.weights / 2 + need.kv_cache / 2 + need.activations + memory.CUDA_CONTEXT
     assert f"cuda:0 {share / 2**30:.2f} GiB of {free_gib:.2f} GiB free, cuda:1" in p.devices, p.devices
-    room = p.options["max_memory"]
+    room = p.options.max_memory
     assert room[0] == room[1] == free_gib * 2**30 - need.kv_cache // 2 - need.activations - memory.CUDA_CONTEXT
-    assert p.options["device_map"] == "balanced" and not p.options["fast_decode"]
+    assert p.options.device_map == "balanced" and not p.options.fast_decode
     if expect == "fits":
         assert "cpu" not in room and not p.notes
     else:

@@ -7,8 +7,8 @@ import pytest
 from test_settings import settings
 
 from quantchat import loaders
+from quantchat.cli import main
 from quantchat.errors import UsageError, UserError
-from quantchat.generate import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +32,9 @@ def test_gguf_file_in_llamacpp_path_and_llama_with_model_path(gemma_gguf, tmp_pa
 def test_llamacpp_options_follow_flags(gemma_gguf):
     p = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=1024",
                               "--llamacpp_dict={'n_batch': 256, 'n_gqa': 8}", "--n_gpu_layers=0"))
-    assert p.options["n_ctx"] == 1024 and p.options["n_batch"] == 256 and p.options["n_gpu_layers"] == 0
-    assert "n_gqa" not in p.options and any("n_gqa" in n for n in p.notes)
+    kwargs = p.options.llama_kwargs
+    assert kwargs["n_ctx"] == 1024 and kwargs["n_batch"] == 256 and kwargs["n_gpu_layers"] == 0
+    assert "n_gqa" not in kwargs and any("n_gqa" in n for n in p.notes)
     assert p.kv_cache_bytes == 18 * 1 * (256 + 256) * 1024 * 2  # gemma3 270m: 18 layers, 1 KV head of 256
 
 
@@ -43,7 +44,7 @@ def test_gguf_flags_that_do_not_apply(gemma_gguf):
     with pytest.raises(UserError, match="rope_scaling type 'dynamic'"):
         loaders.plan(settings(f"--base_model={gemma_gguf}", "--rope_scaling={'type':'dynamic','factor':2}"))
     p = loaders.plan(settings(f"--base_model={gemma_gguf}", "--rope_scaling={'type':'linear','factor':2}"))
-    assert p.options["rope_freq_scale"] == 0.5
+    assert p.options.llama_kwargs["rope_freq_scale"] == 0.5
 
 
 def test_hf_folder_plan_counts_weights_from_safetensors_headers(tiny_llama):
@@ -62,7 +63,7 @@ def test_hf_folder_plan_counts_weights_from_safetensors_headers(tiny_llama):
 
 def test_rope_scaling_and_max_seq_len_set_the_context(tiny_llama):
     p = loaders.plan(settings(f"--base_model={tiny_llama}", "--rope_scaling={'type':'linear','factor':4}"))
-    assert p.context_length == 2048 and p.options["rope_parameters"]["rope_type"] == "linear"
+    assert p.context_length == 2048 and p.options.rope_parameters["rope_type"] == "linear"
     assert loaders.plan(settings(f"--base_model={tiny_llama}", "--max_seq_len=300")).context_length == 300
 
 
@@ -118,23 +119,27 @@ def test_unreadable_model_paths(tmp_path):
         loaders.plan(settings(f"--base_model={tmp_path / 'folder.gguf'}"))
 
 
+def gpu_with_free(free: int):
+    from quantchat.machine import GPU, Machine
+    return Machine(gpus=(GPU(0, "a GPU", 80 * 2**30, free, True),))
+
+
 def test_gguf_layers_fit_the_free_gpu_memory(monkeypatch, gemma_gguf):
     """With a GPU build and too little free memory, some layers stay on the CPU, and the plan says so."""
     import llama_cpp
 
-    from quantchat import memory
     from quantchat.loaders import llamacpp
-    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)  # the library's build, not the machine
     size = Path(gemma_gguf).stat().st_size
-    monkeypatch.setattr(memory, "free_gpu_bytes", lambda gpu: llamacpp.LLAMACPP_RESERVE + size // 2)
-    p = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048"))
+    p = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048"),
+                     gpu_with_free(llamacpp.LLAMACPP_RESERVE + size // 2))
     on_gpu, layers = p.gpu_layers
-    assert layers == 18 and 0 < on_gpu < 18 and p.options["n_gpu_layers"] == on_gpu
+    assert layers == 18 and 0 < on_gpu < 18 and p.options.llama_kwargs["n_gpu_layers"] == on_gpu
     assert any(f"{on_gpu} of 18 layers on the GPU, the rest on the CPU" in n for n in p.notes)
-    monkeypatch.setattr(memory, "free_gpu_bytes", lambda gpu: 80 * 2**30)       # plenty: everything on the GPU
-    assert loaders.plan(settings(f"--base_model={gemma_gguf}")).gpu_layers == (18, 18)
-    pre = loaders.plan(settings(f"--base_model={gemma_gguf}", "--pre_layer=5"))  # text-generation-webui's flag
-    assert pre.gpu_layers == (5, 18) and pre.options["n_gpu_layers"] == 5
+    plenty = gpu_with_free(80 * 2**30)                                            # everything on the GPU
+    assert loaders.plan(settings(f"--base_model={gemma_gguf}"), plenty).gpu_layers == (18, 18)
+    pre = loaders.plan(settings(f"--base_model={gemma_gguf}", "--pre_layer=5"), plenty)  # text-generation-webui's flag
+    assert pre.gpu_layers == (5, 18) and pre.options.llama_kwargs["n_gpu_layers"] == 5
 
 
 def test_layers_that_fit():

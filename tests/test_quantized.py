@@ -38,8 +38,8 @@ def with_quantization(tiny_llama, folder: Path, method: str, **extra) -> Path:
 ])
 def test_backend_follows_the_checkpoint(tiny_llama, tmp_path, method, flags, backend):
     folder = with_quantization(tiny_llama, tmp_path / method, method)
-    found, _, why = loaders.detect(settings(f"--base_model={folder}", *flags))
-    assert found == backend and method in why
+    found, _, why = loaders.choose(settings(f"--base_model={folder}", *flags))
+    assert found.NAME == backend and method in why
 
 
 @pytest.mark.parametrize("method, flags, message", [
@@ -49,9 +49,9 @@ def test_backend_follows_the_checkpoint(tiny_llama, tmp_path, method, flags, bac
 def test_flag_that_does_not_match_the_checkpoint(tiny_llama, tmp_path, method, flags, message):
     folder = with_quantization(tiny_llama, tmp_path / "q", method)
     with pytest.raises(UserError, match=message):
-        loaders.detect(settings(f"--base_model={folder}", *flags))
+        loaders.plan(settings(f"--base_model={folder}", *flags))
     with pytest.raises(UserError, match="unquantized checkpoint"):
-        loaders.detect(settings(f"--base_model={tiny_llama}", "--load_gptq=model"))
+        loaders.plan(settings(f"--base_model={tiny_llama}", "--load_gptq=model"))
 
 
 def test_a_gguf_file_refuses_the_quantized_flags(gemma_gguf):
@@ -78,8 +78,8 @@ def test_exllama_plan_rope_and_gpu_split(tiny_llama, tmp_path):
     folder = with_quantization(tiny_llama, tmp_path / "exl2", "exl2", bits=4.25)
     p = loaders.plan(settings(f"--base_model={folder}", "--load_exllama",
                               "--exllama_dict={'set_auto_map': '20,20', 'alpha_value': 2}"))
-    assert p.backend == "exllama" and p.options["library"] == "exllamav2" and p.options["split"] == [20.0, 20.0]
-    assert p.options["alpha"] == 2.0 and p.context_length == 1024 and "exl2 4.25 bits per weight" in p.quantization
+    assert p.backend == "exllama" and p.options.library == "exllamav2" and p.options.split == [20.0, 20.0]
+    assert p.options.alpha == 2.0 and p.context_length == 1024 and "exl2 4.25 bits per weight" in p.quantization
     assert "2 GPUs" in p.devices
     assert exllama.rope_settings(settings("--rope_scaling={'type':'linear','factor':2}"), "gptq") == (1.0, 2.0)
     assert exllama.rope_settings(settings("--rope_scaling={'alpha_value':4}"), "gptq") == (4.0, 1.0)
@@ -90,7 +90,7 @@ def test_exllama_plan_rope_and_gpu_split(tiny_llama, tmp_path):
     assert gpu_split({"gpu_split": [10, 30.5]}) == [10.0, 30.5] and gpu_split({}) is None
     # an EXL2 folder takes exllama_dict without --load_exllama; a plain folder refuses it
     assert loaders.plan(settings(f"--base_model={folder}", "--exllama_dict={'max_seq_len': 2048}")).context_length == 2048
-    with pytest.raises(UsageError, match="--exllama_dict applies to ExLlama"):
+    with pytest.raises(UsageError, match="--exllama_dict applies to the exllama backend"):
         loaders.plan(settings(f"--base_model={tiny_llama}", "--exllama_dict={'alpha_value': 2}"))
 
 

@@ -8,8 +8,9 @@ from conftest import free_port, wait_until_up
 from test_settings import settings
 
 from quantchat import loaders
+from quantchat.assembly import build_engine
+from quantchat.cli import main
 from quantchat.errors import UsageError, UserError
-from quantchat.generate import build_engine, main
 from quantchat.loaders.base import GenParams
 from quantchat.loaders.remote import parse_inference_server
 

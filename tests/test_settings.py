@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from quantchat.cli import parse_flags
 from quantchat.errors import UsageError
-from quantchat.generate import parse_flags
 from quantchat.settings import Settings, from_flags
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from ..errors import UserError, missing_package
+from ..machine import Machine
 from .passages import Passage
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -29,15 +30,6 @@ def embedding_model_source(name: str | None) -> str:
     return name
 
 
-def best_device() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 class Embedder:
     """Text -> unit-length vectors, on the GPU where there is one."""
 
@@ -47,7 +39,7 @@ class Embedder:
         except ImportError:
             raise missing_package("sentence-transformers", "docs", "documents Q&A") from None
         self.name = name or DEFAULT_EMBEDDING_MODEL
-        self.device = device or best_device()
+        self.device = device or Machine.probe(torch_view=True).torch_device()
         try:
             self.model = SentenceTransformer(embedding_model_source(name), device=self.device)
         except (OSError, ValueError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
 
 def human_bytes(n: int) -> str:
@@ -60,10 +60,14 @@ class ModelInfo:
         return rows + ([("decoding", self.decode)] if self.decode else [])
 
 
+Options = TypeVar("Options")
+
+
 @dataclass
-class LoadPlan:
-    """Everything decided before any weight is read; --dry_run prints it."""
-    backend: str                 # "hf", "llamacpp", "exllama" or "remote"
+class LoadPlan(Generic[Options]):
+    """Everything decided before any weight is read; --dry_run prints it. `options` is the backend's own typed
+    dataclass of load arguments (e.g. loaders.hf.HFOptions)."""
+    backend: str                 # a name in loaders.BACKENDS
     reason: str                  # why this backend was chosen
     model: str                   # path or hub id
     devices: str
@@ -72,7 +76,7 @@ class LoadPlan:
     context_length: int | None
     weight_bytes: int | None     # estimate of the weights' size in memory
     kv_cache_bytes: int | None   # estimate of the KV cache at full context
-    options: dict[str, Any] = field(default_factory=dict)   # backend-specific load arguments
+    options: Options             # backend-specific load arguments
     notes: list[str] = field(default_factory=list)          # warnings to show the user
     gpu_layers: tuple[int, int] | None = None               # (layers on the GPU, all layers) where known
     activation_bytes: int | None = None                     # estimate of the largest prefill's activations

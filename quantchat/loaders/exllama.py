@@ -12,14 +12,55 @@ import importlib.util
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .. import memory
 from ..errors import UsageError, UserError, missing_package
+from ..machine import Machine
 from ..settings import Settings, gpu_split
 from . import checkpoint
 from .base import GenParams, LoadPlan, ModelInfo
-from .hf import Detokenizer, count_tokens, encode_prompt
+from .checkpoint import Checkpoint
+from .tokens import Detokenizer, count_tokens, encode_prompt, eos_ids
+
+NAME = "exllama"
+USES_TORCH = False  # the plan reads files only; the libraries bring torch at load
+OWN_FLAGS = ("exllama_dict",)
+FORMATS = ("gptq", "exl2", "exl3")
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str                                  # gptq, exl2 or exl3
+    library: Literal["exllamav2", "exllamav3"]
+    alpha: float                                 # NTK RoPE scaling (1.0: none)
+    compress: float                              # linear RoPE scaling (1.0: none)
+    max_seq_len: int | None
+    split: list[float] | None                    # GB of weights per GPU (set_auto_map)
+    gpu_id: int
+    revision: str | None
+    tokenizer: str
+    trust_remote_code: bool
+
+
+def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
+    """EXL2 and EXL3 folders, and anything --load_exllama names (check() refuses what ExLlama cannot load)."""
+    if ckpt is None or ckpt.kind == "gguf":
+        return None
+    if s.load_exllama:
+        if ckpt.kind == "hub":
+            return "--load_exllama with a Hugging Face hub id (downloaded at load)"
+        return f"--load_exllama with a {ckpt.quant_method} folder"
+    if ckpt.quant_method in ("exl2", "exl3"):
+        return f"quantization_config says {ckpt.quant_method}: ExLlama"
+    return None
+
+
+def check(s: Settings, ckpt: Checkpoint) -> None:
+    if ckpt.is_dir and ckpt.quant_method not in FORMATS:
+        raise UserError(f"--load_exllama loads GPTQ, EXL2 and EXL3 folders, and {ckpt.holds()}: drop --load_exllama")
 
 
 def rope_settings(s: Settings, method: str) -> tuple[float, float]:
@@ -41,14 +82,8 @@ def rope_settings(s: Settings, method: str) -> tuple[float, float]:
     return alpha, compress
 
 
-def plan(s: Settings, model: str, why: str) -> LoadPlan:
-    folder = Path(model)
-    config: dict = {}
-    q = None
-    if folder.is_dir():
-        from . import read_config
-        config = read_config(folder)
-        q = checkpoint.quantization(folder, config)
+def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[Options]:
+    model, config, q = ckpt.path, ckpt.config, ckpt.quantization
     method = q["quant_method"] if q else "gptq"  # a hub id given with --load_exllama: h2oGPT's GPTQ repositories
     alpha, compress = rope_settings(s, method)
     trained = config.get("max_position_embeddings")
@@ -61,23 +96,25 @@ def plan(s: Settings, model: str, why: str) -> LoadPlan:
     weights = None
     if q and q.get("bits"):
         shapes = memory.shapes_from_config(config)
-        weights = shapes and memory.weight_bytes(shapes, "float16", "", {"bits": q["bits"],
-                                                                       "group_size": q.get("group_size")})
+        weights = shapes and memory.weight_bytes(shapes, "float16", memory.packed_bytes_per_weight(q))
     kv = memory.kv_cache_bytes(config, context, 2) if context and config else None
-    options = {"method": method, "library": library, "alpha": alpha, "compress": compress, "max_seq_len": context,
-               "split": split, "gpu_id": s.gpu_id, "revision": s.revision,
-               "tokenizer": s.tokenizer_base_model or model, "trust_remote_code": s.trust_remote_code}
+    options = Options(method=method, library=library, alpha=alpha, compress=compress, max_seq_len=context, split=split,
+                      gpu_id=s.gpu_id, revision=s.revision, tokenizer=s.tokenizer_base_model or model,
+                      trust_remote_code=s.trust_remote_code)
     quant = checkpoint.describe(q) if q else "gptq (from the hub repository)"
-    return LoadPlan("exllama", why, model, devices, "float16", f"{quant} via {library}", context, weights, kv,
-                    options)
+    return LoadPlan(NAME, why, model, devices, "float16", f"{quant} via {library}", context, weights, kv, options)
+
+
+def load(p: LoadPlan[Options]) -> ExLlamaModel:
+    return ExLlamaModel(p)
 
 
 class ExLlamaModel:
-    def __init__(self, p: LoadPlan):
+    def __init__(self, p: LoadPlan[Options]):
         o = p.options
-        library = o["library"]
+        library = o.library
         if importlib.util.find_spec(library) is None:
-            raise missing_package(library, "exllama", f"--load_exllama with a {o['method']} folder")
+            raise missing_package(library, "exllama", f"--load_exllama with a {o.method} folder")
         import torch
         if not torch.cuda.is_available():
             raise UserError(f"{library} runs on CUDA GPUs only, and none is visible: use --load_gptq on the CPU, "
@@ -86,8 +123,8 @@ class ExLlamaModel:
         folder = p.model
         if not Path(folder).is_dir():
             from huggingface_hub import snapshot_download
-            folder = snapshot_download(p.model, revision=o["revision"])
-        self.tokenizer = AutoTokenizer.from_pretrained(o["tokenizer"], trust_remote_code=o["trust_remote_code"])
+            folder = snapshot_download(p.model, revision=o.revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(o.tokenizer, trust_remote_code=o.trust_remote_code)
         self.torch = torch
         self.library = library
         self.lock = threading.Lock()
@@ -97,10 +134,10 @@ class ExLlamaModel:
             raise UserError(f"{p.model} does not fit in GPU memory: lower max_seq_len in --exllama_dict, or split "
                             "it over GPUs with set_auto_map") from None
         tok = self.tokenizer
-        self.eos_ids = {i for i in [tok.eos_token_id, *self._config_eos(folder)] if i is not None}
+        self.eos_ids = eos_ids(tok.eos_token_id, *self._config_eos(folder))
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
         self.info = ModelInfo(f"exllama ({library} {version})", p.model, p.devices, "float16", p.quantization,
-                              o["max_seq_len"] or 2048, p.weight_bytes, template, tok.bos_token or "",
+                              o.max_seq_len or 2048, p.weight_bytes, template, tok.bos_token or "",
                               tok.eos_token or "")
 
     @staticmethod
@@ -115,7 +152,7 @@ class ExLlamaModel:
             ids += value if isinstance(value, list) else [value]
         return ids
 
-    def _load_v2(self, folder: str, o: dict):
+    def _load_v2(self, folder: str, o: Options):
         import exllamav2
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
         from exllamav2.generator import ExLlamaV2DynamicGenerator
@@ -126,16 +163,16 @@ class ExLlamaModel:
         from exllamav2.attn import has_flash_attn, has_flash_attn_with_paged
         if not has_flash_attn:  # exllamav2 0.3.2's SDPA path drops the causal mask of a prompt: its matmul path
             config.no_sdpa = True  # keeps it (the answers were wrong without this)
-        config.scale_alpha_value, config.scale_pos_emb = o["alpha"], o["compress"]
-        if o["max_seq_len"]:
-            config.max_seq_len = o["max_seq_len"]
+        config.scale_alpha_value, config.scale_pos_emb = o.alpha, o.compress
+        if o.max_seq_len:
+            config.max_seq_len = o.max_seq_len
         model = ExLlamaV2(config)
-        if o["split"]:
-            model.load(gpu_split=o["split"], progress=False)
+        if o.split:
+            model.load(gpu_split=o.split, progress=False)
             cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len)
         else:  # the cache is allocated as the layers are placed, so that both fit
             cache = ExLlamaV2Cache(model, max_seq_len=config.max_seq_len, lazy=True)
-            with self.torch.cuda.device(o["gpu_id"]):
+            with self.torch.cuda.device(o.gpu_id):
                 model.load_autosplit(cache, progress=False)
         from exllamav2 import ExLlamaV2Tokenizer
         # paged attention (batching of jobs) needs flash-attn; without it one job at a time, which the lock gives
@@ -143,16 +180,16 @@ class ExLlamaModel:
                                               paged=has_flash_attn_with_paged)
         return generator, exllamav2.__version__
 
-    def _load_v3(self, folder: str, o: dict):
+    def _load_v3(self, folder: str, o: Options):
         from exllamav3 import Cache, Config, Generator, Model, Tokenizer
         config = Config.from_directory(folder)
         model = Model.from_config(config)
-        context = o["max_seq_len"] or 8192
+        context = o.max_seq_len or 8192
         cache_tokens = max(256, -(-context // 256) * 256)  # whole pages of 256 tokens
         cache = Cache(model, max_num_tokens=cache_tokens)
-        with self.torch.cuda.device(o["gpu_id"]):
+        with self.torch.cuda.device(o.gpu_id):
             # loading runs a prefill of max_chunk_size tokens through the cache, which must hold it
-            model.load(use_per_device=o["split"], progressbar=False, max_chunk_size=min(2048, cache_tokens))
+            model.load(use_per_device=o.split, progressbar=False, max_chunk_size=min(2048, cache_tokens))
         generator = Generator(model=model, cache=cache, tokenizer=Tokenizer.from_config(config))
         return generator, importlib.metadata.version("exllamav3")
 

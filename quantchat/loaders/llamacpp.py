@@ -9,11 +9,19 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from .. import memory
 from ..errors import UsageError, UserError, missing_package
+from ..machine import Machine
 from ..settings import Settings
 from .base import GenParams, LoadPlan, ModelInfo
+from .checkpoint import Checkpoint
+
+NAME = "llamacpp"
+USES_TORCH = False  # llama.cpp brings its own CUDA; loading torch's CUDA libraries first made it crash
+OWN_FLAGS = ()
 
 # llama.cpp allocates the whole KV cache up front: without --max_seq_len or n_ctx, use at most this much
 DEFAULT_MAX_CONTEXT = 8192
@@ -91,7 +99,21 @@ def _check_keys(options: dict) -> None:
 LLAMACPP_RESERVE = memory.CUDA_CONTEXT + 512 * 2**20  # compute buffers: about this much at 2k-8k contexts
 
 
-def plan(s: Settings, path: str, why: str) -> LoadPlan:
+@dataclass(frozen=True)
+class Options:
+    llama_kwargs: dict[str, Any]  # llama_cpp.Llama's keyword arguments, checked against its signature at plan time
+
+
+def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
+    return ckpt.found if ckpt and ckpt.kind == "gguf" else None
+
+
+def check(s: Settings, ckpt: Checkpoint) -> None:
+    """Flags that do not apply to a GGUF file."""
+    quant_flag = next((f for f in ("load_gptq", "load_awq", "load_exllama") if getattr(s, f)), None)
+    if quant_flag:
+        raise UsageError(f"--{quant_flag} loads a model folder, and {ckpt.path} is a GGUF file (quantized already): "
+                         f"drop --{quant_flag}")
     if s.load_8bit or s.load_4bit:
         raise UsageError("--load_8bit/--load_4bit do not apply to a GGUF file: its quantization is fixed by the "
                          "file; pick a GGUF of another type (Q8_0, Q4_K_M ...) instead")
@@ -100,6 +122,10 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
                          "(llama.cpp's convert_lora_to_gguf.py); a PEFT folder needs a Hugging Face base model")
     if s.num_beams and s.num_beams > 1:
         raise UsageError("--num_beams: llama.cpp does not do beam search; drop the flag (greedy or sampling)")
+
+
+def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[Options]:
+    path = ckpt.path
     meta = read_gguf_metadata(path)
     arch = meta.get("general.architecture", "llama")
     trained = meta.get(f"{arch}.context_length")
@@ -119,7 +145,7 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
     asked = next((v for v in (s.n_gpu_layers, s.pre_layer, user.get("n_gpu_layers")) if v is not None), None)
     n_gpu_layers = asked if asked is not None else (-1 if gpu else 0)
     if asked is None and gpu and layers:
-        fit = layers_that_fit(os.path.getsize(path), kv or 0, layers, memory.free_gpu_bytes(s.gpu_id))
+        fit = layers_that_fit(os.path.getsize(path), kv or 0, layers, machine.free_gpu_bytes(s.gpu_id))
         if fit is not None and fit < layers:
             n_gpu_layers = fit
             notes.append(f"the model and its {context}-token KV cache need more than the GPU's free memory: {fit} of "
@@ -135,19 +161,19 @@ def plan(s: Settings, path: str, why: str) -> LoadPlan:
         devices = "cpu"
     if trained and context > trained and not s.rope_scaling:
         notes.append(f"context {context} is longer than the {trained} tokens the model was trained on")
-    options = {**H2OGPT_DEFAULTS, "model_path": path, "n_ctx": context, "n_gpu_layers": n_gpu_layers,
-               "main_gpu": s.gpu_id, "verbose": s.verbose, **_rope_options(s), **user}
+    kwargs = {**H2OGPT_DEFAULTS, "model_path": path, "n_ctx": context, "n_gpu_layers": n_gpu_layers,
+              "main_gpu": s.gpu_id, "verbose": s.verbose, **_rope_options(s), **user}
     if s.lora_weights:
-        options["lora_path"] = s.lora_weights
-    options["n_ctx"], options["n_gpu_layers"] = context, n_gpu_layers
-    options["n_batch"] = min(options["n_batch"], context)
+        kwargs["lora_path"] = s.lora_weights
+    kwargs["n_ctx"], kwargs["n_gpu_layers"] = context, n_gpu_layers
+    kwargs["n_batch"] = min(kwargs["n_batch"], context)
     if s.seed is not None:
-        options.setdefault("seed", s.seed)
-    _check_keys(options)
+        kwargs.setdefault("seed", s.seed)
+    _check_keys(kwargs)
     file_type = meta.get("general.file_type")
     quant = _file_type_name(file_type)
-    return LoadPlan("llamacpp", why, path, devices, "as stored in the file", quant, context,
-                    os.path.getsize(path), kv, options, notes, (on_gpu, layers))
+    return LoadPlan(NAME, why, path, devices, "as stored in the file", quant, context,
+                    os.path.getsize(path), kv, Options(kwargs), notes, (on_gpu, layers))
 
 
 def layers_that_fit(file_bytes: int, kv_bytes: int, layers: int, free: int | None) -> int | None:
@@ -166,12 +192,16 @@ def _file_type_name(file_type) -> str:
     return f"GGUF {names.get(file_type, f'file type {file_type}')}"
 
 
+def load(p: LoadPlan[Options]) -> LlamaCppModel:
+    return LlamaCppModel(p)
+
+
 class LlamaCppModel:
-    def __init__(self, p: LoadPlan):
+    def __init__(self, p: LoadPlan[Options]):
         llama_cpp = _llama_cpp()
         try:
-            with contextlib.nullcontext() if p.options["verbose"] else _quiet_stderr():
-                self.llm = llama_cpp.Llama(**p.options)
+            with contextlib.nullcontext() if p.options.llama_kwargs["verbose"] else _quiet_stderr():
+                self.llm = llama_cpp.Llama(**p.options.llama_kwargs)
         except (ValueError, RuntimeError, OSError) as e:
             raise UserError(f"llama.cpp cannot load {p.model}: {e} (is the file complete? run with --verbose=True "
                             "to see llama.cpp's log)") from None

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import UsageError, UserError, missing_package
+from ..machine import Machine
 from ..settings import Settings
 from .base import GenParams, LoadPlan, ModelInfo
+from .checkpoint import Checkpoint
 
+NAME = "remote"
+USES_TORCH = False
+OWN_FLAGS = ()
 DEFAULT_CONTEXT = 4096
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -71,11 +78,28 @@ def _context_length(card) -> int | None:
     return None
 
 
-def plan(s: Settings) -> LoadPlan:
-    import openai
+@dataclass(frozen=True)
+class Options:
+    base_url: str                          # ends in /v1
+    api: Literal["chat", "completions"]
+    api_key: str | None
+
+
+def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
+    if not s.inference_server:
+        return None
+    base_url, api = parse_inference_server(s.inference_server)
+    return f"--inference_server: {'chat' if api == 'chat' else 'text'} completions at {base_url}"
+
+
+def check(s: Settings, ckpt: Checkpoint | None) -> None:
     if s.lora_weights or s.load_8bit or s.load_4bit:
         raise UsageError("--lora_weights, --load_8bit and --load_4bit apply to local models: with --inference_server "
                          "the server decides how the model is loaded")
+
+
+def plan(s: Settings, ckpt: Checkpoint | None, machine: Machine, why: str) -> LoadPlan[Options]:
+    import openai
     base_url, api = parse_inference_server(s.inference_server)
     client = _client(base_url, s.inference_server_api_key)
     try:
@@ -95,21 +119,23 @@ def plan(s: Settings) -> LoadPlan:
         context = DEFAULT_CONTEXT
         notes.append(f"the server does not say its context length: assuming {DEFAULT_CONTEXT} tokens "
                      "(set --max_seq_len)")
-    why = f"--inference_server: {'chat' if api == 'chat' else 'text'} completions at {base_url}"
-    options = {"base_url": base_url, "api": api, "api_key": s.inference_server_api_key}
-    return LoadPlan("remote", why, card.id, f"remote ({base_url})", "remote", "as served", context, None, None,
-                    options, notes)
+    return LoadPlan(NAME, why, card.id, f"remote ({base_url})", "remote", "as served", context, None, None,
+                    Options(base_url, api, s.inference_server_api_key), notes)
+
+
+def load(p: LoadPlan[Options]) -> RemoteModel:
+    return RemoteModel(p)
 
 
 class RemoteModel:
     """Streams from the server; with the chat API it takes messages, and the server applies its chat template."""
 
-    def __init__(self, p: LoadPlan):
-        self.client = _client(p.options["base_url"], p.options["api_key"])
-        self.base_url = p.options["base_url"]
-        self.takes_messages = p.options["api"] == "chat"
+    def __init__(self, p: LoadPlan[Options]):
+        self.client = _client(p.options.base_url, p.options.api_key)
+        self.base_url = p.options.base_url
+        self.takes_messages = p.options.api == "chat"
         self.name = p.model
-        self.info = ModelInfo(f"remote ({p.options['api']} completions)", p.model, p.devices, p.dtype,
+        self.info = ModelInfo(f"remote ({p.options.api} completions)", p.model, p.devices, p.dtype,
                               p.quantization, p.context_length)
 
     def count_tokens(self, text: str) -> int:

@@ -25,7 +25,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 
-from .base import Either, GenParams
+from ..base import Either, GenParams
 
 DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
 

@@ -1,0 +1,57 @@
+#!/bin/bash
+# On the CPU machine (it reaches PyPI; the GPU machine reaches nothing): every package the bench/gpu_*.sh scripts
+# install there, as Python 3.12 wheels for x86_64 Linux, in the folders they carry (each at most 64 MiB per call):
+#   .whl/conv    fire, termcolor, gguf, diskcache           (the command line; transformers reading the Gemma GGUF)
+#   .whl/tf      transformers and tokenizers                (the GPU image's transformers is older)
+#   .whl/bnb130  bitsandbytes 0.50.2                        (its CUDA 13.0 library; only the manylinux_2_24 tag has it)
+#   .whl/q1      gptqmodel 7.6.0, its source-only dependencies built here, optimum, torchao
+#   .whl/ex2     exllamav2 0.3.2 and what it imports
+#   .whl/ex      exllamav3 and what it imports;  .whl/pyd  pydantic (exllamav3 imports it)
+#   .gpu/llama_src.tar.gz  llama-cpp-python's source without its models, docs and git history (12 MB of 76)
+# Usage: bash bench/fetch_wheels.sh [folder ...]   (default: all). Python 3.12 must be on PATH as python3.12 or
+# under pyenv: the source-only packages are built with it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY312=""
+for candidate in "$(command -v python3.12 || true)" /root/.pyenv/versions/3.12*/bin/python3.12; do
+    [ -x "$candidate" ] && "$candidate" -c "" 2>/dev/null && PY312=$candidate && break  # (a pyenv shim may not run)
+done
+[ -n "$PY312" ] || { echo "error: Python 3.12 is needed to build the source-only packages: install it first" >&2; exit 1; }
+PLATFORMS=(--platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+download() {  # folder, requirements...: binary wheels for CPython 3.12 on x86_64 Linux, no dependencies
+    local folder=$1; shift
+    mkdir -p "$folder"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${PLATFORMS[@]}" -d "$folder" "$@"
+}
+build() {  # folder, requirements...: source-only packages, built with Python 3.12
+    local folder=$1; shift
+    mkdir -p "$folder"
+    "$PY312" -m pip wheel -q --no-deps -w "$folder" "$@"
+}
+set -- "${@:-conv tf bnb130 q1 ex2 ex pyd llama}"
+set -- $*
+for part in "$@"; do
+    case "$part" in
+        conv)   download .whl/conv fire termcolor gguf diskcache ;;
+        tf)     download .whl/tf "transformers>=5.23,<6" "tokenizers>=0.22" ;;
+        bnb130) download .whl/bnb130 bitsandbytes==0.50.2 ;;
+        q1)     build .whl/q1 gptqmodel==7.6.0 device-smi logbar tokenicer defuser pypcre==0.6.4
+                download .whl/q1 "optimum>=2.0" torchao ;;
+        ex2)    download .whl/ex2 exllamav2==0.3.2 fastparquet cramjam websockets ;;
+        ex)     download .whl/ex exllamav2==0.3.2 "exllamav3>=1.6" "llguidance>=1.7" marisa_trie fastparquet cramjam \
+                    websockets ;;
+        pyd)    download .whl/pyd pydantic pydantic-core annotated-types typing-inspection ;;
+        llama)  mkdir -p .gpu /tmp/llsrc && rm -rf /tmp/llsrc/*
+                python3 -m pip download -q --no-deps --no-binary=:all: -d /tmp/llsrc "llama-cpp-python>=0.3.8"
+                tar xzf /tmp/llsrc/llama_cpp_python-*.tar.gz -C /tmp/llsrc
+                src=$(ls -d /tmp/llsrc/llama_cpp_python-*/)
+                rm -rf "$src/.git" "$src/vendor/llama.cpp/.git" "$src"/vendor/llama.cpp/models/*.gguf \
+                    "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/.github" "$src/vendor/llama.cpp/media" \
+                    "$src/vendor/llama.cpp/.devops"
+                tar czf .gpu/llama_src.tar.gz -C /tmp/llsrc "$(basename "$src")" ;;
+        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd llama)" >&2; exit 2 ;;
+    esac
+    echo "$part: $(du -sh ".whl/$part" ".gpu/llama_src.tar.gz" 2>/dev/null | head -1 | cut -f1)"
+done
