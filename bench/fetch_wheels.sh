@@ -35,7 +35,7 @@ set -- $*
 for part in "$@"; do
     case "$part" in
         conv)   download .whl/conv fire termcolor gguf diskcache ;;
-        tf)     download .whl/tf "transformers>=5.23,<6" "tokenizers>=0.22" ;;
+        tf)     download .whl/tf transformers==5.23.0 "tokenizers>=0.22,<0.24" ;;
         bnb130) download .whl/bnb130 bitsandbytes==0.50.2 ;;
         q1)     build .whl/q1 gptqmodel==7.6.0 device-smi logbar tokenicer defuser pypcre==0.6.4
                 download .whl/q1 "optimum>=2.0" torchao ;;

@@ -105,8 +105,9 @@ class Settings:
     score_model: str | None = flag(None, "reward model that rates each answer 0-1 (a folder or hub id; 'auto': "
                                          "h2oGPT's DeBERTa reward model; default None: off)", kind="str?")
     # --- documents Q&A
-    langchain_mode: str | None = flag(None, "UserData: answer from the documents in --user_path; MyData: from files "
-                                            "uploaded in this web session; LLM or Disabled: plain chat (default: "
+    langchain_mode: str | None = flag(None, "UserData: answer from the documents in --user_path (without it: those "
+                                            "earlier runs and uploads stored); MyData: from files uploaded in this web "
+                                            "session; LLM or Disabled: plain chat (default: "
                                             "UserData when --user_path is given, else LLM)", kind="str?")
     user_path: str | None = flag(None, "folder of documents (searched recursively) for langchain_mode=UserData",
                                  kind="str?")
@@ -308,10 +309,8 @@ def _settle_documents(s: Settings) -> None:
     by_lower = {m.lower(): m for m in LANGCHAIN_MODES} | {"disabled": "LLM", "none": "", "": ""}
     if mode.lower() not in by_lower:
         raise UsageError(f"--langchain_mode={mode}: choose one of {', '.join(LANGCHAIN_MODES)}")
-    mode = by_lower[mode.lower()] or ("UserData" if s.user_path else "LLM")
-    if mode == "UserData" and not s.user_path:
-        raise UsageError("--langchain_mode=UserData needs --user_path=DIR, the folder of your documents")
-    s.langchain_mode = mode
+    # UserData without --user_path is the database as earlier runs and uploads left it (as in h2oGPT)
+    s.langchain_mode = by_lower[mode.lower()] or ("UserData" if s.user_path else "LLM")
     if s.db_type != "chroma":
         raise UsageError(f"--db_type={s.db_type}: only chroma is supported")
     if s.chunk_size < 64:

@@ -34,8 +34,10 @@ def add_documents(library, mode: str, argument: str, out: TextIO) -> None:
     out.write(f"({report.summary(mode)})\n")
 
 
-def run_terminal(engine: ChatEngine, stream_output: bool = True, read: Callable[[str], str] = input,
-                 out: TextIO = sys.stdout, library=None) -> None:
+def run_terminal(engine: ChatEngine, stream_output: bool = True, read: Callable[[str], str] | None = None,
+                 out: TextIO | None = None, library=None) -> None:
+    read = read or input        # looked up now, not when this module was imported
+    out = out or sys.stdout
     history: list[dict] = []
     mode = library.default_mode if library else "LLM"
     documents = library.collection(mode) if library else None

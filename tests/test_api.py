@@ -23,7 +23,7 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def engine(gemma_gguf):
-    model = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=512")))
     yield build_engine(settings("--max_new_tokens=8"), model)
     model.close()
 

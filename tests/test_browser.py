@@ -2,6 +2,7 @@
 
 Screenshots land in tests/artifacts/. Needs /usr/bin/chromium (.ci/run installs it).
 """
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -32,20 +33,40 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def page(gemma_gguf, browser):
+@contextlib.contextmanager
+def web_ui(browser, *flags: str):
+    """generate.py's web UI with these flags, and a browser page on it; stopped afterwards."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", "--max_new_tokens=24",
-                               "--max_seq_len=1024"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "generate.py", f"--server_port={port}", *flags], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     wait_until_up(url)
     page = browser.new_page(viewport={"width": 1280, "height": 860})
     page.goto(url)
     page.wait_for_selector("#message textarea")
-    yield page
-    page.close()
-    server.terminate()
-    server.wait(timeout=30)
+    try:
+        yield page
+    finally:
+        page.close()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(gemma_gguf, browser):
+    """The UI's mechanics on a base model (Gemma 3 270M), which writes on until max_new_tokens."""
+    with web_ui(browser, f"--base_model={gemma_gguf}", "--max_new_tokens=24", "--max_seq_len=1024") as page:
+        yield page
+
+
+def test_a_first_chat_with_the_builtin_model(browser):
+    """What a new user sees first: the built-in instruct model answers a question and ends its turn itself.
+    The screenshot is README's (docs/screenshot.png is copied from tests/artifacts/first-chat.png)."""
+    with web_ui(browser, "--max_seq_len=2048") as page:
+        send(page, "What is the capital of France?")
+        answer = wait_for_stats(page)
+        assert "Paris" in answer and "· eos" in answer, answer
+        page.screenshot(path=str(ARTIFACTS / "first-chat.png"))
 
 
 def bot_texts(page) -> list[str]:

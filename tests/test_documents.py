@@ -232,6 +232,19 @@ def test_uploads_into_userdata_are_copied_and_never_overwrite(tmp_path, embedder
     assert library.sync().unchanged == 8                                   # the folder and the index agree
 
 
+def test_userdata_without_user_path_keeps_uploads_across_restarts(tmp_path, embedder):
+    """h2oGPT's --langchain_mode=UserData without --user_path: the persistent collection, empty the first time; what
+    is uploaded into it is there after a restart, and nothing is synced away."""
+    db = str(tmp_path / "db")
+    first = Library(DocumentStore(db, embedder), "UserData", None)
+    assert first.modes() == ["LLM", "UserData", "MyData"] and first.collection("UserData").count() == 0
+    (tmp_path / "ferry.txt").write_text(RIVER)
+    assert first.add([str(tmp_path / "ferry.txt")], "UserData").added == ["ferry.txt"]
+    restarted = Library(DocumentStore(db, embedder), "UserData", None)
+    assert restarted.collection("UserData").search("When does the ferry leave?", 1)[0].source == "ferry.txt"
+    assert "UserData: 1 file" in restarted.describe()
+
+
 def test_mydata_is_per_session_and_dropped(tmp_path, embedder):
     store = DocumentStore(str(tmp_path / "db"), embedder)
     (tmp_path / "a.txt").write_text(RIVER)
@@ -282,7 +295,7 @@ def docs_folder(tmp_path_factory) -> Path:
 
 
 def test_generate_answers_from_user_path_with_the_real_model(docs_folder, tmp_path):
-    """The whole path: ingestion at start, Gemma 3 270M (llama.cpp) answering from the PDF, sources printed."""
+    """The whole path: ingestion at start, the built-in model (llama.cpp) answering from the PDF, sources printed."""
     run = subprocess.run([sys.executable, "generate.py", "--cli=True", f"--user_path={docs_folder}",
                           f"--persist_directory={tmp_path / 'db'}", "--max_new_tokens=24", "--top_k_docs=2"],
                          cwd=ROOT, input="How wide is the main mirror of the Zephyr-9 telescope?\n/exit\n",
@@ -297,7 +310,6 @@ def test_generate_answers_from_user_path_with_the_real_model(docs_folder, tmp_pa
 @pytest.mark.parametrize("flags, code, message", [
     (["--user_path=/no/such/folder"], 1, "error: --user_path=/no/such/folder: no such folder"),
     (["--user_path={empty}"], 1, "holds no readable documents"),
-    (["--langchain_mode=UserData"], 2, "needs --user_path=DIR"),
 ])
 def test_generate_refuses_bad_folders_in_one_line(tmp_path, flags, code, message):
     (tmp_path / "empty").mkdir()

@@ -49,12 +49,13 @@ def test_terminal_reports_errors_and_keeps_going():
 
 
 def test_generate_cli_chats_with_the_builtin_model():
-    run = subprocess.run([sys.executable, "generate.py", "--cli=True", "--max_new_tokens=6", "--max_seq_len=256"],
-                         cwd=ROOT, input="The capital of France is\n/exit\n", capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "generate.py", "--cli=True", "--max_new_tokens=32", "--max_seq_len=512"],
+                         cwd=ROOT, input="What is the capital of France?\n/exit\n", capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "6 tokens · length" in run.stdout
-    assert "using the plain format" in run.stderr  # the base model has no chat template
+    answer = run.stdout.split(">>> ")[1]
+    assert "Paris" in answer and "tokens · eos" in answer              # the model ended its own turn
+    assert "prompt format: the model's chat template" in run.stderr
 
 
 def text(message: dict) -> str:
@@ -69,7 +70,7 @@ def web(gemma_gguf):
     from gradio_client import Client
 
     from quantchat.webui import WebUI
-    model = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=512")))
     engine = build_engine(settings("--max_new_tokens=8"), model)
     port = free_port()
     demo = WebUI(engine).launch("127.0.0.1", port, share=False, block=False)

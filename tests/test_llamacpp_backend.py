@@ -16,12 +16,12 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def gemma(gemma_gguf):
-    model = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=512")))
     yield model
     model.close()
 
 
-def test_builtin_model_loads_with_what_it_is(gemma):
+def test_a_gguf_loads_with_what_it_is(gemma):
     info = gemma.info
     assert info.backend.startswith("llama.cpp") and info.quantization == "GGUF Q4_K_M"
     assert info.context_length == 512 and info.chat_template is None and info.bos_token == "<bos>"
@@ -29,7 +29,7 @@ def test_builtin_model_loads_with_what_it_is(gemma):
 
 def test_load_says_how_many_layers_went_to_the_gpu(gemma_gguf, capfd):
     import llama_cpp
-    model = loaders.load(loaders.plan(settings("--max_seq_len=256")))
+    model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=256")))
     model.close()
     on_gpu = 18 if llama_cpp.llama_supports_gpu_offload() else 0
     assert f"llama.cpp: {on_gpu} of 18 layers on the GPU" in capfd.readouterr().err

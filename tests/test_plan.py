@@ -13,11 +13,12 @@ from quantchat.errors import UsageError, UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_no_base_model_is_the_builtin_gemma_gguf(gemma_gguf):
+def test_no_base_model_is_the_builtin_instruct_gguf():
+    from quantchat import packaged_models
     p = loaders.plan(settings())
-    assert p.backend == "llamacpp" and p.model == gemma_gguf and "built-in" in p.reason
+    assert p.backend == "llamacpp" and p.model == str(packaged_models.assemble()) and "built-in Qwen2.5" in p.reason
     assert p.quantization == "GGUF Q4_K_M" and p.context_length == 8192
-    assert p.weight_bytes == Path(gemma_gguf).stat().st_size
+    assert p.weight_bytes == packaged_models.BUILTIN.size
 
 
 def test_gguf_file_in_llamacpp_path_and_llama_with_model_path(gemma_gguf, tmp_path):

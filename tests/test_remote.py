@@ -60,10 +60,10 @@ def test_unreachable_server_and_wrong_key_are_one_line_errors(server):
         loaders.plan(settings(f"--inference_server=vllm:{server}", "--inference_server_api_key=wrong"))
 
 
-def test_text_completions_render_our_prompt_and_match_local_llamacpp(server):
+def test_text_completions_render_our_prompt_and_match_local_llamacpp(server, gemma_gguf):
     remote = loaders.load(loaders.plan(settings(f"--inference_server=vllm:{server}",
                                                 f"--inference_server_api_key={KEY}")))
-    local = loaders.load(loaders.plan(settings("--max_seq_len=512")))
+    local = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=512")))
     try:
         params = GenParams(max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
         from_server = "".join(remote.stream("Water boils at", params, threading.Event()))

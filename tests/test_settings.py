@@ -60,7 +60,6 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--load_exllama", "--exllama_dict={'alpha': 2}"], "unknown key 'alpha'"),
     (["--load_exllama", "--exllama_dict={'alpha_value': -2}"], "positive number"),
     (["--load_exllama", "--exllama_dict={'set_auto_map': '20,x'}"], "GB per GPU"),
-    (["--langchain_mode=UserData"], "needs --user_path=DIR"),
     (["--langchain_mode=Wiki"], "choose one of LLM, UserData, MyData"),
     (["--user_path=docs", "--db_type=faiss"], "only chroma"),
     (["--user_path=docs", "--top_k_docs=0"], "-1 for as many as fit"),

