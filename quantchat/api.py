@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from . import api_models
 from .engine import ChatEngine, Reply
-from .errors import UserError
+from .errors import UsageError, UserError
 
 MAX_BODY_BYTES = 4 * 2**20
 R = TypeVar("R", bound=api_models.Request)
@@ -43,9 +44,13 @@ class ApiError(Exception):
 
 
 def read_api_keys(value: str | None) -> list[str]:
-    """--openai_api_key: one key, or a file with one key per line."""
+    """--openai_api_key: one key, or a file with one key per line. A value that looks like a path must be a file:
+    a mistyped path must not quietly become the key."""
     if not value:
         return []
+    if _looks_like_a_path(value) and not os.path.isfile(value):
+        raise UsageError(f"--openai_api_key={value}: no such file (a value with a / or a file suffix is read as a "
+                         "file of keys): give the file's path, or the key itself")
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
             keys = [line.strip() for line in f if line.strip() and not line.startswith("#")]
@@ -53,6 +58,11 @@ def read_api_keys(value: str | None) -> list[str]:
             raise UserError(f"--openai_api_key={value}: the file holds no keys")
         return keys
     return [value]
+
+
+def _looks_like_a_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.startswith(("~", ".")) or \
+        value.lower().endswith((".txt", ".key", ".keys", ".json", ".env"))
 
 
 class Metrics:
@@ -120,14 +130,23 @@ class OpenAIServer:
             raise ApiError(401, "Incorrect API key provided.", kind="invalid_request_error", code="invalid_api_key")
 
     async def _request(self, request: Request, model: type[R]) -> R:
-        """The body parsed and checked by its pydantic model; any failure is a 4xx naming the field."""
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
+        """The body parsed and checked by its pydantic model; any failure is a 4xx naming the field. An oversized
+        body is refused by its Content-Length, or as soon as it grows past the limit: never read whole."""
+        too_large = ApiError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise too_large
         try:
             body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON") from None
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # text that is not Unicode: an unpaired surrogate
+        except (ValueError, RecursionError):  # (UnicodeError is a ValueError)
+            raise ApiError(400, "the request body is not valid JSON (or nests too deep, or holds text that is not "
+                                "valid Unicode)") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         try:
@@ -143,7 +162,9 @@ class OpenAIServer:
 
     # --- the app
     def _build(self) -> FastAPI:
-        app = FastAPI(title="quantchat OpenAI-compatible API", docs_url=None, redoc_url=None)
+        # the schema says what the server offers: not to callers without a key, where a key is set
+        app = FastAPI(title="quantchat OpenAI-compatible API", docs_url=None, redoc_url=None,
+                      openapi_url=None if self.api_keys else "/openapi.json")
 
         @app.exception_handler(ApiError)
         async def api_error(request: Request, error: ApiError):
@@ -155,7 +176,9 @@ class OpenAIServer:
         async def health():
             if self.engine is None:
                 return JSONResponse({"status": "loading"}, status_code=503)
-            return {"status": "ok", "model": self.engine.model.info.model, "queue_depth": self.engine.queue_depth}
+            status = {"status": "ok", "queue_depth": self.engine.queue_depth}
+            # without a key anyone may ask: the model's name then, never its path on this machine
+            return status if self.api_keys else {**status, "model": Path(self.engine.model.info.model).name}
 
         @app.get("/metrics")
         async def metrics():
@@ -191,11 +214,12 @@ class OpenAIServer:
         params = self._params(body)
         cancel = threading.Event()
         documents = self._documents(body.langchain_mode) if chat else None
-        try:
+        try:  # rendering and fitting a long conversation takes time: off the event loop, so others are served
             if chat:
-                reply = engine.chat([m.as_dict() for m in body.messages], params, cancel, documents)
+                reply = await asyncio.to_thread(engine.chat, [m.as_dict() for m in body.messages], params, cancel,
+                                                documents)
             else:
-                reply = engine.complete(body.text(), params, cancel)
+                reply = await asyncio.to_thread(engine.complete, body.text(), params, cancel)
         except UserError as e:
             raise ApiError(400, str(e)) from None
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
@@ -206,7 +230,7 @@ class OpenAIServer:
             return StreamingResponse(self._events(reply, cancel, meta, chat, endpoint, sources),
                                      media_type="text/event-stream")
         try:
-            text = await asyncio.to_thread(reply.finish)
+            text = await self._until_done_or_gone(request, reply, cancel)
         except UserError as e:
             raise ApiError(500, str(e), kind="server_error") from None
         finally:
@@ -217,6 +241,16 @@ class OpenAIServer:
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": _usage(reply), **sources}
+
+    @staticmethod
+    async def _until_done_or_gone(request: Request, reply: Reply, cancel: threading.Event) -> str:
+        """The whole answer of a non-streamed request; a client that hangs up meanwhile stops its generation."""
+        answer = asyncio.ensure_future(asyncio.to_thread(reply.finish))
+        while not answer.done():
+            await asyncio.wait({answer}, timeout=0.25)
+            if not answer.done() and await request.is_disconnected():
+                cancel.set()
+        return answer.result()
 
     async def _events(self, reply: Reply, cancel: threading.Event, meta: dict, chat: bool,
                       endpoint: str, sources: dict) -> AsyncIterator[str]:
@@ -274,6 +308,8 @@ def _invalid(error: ValidationError) -> ApiError:
         return ApiError(400, str(cause), param=cause.param or param)
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"unsupported parameter: {param}", param=param)
+    if param == "messages" and first["type"] == "too_long":
+        return ApiError(400, f"at most {api_models.MAX_MESSAGES} messages per request", param=param)
     if param == "messages":
         return ApiError(400, "messages must be a non-empty list of {role: system, user or assistant; content: text}",
                         param=param)

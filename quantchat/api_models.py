@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 Number = StrictInt | StrictFloat
 MAX_STOP_STRINGS = 16
+MAX_MESSAGES = 1024   # a conversation's turns; fitting it into the context grows faster than its length
 
 
 class Unsupported(ValueError):
@@ -94,7 +95,7 @@ class Request(BaseModel):
 
 
 class ChatRequest(Request):
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: StrictInt | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None

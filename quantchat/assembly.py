@@ -38,8 +38,13 @@ def build_engine(s: Settings, model):
     if s.score_model:
         from .scoring import RewardScorer
         scorer = RewardScorer(s.score_model, s.gpu_id)
+    history = None
+    if s.save_dir:
+        from .history import History
+        history = History(s.save_dir)
+        history.check()  # now, not after the first answer
     engine = ChatEngine(model, prompter, defaults, limits, verbose=s.verbose,
-                        log=lambda text: print(text, file=sys.stderr), save_dir=s.save_dir, scorer=scorer)
+                        log=lambda text: print(text, file=sys.stderr), history=history, scorer=scorer)
     if s.top_k_docs is not None:
         engine.top_k_docs = s.top_k_docs
     engine.params()  # validate the defaults once, now, rather than at the first message

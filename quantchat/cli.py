@@ -70,11 +70,11 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     api, api_thread = start_api(s) if s.openai_server else (None, None)
     library = documents_for(s)
-    models = []
+    models, engines = [], []
     try:
         for plan in plans:
             models.append(loaders.load(plan))
-        engines = [build_engine(one, model) for one, model in zip(each, models, strict=True)]
+        engines += [build_engine(one, model) for one, model in zip(each, models, strict=True)]
         engine = engines[0]
         for one in engines:
             print(f"prompt format: {one.prompter.source}", file=sys.stderr)
@@ -92,7 +92,15 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
                 s.server_name, port, s.share, s.auth)
         elif api_thread:
             api_thread.join()  # --gradio=False: serve the API only, until Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: a clean stop, exit 0
+        if not engines:
+            raise
+        print("\nstopping", file=sys.stderr)
     finally:
+        # generations first: a model freed under a running generation crashes the process
+        for one in engines:
+            if not one.stop_all(timeout=30):
+                print("warning: a generation did not stop within 30 s", file=sys.stderr)
         for model in models:
             model.close()
     return 0

@@ -5,17 +5,16 @@ It renders the prompt, fits the conversation into the context window, queues con
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from .documents.passages import Passage, question_with_context
 from .errors import UserError
 from .generation import check_generation
+from .history import History
 from .loaders.base import ChatModel, GenParams
 from .prompter import Message, Prompter
 
@@ -94,6 +93,11 @@ class Turnstile:
             self._active -= 1
             self._cond.notify_all()
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no holder is left; whether that happened within `timeout` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._active == 0, timeout)
+
 
 @dataclass
 class Fitted:
@@ -152,14 +156,23 @@ class ChatEngine:
     verbose: bool = False
     log: Callable[[str], None] = print
     slots: int = 1
-    save_dir: str | None = None   # every finished answer is appended to save_dir/history.jsonl
+    history: History | None = None  # --save_dir: every finished answer is appended to its history.jsonl
     scorer: Any = None            # --score_model: has score(question, answer) -> float
     top_k_docs: int = DEFAULT_TOP_K_DOCS  # passages per question in documents Q&A; -1: as many as fit
 
     def __post_init__(self):
         self.limits = self.limits or Limits(self.model.info.context_length)
         self.queue = Turnstile(self.slots)
-        self._save_lock = threading.Lock()
+        self._running: set[threading.Event] = set()   # the cancel events of the generations under way
+        self._closing = threading.Event()
+
+    def stop_all(self, timeout: float = 30.0) -> bool:
+        """Cancel every generation, refuse new ones and wait until none runs (before the model is freed: freeing it
+        under a running generation crashes the process). False if one was still running after `timeout`."""
+        self._closing.set()
+        for cancel in list(self._running):
+            cancel.set()
+        return self.queue.wait_idle(timeout)
 
     @property
     def queue_depth(self) -> int:
@@ -276,7 +289,11 @@ class ChatEngine:
 
         def run() -> Iterator[str]:
             asked = time.perf_counter()
+            self._running.add(cancel)
+            if self._closing.is_set():
+                cancel.set()
             if not self.queue.acquire(cancel):
+                self._running.discard(cancel)
                 stats.finish_reason = "cancelled"
                 return
             start = time.perf_counter()
@@ -288,13 +305,14 @@ class ChatEngine:
                     yield chunk
             finally:
                 stats.total_s = time.perf_counter() - start
+                self._running.discard(cancel)
                 self.queue.release()
                 if self.scorer and answer and stats.finish_reason != "error":
                     question = next((m["content"] for m in reversed(saved_as) if m["role"] in ("user", "prompt")), "")
                     stats.score = self.scorer.score(question, "".join(answer))
                 if self.verbose:
                     self.log(stats.line())
-                if self.save_dir:
+                if self.history:
                     self._save(saved_as, "".join(answer), params, stats, sources or [])
 
         return Reply(run(), stats, notices, sources or [])
@@ -308,10 +326,7 @@ class ChatEngine:
                   "params": asdict(params), "stats": {**asdict(stats), "tokens_per_s": stats.tokens_per_s}}
         if sources:
             record["sources"] = [p.as_dict() for p in sources]
-        folder = Path(self.save_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        with self._save_lock, open(folder / "history.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.history.append(record)
 
     def _generate(self, tokens: Iterator[str], params: GenParams, cancel: threading.Event, stats: Stats,
                   start: float) -> Iterator[str]:

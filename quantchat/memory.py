@@ -30,16 +30,21 @@ class MemoryEstimate:
         return self.allocated + CUDA_CONTEXT
 
 
+def _size(c: dict, key: str) -> int | None:
+    """A shape number of the config: a whole number above 0, else None (missing, null or damaged)."""
+    value = c.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def shapes_from_config(c: dict) -> list[tuple[str, int]] | None:
     """Parameter counts of a Llama-family decoder, for hub ids whose files are not on disk."""
-    try:
-        hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-        inter = c["intermediate_size"]
-    except KeyError:
+    hidden, layers, vocab, inter = (_size(c, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size",
+                                                          "intermediate_size"))
+    if not (hidden and layers and vocab and inter):
         return None
-    heads = c.get("num_attention_heads", 1)
-    head_dim = c.get("head_dim") or hidden // heads
-    kv = c.get("num_key_value_heads") or heads
+    heads = _size(c, "num_attention_heads") or 1
+    head_dim = _size(c, "head_dim") or hidden // heads
+    kv = _size(c, "num_key_value_heads") or heads
     per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter
     shapes = [("model.embed_tokens.weight", vocab * hidden), ("model.layers.linear", per_layer * layers)]
     if not c.get("tie_word_embeddings", False):
@@ -73,20 +78,19 @@ def weight_bytes(shapes: list[tuple[str, int]], dtype: str, linear_bytes: float 
 
 
 def kv_cache_bytes(c: dict, context: int, dtype_bytes: float, batch: int = 1) -> int | None:
-    try:
-        heads = c["num_attention_heads"]
-        head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        kv = c.get("num_key_value_heads") or heads
-        return int(2 * c["num_hidden_layers"] * kv * head_dim * context * dtype_bytes * batch)
-    except KeyError:
+    heads, hidden, layers = _size(c, "num_attention_heads"), _size(c, "hidden_size"), _size(c, "num_hidden_layers")
+    if not (heads and layers and (hidden or _size(c, "head_dim"))):
         return None
+    head_dim = _size(c, "head_dim") or hidden // heads
+    kv = _size(c, "num_key_value_heads") or heads
+    return int(2 * layers * kv * head_dim * context * dtype_bytes * batch)
 
 
 def activation_bytes(c: dict, context: int, dtype_bytes: float) -> int:
     """The largest prefill step: the residual stream and attention projections (about six hidden-sized tensors)
     and the MLP's gate, up and activated intermediates, for up to PREFILL_CHUNK tokens."""
     tokens = min(context, PREFILL_CHUNK)
-    hidden, inter = c.get("hidden_size", 0), c.get("intermediate_size", 0)
+    hidden, inter = _size(c, "hidden_size") or 0, _size(c, "intermediate_size") or 0
     return int(tokens * (6 * hidden + 3 * inter) * dtype_bytes)
 
 

@@ -106,14 +106,44 @@ def format_from_dict(d: dict) -> PromptFormat:
     if unknown:
         raise UsageError(f"--prompt_dict: unknown keys {sorted(unknown)}; use {sorted(known)} or h2oGPT's "
                          "promptA, PreInstruct, PreResponse, terminate_response, chat_turn_sep")
+    stop = d.get("stop", ())
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise UsageError(f"--prompt_dict: the stop strings (terminate_response) must be text, not {stop!r}")
+    d = {**{k: v for k, v in d.items() if k in known}, "stop": tuple(stop)}
+    for key, value in d.items():
+        if key != "stop":
+            _check_placeholders(key, value)
     try:
-        fmt = PromptFormat("custom", **{k: (tuple(v) if k == "stop" else str(v)) for k, v in d.items()})
+        fmt = PromptFormat("custom", **{k: (v if k == "stop" else str(v)) for k, v in d.items()})
         fmt.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                     {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}])
     except (KeyError, IndexError, ValueError) as e:
         raise UsageError(f"--prompt_dict: a template uses an unknown placeholder ({e}); "
                          "only {content} and {system} exist") from None
     return fmt
+
+
+def _check_placeholders(key: str, value) -> None:
+    """Only the bare {content} and {system}: str.format would otherwise pad to any width ({content:>999999999})
+    or reach into Python objects ({content.__class__})."""
+    import string
+    if not isinstance(value, str):
+        raise UsageError(f"--prompt_dict: {key} must be text, not {value!r}")
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(value)
+                  if name is not None]
+    except ValueError as e:
+        raise UsageError(f"--prompt_dict: {key} is not a valid template ({e}); write literal braces as {{{{ }}}}") \
+            from None
+    for name, spec, conversion in fields:
+        if name not in ("content", "system") or spec or conversion:
+            raise UsageError(f"--prompt_dict: {key} uses {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}}; only {{content}} and {{system}} exist")
+
+
+MAX_RENDERED_CHARS = 8 * 2**20   # a chat template that writes more than this is broken (or hostile)
+MAX_RENDER_SECONDS = 10.0
 
 
 class TemplatePrompter:
@@ -146,13 +176,24 @@ class TemplatePrompter:
             return self._render(rest)
 
     def _render(self, messages: list[Message]) -> str:
+        """Rendered piece by piece, so that a template that writes without end is stopped, with one line."""
+        import time
+        deadline = time.monotonic() + MAX_RENDER_SECONDS + len(messages) * 0.01
+        out, size = [], 0
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                        eos_token=self.eos_token)
-        except _TemplateRefused:
+            for piece in self.template.generate(messages=messages, add_generation_prompt=True,
+                                                bos_token=self.bos_token, eos_token=self.eos_token):
+                out.append(piece)
+                size += len(piece)
+                if size > MAX_RENDERED_CHARS or time.monotonic() > deadline:
+                    raise UserError("the chat template writes without end (more than "
+                                    f"{MAX_RENDERED_CHARS // 2**20} MiB or {MAX_RENDER_SECONDS:.0f} s for this "
+                                    "conversation): fix it, or choose a --prompt_type")
+        except (_TemplateRefused, UserError):
             raise
         except Exception as e:
             raise UserError(f"the chat template failed: {e}") from None
+        return "".join(out)
 
 
 class _TemplateRefused(UserError):

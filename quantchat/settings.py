@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,8 +172,10 @@ def coerce(name: str, value: Any, kind: str) -> Any:
             raise bad
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad from None
+        if not math.isfinite(number):  # nan, inf: no setting means them
+            raise bad
         if base == "int":
             if not number.is_integer():
                 raise bad
@@ -232,11 +235,11 @@ def validate(s: Settings) -> None:
     if s.cli and s.share:
         raise UsageError("--cli and --share clash: share publishes the web UI, which --cli does not start")
     check_generation({name: getattr(s, name) for name in ("max_new_tokens", "min_new_tokens", "max_time", "temperature",
-                                                          "top_k", "top_p", "num_beams", "repetition_penalty")},
+                                                          "top_k", "top_p", "num_beams", "repetition_penalty", "seed")},
                      as_flags=True)
     checks = [  # the other numbers' ranges
         ("max_max_new_tokens", s.max_max_new_tokens, 1, None), ("max_max_time", s.max_max_time, 0.001, None),
-        ("max_seq_len", s.max_seq_len, 16, None),
+        ("max_seq_len", s.max_seq_len, 16, 2**27),
         ("n_gpu_layers", s.n_gpu_layers, -1, None), ("pre_layer", s.pre_layer, 0, None), ("gpu_id", s.gpu_id, 0, None),
         ("server_port", s.server_port, 1, 65535), ("concurrency_count", s.concurrency_count, 1, 1024),
         ("openai_port", s.openai_port, 1, 65535),
@@ -251,6 +254,10 @@ def validate(s: Settings) -> None:
         kind = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
         if "alpha_value" not in s.rope_scaling and (kind is None or "factor" not in s.rope_scaling):
             raise UsageError("--rope_scaling needs a type and a factor, e.g. \"{'type':'dynamic','factor':4}\"")
+        for key in ("factor", "alpha_value"):
+            value = s.rope_scaling.get(key)
+            if value is not None and not _positive_number(value, most=1024):
+                raise UsageError(f"--rope_scaling: {key} must be a number above 0 and at most 1024, not {value!r}")
     _settle_documents(s)
     for item in s.model_lock or []:
         if not isinstance(item, dict) or not item:
@@ -283,9 +290,14 @@ def _check_quantized(s: Settings) -> None:
                          f"{', '.join(sorted(EXLLAMA_DICT_KEYS))}")
     for key in ("alpha_value", "compress_pos_emb"):
         value = s.exllama_dict.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if value is not None and not _positive_number(value, most=1024):
             raise UsageError(f"--exllama_dict: {key} must be a positive number, not {value!r}")
     gpu_split(s.exllama_dict)  # raises on a malformed split
+
+
+def _positive_number(value: Any, most: float) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and \
+        0 < value <= most
 
 
 def gpu_split(exllama_dict: dict) -> list[float] | None:

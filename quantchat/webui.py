@@ -2,9 +2,13 @@
 with documents Q&A a collection picker, uploads with progress, and each answer's sources."""
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,61 @@ def read_auth(auth: Any) -> list[tuple[str, str]] | None:
         return [(str(u), str(p)) for u, p in auth]
     except (TypeError, ValueError):
         raise UserError("--auth: write it as [('user', 'password'), ...]") from None
+
+
+class Logins:
+    """--auth's users for Gradio's login form: passwords compared in constant time, and after MAX_FAILURES wrong
+    passwords for a name, that name is refused for a while (doubling, up to LOCK_MAX_S), so that passwords cannot be
+    tried by the thousand."""
+    MAX_FAILURES = 5
+    LOCK_S, LOCK_MAX_S = 30.0, 900.0
+    MAX_NAMES = 10_000   # failures remembered for at most this many names
+
+    def __init__(self, pairs: list[tuple[str, str]], clock=None):
+        import time
+        self.passwords = dict(pairs)
+        self.clock = clock or time.monotonic
+        self.failures: dict[str, tuple[int, float]] = {}   # name -> (wrong passwords in a row, refused until)
+        self._lock = threading.Lock()
+
+    def __call__(self, username: str, password: str) -> bool:
+        import hmac
+        with self._lock:
+            count, until = self.failures.get(username, (0, 0.0))
+            if self.clock() < until:
+                return False
+            known = self.passwords.get(username)
+            ok = hmac.compare_digest((known or "\0").encode(), str(password).encode()) and known is not None
+            if ok:
+                self.failures.pop(username, None)
+                return True
+            count += 1
+            lock = min(self.LOCK_S * 2 ** (count - self.MAX_FAILURES), self.LOCK_MAX_S) \
+                if count >= self.MAX_FAILURES else 0.0
+            if len(self.failures) >= self.MAX_NAMES:
+                self.failures.pop(next(iter(self.failures)))
+            self.failures[username] = (count, self.clock() + lock)
+            return False
+
+
+class LoginRequired:
+    """With --auth, Gradio leaves two routes open to requests without a login: the heartbeat (whose end runs the
+    session's unload handler) and cancel. Here they answer 401 unless the request carries a login."""
+    PATHS = ("/gradio_api/heartbeat/", "/gradio_api/cancel")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(self.PATHS):
+            from starlette.requests import Request
+            from starlette.responses import JSONResponse
+            app, cookies = scope["app"], Request(scope).cookies
+            token = cookies.get(f"access-token-{app.cookie_id}") or cookies.get(f"access-token-unsecure-{app.cookie_id}")
+            if app.auth is not None and app.tokens.get(token) is None:
+                await JSONResponse({"detail": "Not authenticated"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def exposure_warnings(server_name: str, share: bool, logins) -> list[str]:
@@ -71,6 +130,9 @@ class WebUI:
         self.title = title
         self.h2ocolors = h2ocolors
         self.cancels: dict[str, threading.Event] = {}
+        self.logins: Logins | None = None   # set by launch() from --auth
+        self.export_dir = Path(tempfile.mkdtemp(prefix="quantchat-exports-"))
+        atexit.register(shutil.rmtree, self.export_dir, ignore_errors=True)
 
     # --- handlers (plain functions of their inputs, so tests can call them too); `chats` holds one
     # conversation per engine
@@ -159,22 +221,25 @@ class WebUI:
 
     def end_session(self, request: gr.Request = None) -> None:
         """A closed browser tab: its MyData uploads go."""
-        if self.library:
+        if self.library and _signed_in(request, self.logins):
             self.library.store.drop_session(_session(request))
 
     def stop(self, request: gr.Request = None) -> None:
+        if not _signed_in(request, self.logins):
+            return
         event = self.cancels.get(_session(request))
         if event:
             event.set()
 
-    @staticmethod
-    def export_chat(chats: list[list[dict]]) -> str:
-        """The conversation (with the first model's answers) as a JSON file: [{"role", "content"}, ...]."""
-        import tempfile
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="chat-", delete=False, encoding="utf-8") as f:
-            json.dump([{"role": m["role"], "content": m["content"]} for m in chats[0]], f, ensure_ascii=False,
-                      indent=1)
-        return f.name
+    def export_chat(self, chats: list[list[dict]], request: gr.Request = None) -> str:
+        """The conversation (with the first model's answers) as a JSON file: [{"role", "content"}, ...]. One file
+        per session, written over by its next export, in a folder removed when the UI closes (Gradio serves its own
+        copy)."""
+        key = hashlib.sha256(_session(request).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        path = self.export_dir / f"chat-{key}.json"
+        path.write_text(json.dumps([{"role": m["role"], "content": m["content"]} for m in chats[0]],
+                                   ensure_ascii=False, indent=1), encoding="utf-8")
+        return str(path)
 
     @staticmethod
     def import_chat(path: str, chats: list[list[dict]]):
@@ -185,8 +250,8 @@ class WebUI:
             messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in loaded]
             if any(m["role"] not in ("user", "assistant") for m in messages):
                 raise ValueError("roles must be user or assistant")
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            gr.Warning(f"cannot import that file: {e}")
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
+            gr.Warning(f"cannot import that file: {str(e)[:200] or type(e).__name__}")
             return (*[_display(history) for history in chats], chats)
         return (*[_display(messages) for _ in chats], [list(messages) for _ in chats])
 
@@ -278,15 +343,18 @@ class WebUI:
         return mode
 
     def launch(self, server_name: str, server_port: int, share: bool, auth: Any = None, block: bool = True):
-        logins = read_auth(auth)
-        for warning in exposure_warnings(server_name, share, logins):
+        pairs = read_auth(auth)
+        for warning in exposure_warnings(server_name, share, pairs):
             print(f"warning: {warning}", file=sys.stderr)
+        self.logins = Logins(pairs) if pairs else None
         demo = self.build()
         demo.queue(default_concurrency_limit=None)
         try:
+            from starlette.middleware import Middleware
             theme = gr.themes.Soft(primary_hue="yellow") if self.h2ocolors else gr.themes.Soft()
-            demo.launch(server_name=server_name, server_port=server_port, share=share, auth=logins, theme=theme,
-                        prevent_thread_lock=not block, show_error=True)
+            demo.launch(server_name=server_name, server_port=server_port, share=share, auth=self.logins, theme=theme,
+                        prevent_thread_lock=not block, show_error=True,
+                        app_kwargs={"middleware": [Middleware(LoginRequired)]} if self.logins else None)
         except OSError as e:
             raise UserError(f"cannot listen on {server_name}:{server_port} ({e}): choose another --server_port") \
                 from None
@@ -301,4 +369,11 @@ def _without_answer(history: list[dict]) -> list[dict]:
 
 
 def _session(request) -> str:
-    return getattr(request, "session_hash", None) or "default"
+    """A session's key: its login name and Gradio's session hash, whole (the client picks the hash: with logins,
+    another user's hash alone does not reach that user's data)."""
+    return f"{getattr(request, 'username', None) or ''}\0{getattr(request, 'session_hash', None) or 'default'}"
+
+
+def _signed_in(request, logins) -> bool:
+    """Without --auth anyone may act; with it, only a request that carries a login."""
+    return logins is None or bool(getattr(request, "username", None))

@@ -108,6 +108,16 @@ def test_stop_strings_and_models(client, engine):
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 17}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": "json"}, 400, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 10**12}, 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}, 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": -1}, 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -5}, 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}] * 2000}, 400, "messages"),         # bounded, prepared aside
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),            # an unpaired surrogate
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),            # nests too deep
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "word " * 700}]}, 400, None),
@@ -207,3 +217,83 @@ def test_api_keys_from_a_file(tmp_path):
     keys.write_text("# nothing\n")
     with pytest.raises(UserError, match="holds no keys"):
         read_api_keys(str(keys))
+    from quantchat.errors import UsageError
+    for mistyped in (str(tmp_path / "no-such-keys.txt"), "./keys", "~/secret.key"):
+        with pytest.raises(UsageError, match="no such file"):  # never quietly the key itself
+            read_api_keys(mistyped)
+
+
+def test_with_a_key_neither_the_schema_nor_the_model_path_is_public(engine):
+    server, url = start(engine, [KEY])
+    try:
+        assert httpx.get(f"{url}/openapi.json").status_code == 404
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and "model" not in health
+    finally:
+        server.uvicorn.should_exit = True
+    server, url = start(engine)
+    try:
+        assert httpx.get(f"{url}/health").json()["model"] == Path(engine.model.info.model).name   # a name, no path
+    finally:
+        server.uvicorn.should_exit = True
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(api):
+    """By its Content-Length, and, sent in chunks without one, as soon as it passes the limit."""
+    import socket
+    host, port = api.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:   # says 400 MiB, sends none of it
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(400 * 2**20).encode() + b"\r\n\r\n")
+        assert s.recv(200).split(b"\r\n")[0].endswith(b"413 Request Entity Too Large")
+
+    def chunks():
+        yield b'{"messages": "'
+        for _ in range(64):
+            yield b"x" * 2**20
+    streamed = httpx.post(f"{api}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_a_non_streamed_request_whose_client_hangs_up_stops_its_generation(api, engine):
+    body = {"messages": [{"role": "user", "content": "Tell a long story"}], "max_tokens": 480}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{api}/v1/chat/completions", json=body, timeout=1.0)   # the client gives up after a second
+    started = time.perf_counter()
+    quick = httpx.post(f"{api}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=30)
+    assert quick.status_code == 200 and time.perf_counter() - started < 3     # not behind ~480 tokens
+    assert engine.queue_depth == 0
+
+
+def test_ctrl_c_during_an_answer_stops_the_server_cleanly(gemma_gguf):
+    """SIGINT while the API streams an answer: generations stop first, then the model is freed; exit 0."""
+    import signal
+    import threading
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "generate.py", f"--base_model={gemma_gguf}", "--openai_server=True",
+                                "--gradio=False", f"--openai_port={port}", "--max_seq_len=1024"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    streaming = threading.Event()
+
+    def long_answer():
+        body = {"prompt": "Once upon a time", "max_tokens": 900, "stream": True}
+        try:
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if '"text": "' in line:
+                        streaming.set()
+        except httpx.HTTPError:
+            pass
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health")
+        client = threading.Thread(target=long_answer, daemon=True)
+        client.start()
+        assert streaming.wait(60)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err                       # not -11 (a segmentation fault)
+        assert "Traceback" not in err
+    finally:
+        if process.poll() is None:
+            process.kill()

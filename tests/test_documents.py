@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -390,3 +391,73 @@ def test_a_missing_library_names_its_install_command(monkeypatch, tmp_path, embe
             Embedder()
         else:
             read_document(tmp_path / "a.pdf")
+
+
+def test_a_docx_that_unpacks_into_millions_of_paragraphs_is_skipped_quickly(tmp_path):
+    """A zip bomb of a .docx: a few KB holding millions of empty paragraphs is refused before python-docx parses it
+    (which took 208 s and 2 GB for such a file), with one line."""
+    import zipfile
+
+    import docx
+    plain = tmp_path / "plain.docx"
+    document = docx.Document()
+    document.add_paragraph("One paragraph.")
+    document.save(str(plain))
+    bomb = tmp_path / "bomb.docx"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "word/document.xml":
+                data = data.replace(b"<w:body>", b"<w:body>" + b"<w:p/>" * 3_000_000)
+            target.writestr(item, data)
+    assert bomb.stat().st_size < 200_000
+    started = time.perf_counter()
+    with pytest.raises(UnreadableDocument, match="more than 200,000 paragraphs"):
+        read_document(bomb)
+    assert time.perf_counter() - started < 5
+    assert read_document(plain)[0].lines == [(1, "One paragraph.")]
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("big.txt", b"word\n" * (14 * 2**20), "larger than 64 MiB"),
+    ("rows.csv", b"a,b\n" + b"1,2\n" * 250_000, "more than 200,000 rows"),
+    ("lines.md", b"x\n" * 250_000, "more than 200,000 lines"),
+])
+def test_every_reader_has_bounds(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(UnreadableDocument, match=message):
+        read_document(path)
+
+
+def test_a_file_cut_off_between_write_batches_is_embedded_again(tmp_path, embedder, monkeypatch):
+    """kill -9 between two of a file's write batches: on the next start the file is not 'unchanged' (its passages
+    are incomplete) and is written whole."""
+    from quantchat.documents import store as store_module
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "long.txt").write_text("\n".join(f"Line {i} of the long file about ferries." for i in range(400)))
+    monkeypatch.setattr(store_module, "ADD_BATCH", 4)
+    store = DocumentStore(str(tmp_path / "db"), embedder)
+    real_add, calls = store.user_data._chroma.add, []
+
+    def dies_after_the_first_batch(**batch):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # (the process ends here)
+        real_add(**batch)
+    monkeypatch.setattr(store.user_data._chroma, "add", dies_after_the_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sync_folder(folder, store.user_data, 512)
+    assert store.user_data.count() == 4 and store.user_data.files() == {}   # stored in part: not counted as stored
+    monkeypatch.setattr(store.user_data._chroma, "add", real_add)
+    report = sync_folder(folder, store.user_data, 512)
+    assert report.added == ["long.txt"] and report.unchanged == 0
+    total = store.user_data.count()
+    assert total > 4 and store.user_data.files() == {"long.txt": report_sha(folder / "long.txt")}
+    assert sync_folder(folder, store.user_data, 512).unchanged == 1 and store.user_data.count() == total
+
+
+def report_sha(path):
+    from quantchat.documents.ingest import sha256_of
+    return sha256_of(path)

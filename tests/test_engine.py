@@ -177,7 +177,9 @@ def test_defaults_apply_when_a_request_says_none():
 
 def test_save_dir_appends_one_json_line_per_answer(tmp_path):
     import json
-    e = ChatEngine(FakeModel(["a", "b"]), PLAIN, save_dir=str(tmp_path / "saved"))
+
+    from quantchat.history import History
+    e = ChatEngine(FakeModel(["a", "b"]), PLAIN, history=History(tmp_path / "saved"))
     e.chat(user("first")).finish()
     e.chat(user("second"), e.params(max_new_tokens=1)).finish()
     lines = (tmp_path / "saved" / "history.jsonl").read_text().splitlines()
@@ -185,6 +187,63 @@ def test_save_dir_appends_one_json_line_per_answer(tmp_path):
     assert [r["answer"] for r in records] == ["ab", "a"]
     assert records[1]["messages"][-1]["content"] == "second" and records[1]["params"]["max_new_tokens"] == 1
     assert records[0]["stats"]["completion_tokens"] == 2 and records[0]["model"] == "fake"
+
+
+def test_a_torn_last_record_spoils_only_itself(tmp_path):
+    """Power lost mid-write leaves half a line; the next record starts on a line of its own, and readers skip the
+    torn one."""
+    from quantchat import history
+    saved = history.History(tmp_path)
+    e = ChatEngine(FakeModel(["a", "b"]), PLAIN, history=saved)
+    e.chat(user("first")).finish()
+    with open(saved.path, "a", encoding="utf-8") as f:
+        f.write('{"time": "2026-12-01", "answer": "cut sho')
+    e.chat(user("second")).finish()
+    assert [r["messages"][-1]["content"] for r in history.read(saved.path)] == ["first", "second"]
+
+
+@pytest.mark.parametrize("make", ["a file in the way", "no permission"])
+def test_a_save_dir_that_cannot_be_written_is_refused_at_start(tmp_path, make):
+    """At start, with one line (exit 1), not after each answer; a save that fails later costs no answer."""
+    import os
+
+    from quantchat.history import History
+    if make == "a file in the way":
+        (tmp_path / "saved").write_text("")
+        folder = tmp_path / "saved"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes anywhere")
+        (tmp_path / "locked").mkdir(mode=0o500)
+        folder = tmp_path / "locked" / "saved"
+    with pytest.raises(UserError, match="--save_dir=.*cannot write history.jsonl there"):
+        History(folder).check()
+
+
+def test_a_failed_save_is_logged_and_the_answer_kept(tmp_path):
+    from quantchat.history import History
+    logged = []
+    saved = History(tmp_path / "saved", log=logged.append)
+    saved.check()
+    saved.path.unlink()
+    saved.path.mkdir()  # (as a full disk or a vanished folder would) the next write fails
+    e = ChatEngine(FakeModel(["a", "b"]), PLAIN, history=saved)
+    assert e.chat(user("hi")).finish() == "ab"
+    assert logged and "was not saved" in logged[0]
+
+
+def test_stop_all_cancels_what_runs_and_refuses_new_answers():
+    e = ChatEngine(FakeModel(["t"] * 1000, delay=0.005), PLAIN)
+    running = e.chat(user("x"), e.params(max_new_tokens=1000))
+    chunks = iter(running)
+    next(chunks)
+    stopper = threading.Thread(target=lambda: stopped.append(e.stop_all(timeout=10)))
+    stopped: list[bool] = []
+    stopper.start()
+    list(chunks)  # the consumer sees its answer end
+    stopper.join(10)
+    assert stopped == [True] and running.stats.finish_reason == "cancelled"
+    assert e.chat(user("y")).finish() == ""  # refused once stopping
 
 
 def test_complete_continues_raw_text_without_a_format():

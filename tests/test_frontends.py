@@ -173,7 +173,9 @@ def test_export_and_import_a_chat(tmp_path):
 
     from quantchat.webui import WebUI
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "stats": "1 tokens/s"}]
-    path = WebUI.export_chat([history])
+    ui = WebUI(ChatEngine(FakeModel(["Hi"]), Prompter("plain", FORMATS["plain"])))
+    path = ui.export_chat([history])
+    assert ui.export_chat([history]) == path and Path(path).parent == ui.export_dir   # one file, written over
     assert json.loads(open(path).read()) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     display, state = WebUI.import_chat(path, [[]])
     assert state == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
@@ -222,3 +224,66 @@ def test_no_usage_reports_to_gradio_unless_asked(web, monkeypatch):
     _, engine = web
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
     assert WebUI(engine).build().analytics_enabled is False  # (GRADIO_ANALYTICS_ENABLED=True turns them on)
+
+
+def test_logins_are_throttled_after_wrong_passwords():
+    from quantchat.webui import Logins
+    now = [1000.0]
+    logins = Logins([("ann", "secret")], clock=lambda: now[0])
+    assert logins("ann", "secret") and not logins("ann", "guess") and not logins("bob", "secret")
+    for _ in range(Logins.MAX_FAILURES):
+        assert not logins("ann", "guess")
+    assert not logins("ann", "secret")              # locked: even the right password waits
+    now[0] += Logins.LOCK_S * 2 + 1
+    assert logins("ann", "secret")                  # the lock ends, and a right password clears the count
+
+
+def test_with_auth_a_request_without_a_login_reaches_no_session(tmp_path):
+    """Gradio leaves the heartbeat (which ends a session and drops its uploads) and cancel open without a login;
+    with --auth they answer 401, and handlers act only for a request that carries a login. Wrong passwords for a
+    user are throttled on the login form itself."""
+    import httpx
+
+    from quantchat.webui import WebUI
+    engine = ChatEngine(FakeModel(["Hi"]), Prompter("plain", FORMATS["plain"]))
+    port = free_port()
+    ui = WebUI(engine)
+    demo = ui.launch("127.0.0.1", port, share=False, auth=[("ann", "secret")], block=False)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/gradio_api/heartbeat/abc123", timeout=10).status_code == 401
+        assert httpx.post(f"{url}/gradio_api/cancel", json={"session_hash": "abc123", "fn_index": 0,
+                                                            "event_id": "x"}, timeout=10).status_code == 401
+        ended = []
+        ui.library = type("Library", (), {"store": type("Store", (), {"drop_session": ended.append})()})()
+        anonymous = type("Request", (), {"username": None, "session_hash": "abc123"})()
+        ui.end_session(anonymous)
+        assert ended == []                                                   # nothing dropped without a login
+        ui.end_session(type("Request", (), {"username": "ann", "session_hash": "abc123"})())
+        assert ended == ["ann\0abc123"]
+        tries = [httpx.post(f"{url}/login", data={"username": "ann", "password": "guess"}, timeout=10).status_code
+                 for _ in range(6)]
+        right = httpx.post(f"{url}/login", data={"username": "ann", "password": "secret"}, timeout=10)
+        assert set(tries) == {400} and right.status_code == 400              # locked for now, right or wrong
+    finally:
+        demo.close()
+
+
+def test_sessions_whose_keys_differ_only_in_punctuation_keep_apart(tmp_path):
+    pytest.importorskip("chromadb")
+    from quantchat.documents.store import DocumentStore
+
+    class Nothing:
+        name = "none"
+    store = DocumentStore(str(tmp_path / "db"), Nothing())
+    assert store.my_data("ann\0a-b_c").name != store.my_data("ann\0abc").name
+    assert store.my_data("ann\0abc") is store.my_data("ann\0abc")
+
+
+def test_importing_a_deeply_nested_chat_is_refused_not_a_crash(tmp_path):
+    from quantchat.webui import WebUI
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    before = [[{"role": "user", "content": "kept"}]]
+    display, state = WebUI.import_chat(str(nested), before)
+    assert state == before   # the conversation stays as it was

