@@ -71,6 +71,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("quantchat_requests", "API requests", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("quantchat_prompt_tokens", "prompt tokens processed", registry=r)
+        self.reused_tokens = Counter("quantchat_prompt_tokens_reused", "prompt tokens continued from the cache, not "
+                                     "evaluated again", registry=r)
         self.completion_tokens = Counter("quantchat_completion_tokens", "tokens generated", registry=r)
         self.errors = Counter("quantchat_errors", "requests that ended in an error", ["type"], registry=r)
         self.ttft = Histogram("quantchat_time_to_first_token_seconds", "time to first token", registry=r,
@@ -82,6 +84,7 @@ class Metrics:
     def answered(self, reply: Reply) -> None:
         s = reply.stats
         self.prompt_tokens.inc(s.prompt_tokens)
+        self.reused_tokens.inc(s.reused_tokens or 0)
         self.completion_tokens.inc(s.completion_tokens)
         if s.ttft_s is not None:
             self.ttft.observe(s.ttft_s)

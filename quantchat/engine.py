@@ -35,6 +35,7 @@ class Stats:
     finish_reason: str = ""       # eos, length, stop, time, cancelled, error
     dropped_turns: int = 0
     score: float | None = None    # the reward model's rating of the answer (--score_model)
+    reused_tokens: int | None = None  # prompt tokens continued from the backend's cache, not evaluated again
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -47,6 +48,8 @@ class Stats:
         speed = f"{self.tokens_per_s:.1f} tokens/s" if self.tokens_per_s else "- tokens/s"
         ttft = f"{self.ttft_s * 1000:.0f} ms to first token" if self.ttft_s is not None else "no tokens"
         score = f" · score {self.score:.2f}" if self.score is not None else ""
+        if self.reused_tokens:
+            score = f" · {self.reused_tokens} of {self.prompt_tokens} prompt tokens reused" + score
         return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}{score}"
 
 
@@ -338,6 +341,7 @@ class ChatEngine:
             for piece in tokens:
                 if stats.ttft_s is None:
                     stats.ttft_s = time.perf_counter() - start
+                    stats.reused_tokens = getattr(self.model, "reused_tokens", None)  # (backends that cache)
                 stats.completion_tokens += 1
                 text += piece
                 cut = min((i for i in (text.find(s, max(sent - hold, 0)) for s in stop_strings) if i >= 0),

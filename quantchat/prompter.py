@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from .errors import UsageError, UserError
+from .loaders.base import Prompt
 
 Message = dict  # {"role": ..., "content": ...}
 
@@ -213,8 +214,9 @@ class Prompter:
     stop: list[str] = field(default_factory=list)
     warning: str = ""
 
-    def render(self, messages: list[Message]) -> str:
-        return self.renderer.render(messages)
+    def render(self, messages: list[Message]) -> Prompt:
+        """The prompt, with the messages' own text marked as not markup (see loaders.base.Prompt)."""
+        return Prompt.marking(self.renderer.render(messages), [str(m["content"]) for m in messages])
 
 
 def make_prompter(prompt_type: str | None, prompt_dict: dict | None, chat_template: str | None,

@@ -54,6 +54,8 @@ class Settings:
                                           "(default: on with one CUDA GPU; True on the CPU: static cache only)",
                                     kind="bool?")
     max_seq_len: int | None = flag(None, "context length in tokens (default: the model's)", kind="int?")
+    prefix_cache: bool = flag(True, "continue each answer from the longest cached prefix of its prompt (a chat's "
+                                    "history is not evaluated again each turn); False: evaluate every prompt whole")
     model_lock: Any = flag(None, "several models side by side in the web UI: a list of dicts of flags, e.g. "
                                  "\"[{'base_model':'a.gguf'},{'base_model':'org/b','load_4bit':True}]\"", kind="list?")
     lora_weights: str = flag("", "a PEFT LoRA adapter (folder or hub id) applied over base_model (alias: --lora)")

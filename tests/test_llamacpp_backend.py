@@ -147,3 +147,74 @@ def test_speed_bench_gguf_rows_on_a_tiny_shape(tmp_path, monkeypatch):
     read = {kind: row["mbu_128"] * bandwidth / row["decode_128_tokens_per_s"] for kind, row in rows.items()}
     # 4.5-5 bits against 16 for the layers: the quantized file reads well under half the bytes per token
     assert read["Q4_K_M"] < 0.5 * read["F16"], read
+
+
+REFERENCE = " ".join(f"Fact {i}: the ferry number {i} leaves pier {i % 7} at {i % 12 + 1} o'clock." for i in range(50))
+
+
+def test_a_follow_up_turn_continues_from_the_cached_history(gemma_gguf):
+    """The second turn evaluates only what is new; a second conversation in between is swapped out and back in
+    (its state saved in host memory) rather than evaluated again."""
+    model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048")))
+    try:
+        engine = build_engine(settings("--max_new_tokens=8", "--prompt_type=gemma"), model)
+        first = [{"role": "user", "content": REFERENCE + "\n\nWhen does ferry 3 leave?"}]
+        reply = engine.chat(first)
+        first += [{"role": "assistant", "content": reply.finish()}, {"role": "user", "content": "And ferry 5?"}]
+        assert not reply.stats.reused_tokens                              # nothing cached yet
+        follow_up = engine.chat(first)
+        follow_up.finish()
+        assert follow_up.stats.reused_tokens > 0.9 * reply.stats.prompt_tokens
+        assert f"{follow_up.stats.reused_tokens} of {follow_up.stats.prompt_tokens} prompt tokens reused" in \
+            follow_up.stats.line()
+        other = [{"role": "user", "content": REFERENCE.replace("ferry", "train") + "\n\nWhen does train 2 leave?"}]
+        other_reply = engine.chat(other)
+        other_reply.finish()
+        assert not other_reply.stats.reused_tokens                        # another conversation: evaluated whole
+        first += [{"role": "assistant", "content": follow_up.text}, {"role": "user", "content": "And ferry 6?"}]
+        back = engine.chat(first)
+        back.finish()
+        assert back.stats.reused_tokens > 0.9 * follow_up.stats.prompt_tokens  # its saved state came back
+        # a saved state is its KV cache: no copy of the vocabulary-wide score rows (622 MB each for Qwen2.5)
+        assert model.states.cache_state and all(s.scores.shape[0] == 1 for s in model.states.cache_state.values())
+    finally:
+        model.close()
+
+
+def test_prefix_cache_off_evaluates_every_prompt_whole(gemma_gguf):
+    model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048",
+                                               "--prefix_cache=False")))
+    try:
+        engine = build_engine(settings("--max_new_tokens=4", "--prompt_type=gemma"), model)
+        history = [{"role": "user", "content": REFERENCE + "\n\nWhen does ferry 3 leave?"}]
+        for _ in range(2):
+            reply = engine.chat(history)
+            history += [{"role": "assistant", "content": reply.finish()}, {"role": "user", "content": "And 4?"}]
+            assert not reply.stats.reused_tokens
+    finally:
+        model.close()
+
+
+def test_logits_after_a_differently_split_prefill_stay_close(gemma):
+    """What reuse changes: a history evaluated in other batches (the answer one token at a time, as it was
+    generated) gives logits within float rounding of one evaluated whole; greedy choices agree except near ties."""
+    import numpy as np
+    llm = gemma.llm
+
+    def last_logits():
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+    tokens = gemma.tokenize(PROMPT + " Paris. It is known for the Eiffel Tower and the Louvre museum, and")
+    llm.reset()
+    llm.eval(tokens)
+    whole = last_logits()
+    llm.reset()
+    llm.eval(tokens[:6])
+    for token in tokens[6:-4]:
+        llm.eval([token])
+    llm.eval(tokens[-4:])
+    split = last_logits()
+    llm.reset()
+    assert np.abs(whole).max() > 1
+    assert np.abs(whole - split).max() < 0.05 * np.abs(whole).max()
+    assert list(np.argsort(whole)[-5:]) == list(np.argsort(split)[-5:]) or \
+        np.sort(whole)[-1] - np.sort(whole)[-2] < 0.05 * np.abs(whole).max()

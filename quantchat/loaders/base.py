@@ -11,6 +11,43 @@ def human_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+class Prompt(str):
+    """A rendered prompt that knows which of its characters came from the conversation (user, system, assistant and
+    tool text, document passages) rather than from the prompt format. Backends tokenize those as plain text, so that
+    control tokens typed into a message (<|im_start|>, <end_of_turn> ...) stay text and cannot forge a turn; only
+    the template's own markup may become special tokens. A plain str (a raw completion's prompt) is all markup."""
+    untrusted: tuple[tuple[int, int], ...] = ()   # (start, end) character spans, in order, not overlapping
+
+    @classmethod
+    def marking(cls, text: str, contents: list[str]) -> Prompt:
+        """`text` with each of `contents` (in the order rendered) marked where it was written; a content the template
+        changed beyond recognition stays unmarked."""
+        spans, pos = [], 0
+        for content in contents:
+            for needle in (content, content.strip()):
+                at = text.find(needle, pos) if needle else -1
+                if at >= 0:
+                    spans.append((at, at + len(needle)))
+                    pos = at + len(needle)
+                    break
+        prompt = cls(text)
+        prompt.untrusted = tuple(spans)
+        return prompt
+
+
+def segments(prompt: str) -> list[tuple[str, bool]]:
+    """The prompt in order as (text, is_markup) pieces; a plain str is one piece of markup."""
+    pieces, pos = [], 0
+    for start, end in getattr(prompt, "untrusted", ()):
+        if start > pos:
+            pieces.append((prompt[pos:start], True))
+        pieces.append((prompt[start:end], False))
+        pos = end
+    if pos < len(prompt) or not pieces:
+        pieces.append((prompt[pos:], True))
+    return pieces
+
+
 class Either:
     """is_set() of either event: the caller's cancel, or a backend's own stop when the consumer goes away."""
 

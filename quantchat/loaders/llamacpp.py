@@ -18,7 +18,7 @@ from .. import memory
 from ..errors import UsageError, UserError, missing_package
 from ..machine import Machine
 from ..settings import Settings
-from .base import GenParams, LoadPlan, ModelInfo
+from .base import GenParams, LoadPlan, ModelInfo, segments
 from .checkpoint import Checkpoint
 
 NAME = "llamacpp"
@@ -101,9 +101,19 @@ def _check_keys(options: dict) -> None:
 LLAMACPP_RESERVE = memory.CUDA_CONTEXT + 512 * 2**20  # compute buffers: about this much at 2k-8k contexts
 
 
+# Host memory for the saved states of conversations other than the live one (an LRU): two users taking turns then
+# do not evict each other's history on every message
+STATE_CACHE_BYTES = 2 * 2**30
+MIN_SAVED_TOKENS = 256  # a context shorter than this is cheaper to evaluate again than to keep
+# A shorter shared prefix (a template's opening, a short system prompt) is evaluated again: it saves little, and a
+# prompt split differently can change a near-tied greedy token (docs/benchmarks.md, "Prefix reuse")
+MIN_REUSED_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class Options:
     llama_kwargs: dict[str, Any]  # llama_cpp.Llama's keyword arguments, checked against its signature at plan time
+    prefix_cache: bool = True     # --prefix_cache
 
 
 def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
@@ -183,7 +193,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     file_type = meta.get("general.file_type")
     quant = _file_type_name(file_type)
     return LoadPlan(NAME, why, path, devices, "as stored in the file", quant, context,
-                    os.path.getsize(path), kv, Options(kwargs), notes, (on_gpu, layers))
+                    os.path.getsize(path), kv, Options(kwargs, s.prefix_cache), notes, (on_gpu, layers))
 
 
 def _plan_before_download(s: Settings, ckpt: Checkpoint, why: str) -> LoadPlan[Options]:
@@ -238,6 +248,9 @@ class LlamaCppModel:
                               p.quantization, self.llm.n_ctx(), p.weight_bytes, meta.get("tokenizer.chat_template"),
                               self.bos, self._token_text(self.llm.token_eos()))
         self._lock = threading.Lock()
+        self.prefix_cache = p.options.prefix_cache
+        self.states = llama_cpp.LlamaRAMCache(STATE_CACHE_BYTES) if self.prefix_cache else None
+        self.reused_tokens = 0  # the prompt tokens the last generation did not evaluate again
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -247,9 +260,17 @@ class LlamaCppModel:
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
+    def tokenize(self, prompt: str) -> list[int]:
+        """The prompt's tokens: the conversation's own text as plain text, so that control tokens typed into a
+        message stay text (base.Prompt); BOS first unless the template wrote it."""
         add_bos = not (self.bos and prompt.startswith(self.bos))
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        tokens: list[int] = []
+        for i, (text, markup) in enumerate(segments(prompt)):
+            tokens += self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos and i == 0, special=markup)
+        return tokens
+
+    def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
+        tokens = self.tokenize(prompt)
         if len(tokens) >= self.llm.n_ctx():
             raise UserError(f"the prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")
         budget = min(params.max_new_tokens, self.llm.n_ctx() - len(tokens))
@@ -258,9 +279,7 @@ class LlamaCppModel:
         temp = params.temperature if params.do_sample else 0.0  # 0: greedy
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self._lock:  # one llama.cpp context: one generation at a time
-            # Evaluate the whole prompt every time: reusing a cached prefix changes llama.cpp's batch shapes
-            # and with them the last bits of the logits, so the same request could get another greedy answer.
-            self.llm.reset()
+            self.reused_tokens = self._continue_from_longest_prefix(tokens)
             generated = 0
             for token in self.llm.generate(tokens, temp=temp, top_p=params.top_p, top_k=params.top_k, min_p=0.0,
                                            repeat_penalty=params.repetition_penalty, reset=True):
@@ -270,6 +289,39 @@ class LlamaCppModel:
                 yield decoder.decode(self.llm.detokenize([token], special=False))
                 if generated >= budget:
                     break
+
+    def _continue_from_longest_prefix(self, tokens: list[int]) -> int:
+        """Put the context in the state that shares the longest prefix with `tokens`: the live one, or one saved
+        for another conversation (the live one is saved first when the new prompt leaves it behind). llama.cpp's
+        generate() then evaluates only the rest. Returns how many prompt tokens are reused."""
+        if not self.prefix_cache:
+            self.llm.reset()
+            return 0
+        from llama_cpp import Llama
+        live_ids = self.llm._input_ids.tolist()
+        live = Llama.longest_token_prefix(live_ids, tokens)
+        if live < len(live_ids) and len(live_ids) >= MIN_SAVED_TOKENS:
+            self.states[live_ids] = self._saved_state()  # another conversation: keep this one for its next turn
+        try:
+            saved = self.states[tokens]
+        except KeyError:
+            saved = None
+        if saved is not None and Llama.longest_token_prefix(saved.input_ids.tolist(), tokens) > live:
+            self.llm.load_state(saved)
+        reused = min(Llama.longest_token_prefix(self.llm._input_ids.tolist(), tokens), len(tokens) - 1)
+        if reused < MIN_REUSED_TOKENS:
+            self.llm.reset()
+            return 0
+        return reused  # generate() keeps this prefix and evaluates the rest
+
+    def _saved_state(self):
+        """The context's state (its KV cache) without llama-cpp-python's copy of the score rows: those are n_batch x
+        the vocabulary (622 MB for Qwen2.5's 151,936 tokens) per state, uncounted by its cache's size limit, and not
+        needed: generate() evaluates the last prompt token again after a state is loaded."""
+        import numpy as np
+        state = self.llm.save_state()
+        state.scores = np.zeros((1, state.scores.shape[1]), dtype=state.scores.dtype)  # broadcast on load
+        return state
 
     def close(self) -> None:
         self.llm.close()

@@ -1,15 +1,24 @@
 """Hugging Face tokenizer helpers shared by the backends that encode with one (hf, exllama): prompts in, text out."""
 from __future__ import annotations
 
+from .base import segments
+
 
 def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def encode_prompt(tokenizer, prompt: str):
-    """A rendered prompt's token ids (1 x n): the tokenizer adds BOS unless the chat template already wrote it."""
-    bos = tokenizer.bos_token
-    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)), return_tensors="pt").input_ids
+    """A rendered prompt's token ids (1 x n). The conversation's own text is tokenized with special tokens split
+    into plain text (loaders.base.Prompt); BOS comes first where the tokenizer adds one and the template did not."""
+    import torch
+    ids: list[int] = []
+    for text, markup in segments(prompt):
+        ids += tokenizer(text, add_special_tokens=False, split_special_tokens=not markup).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos] and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos]:
+        ids.insert(0, bos)
+    return torch.tensor([ids], dtype=torch.long)
 
 
 class Detokenizer:

