@@ -47,10 +47,9 @@ class Stats:
     def line(self) -> str:
         speed = f"{self.tokens_per_s:.1f} tokens/s" if self.tokens_per_s else "- tokens/s"
         ttft = f"{self.ttft_s * 1000:.0f} ms to first token" if self.ttft_s is not None else "no tokens"
+        reused = f" · {self.reused_tokens} of {self.prompt_tokens} prompt tokens reused" if self.reused_tokens else ""
         score = f" · score {self.score:.2f}" if self.score is not None else ""
-        if self.reused_tokens:
-            score = f" · {self.reused_tokens} of {self.prompt_tokens} prompt tokens reused" + score
-        return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}{score}"
+        return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}{reused}{score}"
 
 
 class Turnstile:

@@ -1,7 +1,7 @@
 """What this computer has to run a model on: GPUs (name, memory, bf16), Apple's MPS, CPU memory.
 
 Probed once per run and handed to the load plans, so that a plan is a function of its inputs and tests describe a
-machine (`Machine(gpus=(GPU(0, "H200", 141 * GIB, 140 * GIB, True),))`) instead of patching torch. Free GPU memory is
+machine (`Machine(gpus=(GPU(0, "H200", 141 * 2**30, 140 * 2**30, True),))`) instead of patching torch. Free GPU memory is
 asked of nvidia-smi, in another process: no CUDA context is made here, and importing torch is left to the backends
 that use it, since loading CUDA libraries into this process before a CUDA build of llama.cpp made llama.cpp crash.
 """
@@ -12,8 +12,6 @@ import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
-
-GIB = 2**30
 
 
 @dataclass(frozen=True)

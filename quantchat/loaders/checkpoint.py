@@ -117,8 +117,9 @@ def read_checkpoint(s: Settings) -> Checkpoint:
             return _remote_gguf(remote, s, "--base_model=llama" + (" with --model_path_llama" if s.model_path_llama
                                                                      else " (h2oGPT's default GGUF)"))
         return Checkpoint(find_gguf(wanted, s.llamacpp_path), "gguf", "--base_model=llama with --model_path_llama")
-    if name.lower().endswith(".gguf") or re.match(r"https?://", name):
-        remote = download.parse(name, s.revision) if re.match(r"https?://", name) else None
+    is_url = re.match(r"https?://", name) is not None
+    if name.lower().endswith(".gguf") or is_url:
+        remote = download.parse(name, s.revision) if is_url else None  # ("models/x.gguf" is a path, not a repo)
         if remote:
             return _remote_gguf(remote, s, "a GGUF URL")
         return Checkpoint(find_gguf(name, s.llamacpp_path), "gguf", "a .gguf file")
@@ -142,8 +143,8 @@ def read_checkpoint(s: Settings) -> Checkpoint:
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "~")):
         config = _hub_config(name, s)
         saved = config.get("quantization_config")
-        q = {**saved, "quant_method": str(saved.get("quant_method", "")).lower()} if saved else None
-        return Checkpoint(name, "hub", "a Hugging Face hub id (no such local path)", config, q)
+        return Checkpoint(name, "hub", "a Hugging Face hub id (no such local path)", config,
+                          _normalized(name, saved, "") if saved else None)
     raise UserError(f"model not found: {name} is neither an existing path nor a hub id (owner/name)")
 
 
@@ -152,22 +153,24 @@ def quantization(folder: Path, config: dict) -> dict | None:
     that AutoGPTQ-era folders keep beside it (quant_method gptq unless it says otherwise)."""
     saved = config.get("quantization_config")
     if saved:
-        if not isinstance(saved, dict):
-            raise UserError(f"{folder}/config.json: quantization_config is not an object; the model folder is damaged")
-        return _checked(folder, {**saved, "quant_method": str(saved.get("quant_method", "")).lower()})
+        return _normalized(folder, saved, "")
     legacy = folder / "quantize_config.json"
     if legacy.is_file():
-        settings = read_json_object(legacy)
-        return _checked(folder, {**settings, "quant_method": str(settings.get("quant_method", "gptq")).lower()})
+        return _normalized(folder, read_json_object(legacy), "gptq")
     return None
 
 
-def _checked(folder: Path, q: dict) -> dict:
+def _normalized(where, saved, default_method: str) -> dict:
+    """Quantization settings as the plans read them (quant_method lower-cased), or one line saying what is wrong
+    with them: from a folder's files or a hub id's config alike."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{where}: quantization_config is not an object; the model's config is damaged")
+    q = {**saved, "quant_method": str(saved.get("quant_method", default_method)).lower()}
     bits, group = q.get("bits"), q.get("group_size")
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 16):
-        raise UserError(f"{folder}: the quantization's bits is {bits!r}, not a number between 1 and 16")
+        raise UserError(f"{where}: the quantization's bits is {bits!r}, not a number between 1 and 16")
     if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group == 0 or group < -1):
-        raise UserError(f"{folder}: the quantization's group_size is {group!r}, not -1 or a whole number above 0")
+        raise UserError(f"{where}: the quantization's group_size is {group!r}, not -1 or a whole number above 0")
     return q
 
 

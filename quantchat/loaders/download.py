@@ -123,22 +123,27 @@ def _choose(remote: RemoteGGUF, files: list[str]) -> list[str]:
     return chosen
 
 
+SOURCES = ".quantchat-sources"  # beside the downloads: which repository and quantization each file came from
+
+
+def _source_key(remote: RemoteGGUF) -> str:
+    return f"{remote.repo}@{remote.revision}:{remote.filename or remote.quant}"
+
+
 def _local_match(remote: RemoteGGUF, folder: Path) -> list[str]:
-    """Offline: a file fetched from this repository earlier (recorded beside the downloads)."""
-    record = folder / ".quantchat-sources"
+    """The file(s) fetched from this repository earlier, all still there (as recorded beside the downloads)."""
+    record = folder / SOURCES
     if not record.is_file():
         return []
-    key = f"{remote.repo}@{remote.revision}:{remote.filename or remote.quant}"
     for line in record.read_text().splitlines():
         wanted, _, files = line.partition("\t")
-        if wanted == key and all((folder / f).is_file() for f in files.split(",")):
+        if wanted == _source_key(remote) and all((folder / f).is_file() for f in files.split(",")):
             return files.split(",")
     return []
 
 
 def _remember(remote: RemoteGGUF, folder: Path, files: list[str]) -> None:
-    key = f"{remote.repo}@{remote.revision}:{remote.filename or remote.quant}"
-    record = folder / ".quantchat-sources"
+    key, record = _source_key(remote), folder / SOURCES
     lines = [line for line in (record.read_text().splitlines() if record.is_file() else [])
              if not line.startswith(key + "\t")]
     record.write_text("\n".join([*lines, f"{key}\t{','.join(files)}"]) + "\n")
@@ -165,6 +170,7 @@ def fetch(remote: RemoteGGUF, llamacpp_path: str, dry_run: bool = False) -> Fetc
         return _fetch_url(remote.url, folder, dry_run)
     hub = _hub()
     files = _local_match(remote, folder)
+    fetched_before = bool(files)  # then every file is there: nothing to ask the hub
     if not files:
         try:
             listing = hub.list_repo_files(remote.repo, revision=remote.revision) if not remote.filename else \
@@ -175,11 +181,13 @@ def fetch(remote: RemoteGGUF, llamacpp_path: str, dry_run: bool = False) -> Fetc
             raise _explain(e, remote.describe(), folder) from None
         files = _choose(remote, listing)
     source = f"{remote.repo}/{files[0]}" + (f" and {len(files) - 1} more shards" if len(files) > 1 else "")
+    if fetched_before:
+        return Fetch(str(folder / files[0]), source, 0, str(folder))
     if dry_run:
         return Fetch(str(folder / files[0]), source, _bytes_to_download(hub, remote, files, folder), str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     for name in files:
-        if (folder / name).is_file() and (_offline() or _local_match(remote, folder)):
+        if (folder / name).is_file() and _offline():
             continue
         try:
             _download(hub.hf_hub_url(remote.repo, name, revision=remote.revision), folder / name,
@@ -201,7 +209,7 @@ def _bytes_to_download(hub, remote: RemoteGGUF, files: list[str], folder: Path) 
     total = 0
     for name in files:
         target = folder / name
-        if target.is_file() and (_offline() or _local_match(remote, folder)):
+        if target.is_file() and _offline():
             continue
         try:
             size = hub.get_hf_file_metadata(hub.hf_hub_url(remote.repo, name, revision=remote.revision)).size
@@ -217,26 +225,31 @@ def _bytes_to_download(hub, remote: RemoteGGUF, files: list[str], folder: Path) 
 def _download(url: str, target: Path, shown: str) -> None:
     """One file from the hub, resumed from what an interrupted start left (huggingface_hub's own hf_hub_download
     starts over under a new temporary name), with huggingface_hub's progress bar, headers, token and retries."""
-    from huggingface_hub import file_download, get_hf_file_metadata
+    from huggingface_hub import get_hf_file_metadata
     metadata = get_hf_file_metadata(url)
     if target.is_file() and target.stat().st_size == metadata.size:
         return
+    _resume_into(metadata.location, target, shown, metadata.size)
+
+
+def _resume_into(url: str, target: Path, shown: str, size: int | None = None) -> None:
+    """Download `url` to `target` through NAME.incomplete, continuing from what an earlier start left there, with
+    huggingface_hub's progress bar and retries; `size`, where known, is checked."""
+    from huggingface_hub import file_download
     partial = _partial(target)
-    if partial.is_file() and metadata.size is not None and partial.stat().st_size > metadata.size:
+    if partial.is_file() and size is not None and partial.stat().st_size > size:
         partial.unlink()  # not the beginning of this file
     print(f"downloading {shown} into {target.parent}/", file=sys.stderr)
     with open(partial, "ab") as f:
-        file_download.http_get(metadata.location, f, resume_size=f.tell(), expected_size=metadata.size,
-                               displayed_filename=target.name)
-    if metadata.size is not None and partial.stat().st_size != metadata.size:
-        raise UserError(f"the download of {shown} ended early ({partial.stat().st_size} of {metadata.size} bytes): "
+        file_download.http_get(url, f, resume_size=f.tell(), expected_size=size, displayed_filename=target.name)
+    if size is not None and partial.stat().st_size != size:
+        raise UserError(f"the download of {shown} ended early ({partial.stat().st_size} of {size} bytes): "
                         "start again to resume it")
     partial.rename(target)
 
 
 def _fetch_url(url: str, folder: Path, dry_run: bool) -> Fetch:
     """A .gguf at a plain URL, through huggingface_hub's resuming HTTP download (no hub metadata)."""
-    from huggingface_hub import file_download
     target = folder / Path(unquote(urlparse(url).path)).name
     if target.is_file():
         return Fetch(str(target), url, 0, str(folder))
@@ -245,12 +258,10 @@ def _fetch_url(url: str, folder: Path, dry_run: bool) -> Fetch:
     if _offline():
         raise _explain(RuntimeError("offline"), url, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    partial = _partial(target)
-    print(f"downloading {url} into {folder}/", file=sys.stderr)
     try:
-        with open(partial, "ab") as f:
-            file_download.http_get(url, f, resume_size=f.tell(), displayed_filename=target.name)
+        _resume_into(url, target, url)
+    except UserError:
+        raise
     except Exception as e:
         raise _explain(e, url, folder) from None
-    partial.rename(target)
     return Fetch(str(target), url, 0, str(folder))

@@ -141,6 +141,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     if ckpt.pending_download:
         return _plan_before_download(s, ckpt, why)
     meta = read_gguf_metadata(path)
+    file_bytes = os.path.getsize(path)
     arch = meta.get("general.architecture", "llama")
     trained = meta.get(f"{arch}.context_length")
     notes: list[str] = []
@@ -161,7 +162,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     asked = next((v for v in (s.n_gpu_layers, s.pre_layer, user.get("n_gpu_layers")) if v is not None), None)
     n_gpu_layers = asked if asked is not None else (-1 if gpu else 0)
     if asked is None and gpu and layers:
-        fit = layers_that_fit(os.path.getsize(path), kv or 0, layers, machine.free_gpu_bytes(s.gpu_id))
+        fit = layers_that_fit(file_bytes, kv or 0, layers, machine.free_gpu_bytes(s.gpu_id))
         if fit is not None and fit < layers:
             n_gpu_layers = fit
             notes.append(f"the model and its {context}-token KV cache need more than the GPU's free memory: {fit} of "
@@ -171,7 +172,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         notes.append(f"{asked} GPU layers asked for, but this llama-cpp-python build has no GPU support: "
                      "everything runs on the CPU (reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\", see docs/backends.md)")
     on_gpu = 0 if not gpu else (layers if n_gpu_layers < 0 or (layers and n_gpu_layers >= layers) else n_gpu_layers)
-    need = (kv or 0) + os.path.getsize(path)
+    need = (kv or 0) + file_bytes
     if not on_gpu and machine.ram_bytes and need > machine.ram_bytes:  # llama.cpp allocates it all up front
         raise UserError(f"{path} with a {context}-token KV cache needs {need / 2**30:.1f} GiB, more than this "
                         f"machine's {machine.ram_bytes / 2**30:.1f} GiB of memory: lower --max_seq_len")
@@ -193,7 +194,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     file_type = meta.get("general.file_type")
     quant = _file_type_name(file_type)
     return LoadPlan(NAME, why, path, devices, "as stored in the file", quant, context,
-                    os.path.getsize(path), kv, Options(kwargs, s.prefix_cache), notes, (on_gpu, layers))
+                    file_bytes, kv, Options(kwargs, s.prefix_cache), notes, (on_gpu, layers))
 
 
 def _plan_before_download(s: Settings, ckpt: Checkpoint, why: str) -> LoadPlan[Options]:
