@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from . import api_models
 from .engine import ChatEngine, Reply
 from .errors import UsageError, UserError
+from .tools import ToolCall
 
 MAX_BODY_BYTES = 4 * 2**20
 R = TypeVar("R", bound=api_models.Request)
@@ -220,7 +221,7 @@ class OpenAIServer:
         try:  # rendering and fitting a long conversation takes time: off the event loop, so others are served
             if chat:
                 reply = await asyncio.to_thread(engine.chat, [m.as_dict() for m in body.messages], params, cancel,
-                                                documents)
+                                                documents, body.offered_tools(), body.answer_format())
             else:
                 reply = await asyncio.to_thread(engine.complete, body.text(), params, cancel)
         except UserError as e:
@@ -240,8 +241,14 @@ class OpenAIServer:
             cancel.set()  # when this request task is cancelled (client gone), stop the generation
         self.metrics.answered(reply)
         self.metrics.requests.labels(endpoint, "200").inc()
-        choice = {"index": 0, "finish_reason": FINISH.get(reply.stats.finish_reason, "stop")}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
+        choice = {"index": 0, "finish_reason": _finish_reason(reply)}
+        if chat:
+            message = {"role": "assistant", "content": text}
+            if reply.tool_calls:
+                message.update(content=text or None, tool_calls=[c.as_openai() for c in reply.tool_calls])
+            choice["message"] = message
+        else:
+            choice.update({"text": text, "logprobs": None})
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": _usage(reply), **sources}
 
@@ -263,8 +270,8 @@ class OpenAIServer:
 
         def produce():
             try:
-                for text in reply:
-                    loop.call_soon_threadsafe(chunks.put_nowait, ("text", text))
+                for item in reply.events():
+                    loop.call_soon_threadsafe(chunks.put_nowait, ("text", item))
                 loop.call_soon_threadsafe(chunks.put_nowait, ("end", None))
             except Exception as e:  # delivered to the client as an error event
                 loop.call_soon_threadsafe(chunks.put_nowait, ("error", e))
@@ -280,12 +287,18 @@ class OpenAIServer:
             return "data: " + json.dumps({**meta, "object": obj, "choices": [choice], **extra}) + "\n\n"
 
         threading.Thread(target=produce, name="api-stream", daemon=True).start()
+        calls = 0  # tool calls sent so far
         try:
             if chat:
                 yield event({"role": "assistant", "content": ""})
             while True:
                 kind, value = await chunks.get()
-                if kind == "text":
+                if kind == "text" and isinstance(value, ToolCall):  # OpenAI's shape: the call, then its arguments
+                    index, calls = calls, calls + 1
+                    yield event({"tool_calls": [{"index": index, "id": value.id, "type": "function",
+                                                 "function": {"name": value.name, "arguments": ""}}]})
+                    yield event({"tool_calls": [{"index": index, "function": {"arguments": value.arguments}}]})
+                elif kind == "text":
                     if value:
                         yield event({"content": value})
                 elif kind == "error":
@@ -295,7 +308,7 @@ class OpenAIServer:
                 else:
                     self.metrics.answered(reply)
                     self.metrics.requests.labels(endpoint, "200").inc()
-                    yield event(None, FINISH.get(reply.stats.finish_reason, "stop"), usage=_usage(reply), **sources)
+                    yield event(None, _finish_reason(reply), usage=_usage(reply), **sources)
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -317,6 +330,12 @@ def _invalid(error: ValidationError) -> ApiError:
         return ApiError(400, "messages must be a non-empty list of {role: system, user or assistant; content: text}",
                         param=param)
     return ApiError(400, f"{param}: {first['msg']}", param=param)
+
+
+def _finish_reason(reply: Reply) -> str:
+    if reply.tool_calls and reply.stats.finish_reason in ("eos", "stop"):
+        return "tool_calls"
+    return FINISH.get(reply.stats.finish_reason, "stop")
 
 
 def _usage(reply: Reply) -> dict:

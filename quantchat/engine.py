@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .constraints import Constraint, check
 from .documents.passages import Passage, question_with_context
 from .errors import UserError
 from .generation import check_generation
 from .history import History
 from .loaders.base import ChatModel, GenParams
 from .prompter import Message, Prompter
+from .tools import ToolCall, ToolCallStream, Tools
 
 # Defaults where neither the flags nor the request say (h2oGPT's, except max_new_tokens' cap)
 DEFAULT_MAX_MAX_NEW_TOKENS = 4096
@@ -121,30 +123,42 @@ class Limits:
 
 
 class Reply:
-    """One answer: iterate for text deltas; afterwards `.text`, `.stats` and `.notices` are set.
+    """One answer: iterate for text deltas; afterwards `.text`, `.tool_calls`, `.stats` and `.notices` are set.
+    `events()` yields the tool calls too, each once it is complete (tools.ToolCall), between the text deltas.
     `.sources` holds the document passages the answer was given (documents Q&A), best first.
 
     Leaving the loop early (a client that disconnects, Ctrl-C) ends the generation and frees its place.
     """
 
-    def __init__(self, chunks: Iterator[str], stats: Stats, notices: list[str], sources: list[Passage]):
+    def __init__(self, chunks: Iterator[str | ToolCall], stats: Stats, notices: list[str], sources: list[Passage]):
         self.text = ""
+        self.tool_calls: list[ToolCall] = []
         self.stats = stats
         self.notices = notices
         self.sources = sources
         self._chunks = chunks
 
-    def __iter__(self) -> Iterator[str]:
+    def events(self) -> Iterator[str | ToolCall]:
         try:
             for chunk in self._chunks:
-                self.text += chunk
+                if isinstance(chunk, ToolCall):
+                    self.tool_calls.append(chunk)
+                else:
+                    self.text += chunk
                 yield chunk
         finally:
             self._chunks.close()
 
+    def __iter__(self) -> Iterator[str]:
+        events = self.events()
+        try:
+            yield from (chunk for chunk in events if isinstance(chunk, str))
+        finally:
+            events.close()
+
     def finish(self) -> str:
         """Consume the whole answer; returns its text."""
-        for _ in self:
+        for _ in self.events():
             pass
         return self.text
 
@@ -195,16 +209,16 @@ class ChatEngine:
             p.do_sample = False
         return p
 
-    def fit(self, messages: list[Message], params: GenParams) -> Fitted:
+    def fit(self, messages: list[Message], params: GenParams, tools: list[dict] | None = None) -> Fitted:
         """Drop the oldest turns until the prompt and the answer fit into the context."""
         context = self.limits.context_length
         system = [m for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
-        if not turns or turns[-1]["role"] != "user" or not str(turns[-1]["content"]).strip():
-            raise UserError("the last message must be a non-empty user message")
+        if not turns or turns[-1]["role"] not in ("user", "tool") or not str(turns[-1]["content"]).strip():
+            raise UserError("the last message must be a non-empty user message (or a tool's result)")
         dropped, notices = 0, []
         while True:
-            prompt = self.prompter.render(system + turns)
+            prompt = self.prompter.render(system + turns, tools)
             n = self.model.count_tokens(prompt)
             if n + params.max_new_tokens <= context or len(turns) == 1:
                 break
@@ -226,16 +240,16 @@ class ChatEngine:
             return replace(params, max_new_tokens=context - n_prompt)
         return params
 
-    def fit_with_passages(self, messages: list[Message], passages: list[Passage],
-                          params: GenParams) -> tuple[Fitted, list[Passage]]:
+    def fit_with_passages(self, messages: list[Message], passages: list[Passage], params: GenParams,
+                          tools: list[dict] | None = None) -> tuple[Fitted, list[Passage]]:
         """The last question with its passages in front; the weakest passages go until the answer fits too."""
         if not passages:
-            return self.fit(messages, params), []
+            return self.fit(messages, params, tools), []
         context = self.limits.context_length
         for n in range(len(passages), -1, -1):
             asked = {"role": "user", "content": question_with_context(messages[-1]["content"], passages[:n])}
             try:
-                fitted = self.fit([*messages[:-1], asked], params)
+                fitted = self.fit([*messages[:-1], asked], params, tools)
             except UserError:
                 if n:
                     continue
@@ -247,11 +261,13 @@ class ChatEngine:
         return fitted, passages[:n]
 
     def chat(self, messages: list[Message], params: GenParams | None = None, cancel: threading.Event | None = None,
-             documents: Any = None) -> Reply:
+             documents: Any = None, tools: Tools | None = None, answer_format: Constraint | None = None) -> Reply:
         """Answer the conversation. Errors a user causes raise UserError before the first token.
 
         documents: a collection (documents Q&A): the passages nearest to the last question go into the prompt,
         and the reply lists them as its sources.
+        tools: functions the model may call (rendered by its chat template; calls come back as tools.ToolCall).
+        answer_format: a grammar the answer must follow (response_format's JSON schema).
         """
         params = params or self.params()
         if self.prompter.system_prompt and not any(m["role"] == "system" for m in messages):
@@ -260,10 +276,13 @@ class ChatEngine:
         if documents is not None and messages and messages[-1]["role"] == "user":
             k = self.top_k_docs if self.top_k_docs > 0 else MOST_PASSAGES
             passages = documents.search(str(messages[-1]["content"]), k)
-        fitted, passages = self.fit_with_passages(messages, passages, params)
+        offered = tools.offered() if tools else None
+        fitted, passages = self.fit_with_passages(messages, passages, params, offered)
         if documents is not None and not passages:
             fitted.notices.append(f"no passages from {documents.name}: answered without documents")
-        params = replace(fitted.params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])))
+        constraint = answer_format or (self.prompter.tool_format.constraint(tools) if offered else None)
+        params = replace(fitted.params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])),
+                         constraint=self._enforceable(constraint, fitted.params))
         cancel = cancel or threading.Event()
         if getattr(self.model, "takes_messages", False):  # a chat API: the server applies its template
             def tokens() -> Iterator[str]:
@@ -272,7 +291,22 @@ class ChatEngine:
             def tokens() -> Iterator[str]:
                 return self.model.stream(fitted.prompt, params, cancel)
         return self._reply(tokens, fitted.prompt, params, cancel, fitted.notices, messages,
-                           Stats(prompt_tokens=fitted.tokens, dropped_turns=fitted.dropped), passages)
+                           Stats(prompt_tokens=fitted.tokens, dropped_turns=fitted.dropped), passages,
+                           ToolCallStream(self.prompter.tool_format, tools.names() if tools else None)
+                           if self.prompter.tool_format else None)
+
+    def _enforceable(self, constraint: Constraint | None, params: GenParams) -> Constraint | None:
+        """The constraint, once the backend is known to follow it and its grammar compiles (else one line)."""
+        if constraint is None or getattr(self.model, "takes_messages", False):  # a remote engine: its own business
+            return constraint
+        if params.num_beams > 1 or params.min_new_tokens:
+            raise UserError(f"{constraint.what} is enforced token by token: it needs num_beams=1 and min_new_tokens=0")
+        tokenizer = getattr(self.model, "lltokenizer", None)
+        if tokenizer is None:
+            raise UserError(f"the {self.model.info.backend} backend cannot constrain its output, so {constraint.what} "
+                            "cannot be guaranteed: use the llama.cpp or Hugging Face backend")
+        check(constraint, tokenizer)
+        return constraint
 
     def complete(self, prompt: str, params: GenParams | None = None, cancel: threading.Event | None = None) -> Reply:
         """Continue raw text: no prompt format, no history to fit (a prompt too long for the context is refused)."""
@@ -284,7 +318,8 @@ class ChatEngine:
                            [{"role": "prompt", "content": prompt}], Stats(prompt_tokens=n_prompt))
 
     def _reply(self, tokens: Callable[[], Iterator[str]], prompt: str, params: GenParams, cancel: threading.Event,
-               notices: list[str], saved_as: list[Message], stats: Stats, sources: list[Passage] | None = None) -> Reply:
+               notices: list[str], saved_as: list[Message], stats: Stats, sources: list[Passage] | None = None,
+               tool_calls: ToolCallStream | None = None) -> Reply:
         """Queue, generate and time one answer; nothing runs until the Reply is iterated."""
         if self.verbose:
             self.log(f"prompt ({stats.prompt_tokens} tokens):\n{prompt}")
@@ -301,9 +336,10 @@ class ChatEngine:
             start = time.perf_counter()
             stats.queue_s = start - asked
             answer: list[str] = []
+            calls: list[ToolCall] = []
             try:
-                for chunk in self._generate(tokens(), params, cancel, stats, start):
-                    answer.append(chunk)
+                for chunk in _with_tool_calls(self._generate(tokens(), params, cancel, stats, start), tool_calls):
+                    (calls if isinstance(chunk, ToolCall) else answer).append(chunk)
                     yield chunk
             finally:
                 stats.total_s = time.perf_counter() - start
@@ -315,19 +351,23 @@ class ChatEngine:
                 if self.verbose:
                     self.log(stats.line())
                 if self.history:
-                    self._save(saved_as, "".join(answer), params, stats, sources or [])
+                    self._save(saved_as, "".join(answer), calls, params, stats, sources or [])
 
         return Reply(run(), stats, notices, sources or [])
 
-    def _save(self, messages: list[Message], answer: str, params: GenParams, stats: Stats,
+    def _save(self, messages: list[Message], answer: str, calls: list[ToolCall], params: GenParams, stats: Stats,
               sources: list[Passage]) -> None:
         """One JSON line per answer: the conversation, the answer, the settings, the model, the timings
         and (documents Q&A) the sources."""
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.model.info.model,
                   "backend": self.model.info.backend, "messages": messages, "answer": answer,
-                  "params": asdict(params), "stats": {**asdict(stats), "tokens_per_s": stats.tokens_per_s}}
+                  "params": {**asdict(replace(params, constraint=None)),
+                             "constraint": params.constraint.what if params.constraint else None},
+                  "stats": {**asdict(stats), "tokens_per_s": stats.tokens_per_s}}
         if sources:
             record["sources"] = [p.as_dict() for p in sources]
+        if calls:
+            record["tool_calls"] = [c.as_openai() for c in calls]
         self.history.append(record)
 
     def _generate(self, tokens: Iterator[str], params: GenParams, cancel: threading.Event, stats: Stats,
@@ -373,3 +413,16 @@ class ChatEngine:
             tokens.close()
         if len(text) > sent:
             yield text[sent:]
+
+
+def _with_tool_calls(chunks: Iterator[str], calls: ToolCallStream | None) -> Iterator[str | ToolCall]:
+    """The answer's text with the model's tool calls (in its template's format) taken out as ToolCall events."""
+    if calls is None:
+        yield from chunks
+        return
+    try:
+        for chunk in chunks:
+            yield from calls.feed(chunk)
+        yield from calls.close()
+    finally:
+        chunks.close()

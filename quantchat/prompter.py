@@ -5,12 +5,14 @@ into the text the model continues. The model's own chat template wins unless the
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from .errors import UsageError, UserError
 from .loaders.base import Prompt
+from .tools import ToolFormat, template_messages, tool_format
 
 Message = dict  # {"role": ..., "content": ...}
 
@@ -158,15 +160,16 @@ class TemplatePrompter:
                                                                                          indent=indent)
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.source = template
         try:
             self.template = env.from_string(template)
         except TemplateError as e:
             raise UsageError(f"the chat template does not parse: {e}") from None
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: list[Message]) -> str:
+    def render(self, messages: list[Message], tools: list[dict] | None = None) -> str:
         try:
-            return self._render(messages)
+            return self._render(messages, tools)
         except _TemplateRefused:
             # many templates refuse a system turn: fold it into the first user message instead
             system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
@@ -174,15 +177,15 @@ class TemplatePrompter:
             if not system or not rest:
                 raise
             rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
-            return self._render(rest)
+            return self._render(rest, tools)
 
-    def _render(self, messages: list[Message]) -> str:
+    def _render(self, messages: list[Message], tools: list[dict] | None) -> str:
         """Rendered piece by piece, so that a template that writes without end is stopped, with one line."""
         import time
         deadline = time.monotonic() + MAX_RENDER_SECONDS + len(messages) * 0.01
         out, size = [], 0
         try:
-            for piece in self.template.generate(messages=messages, add_generation_prompt=True,
+            for piece in self.template.generate(messages=messages, tools=tools, add_generation_prompt=True,
                                                 bos_token=self.bos_token, eos_token=self.eos_token):
                 out.append(piece)
                 size += len(piece)
@@ -214,9 +217,22 @@ class Prompter:
     stop: list[str] = field(default_factory=list)
     warning: str = ""
 
-    def render(self, messages: list[Message]) -> Prompt:
-        """The prompt, with the messages' own text marked as not markup (see loaders.base.Prompt)."""
-        return Prompt.marking(self.renderer.render(messages), [str(m["content"]) for m in messages])
+    def render(self, messages: list[Message], tools: list[dict] | None = None) -> Prompt:
+        """The prompt, with the messages' own text marked as not markup (see loaders.base.Prompt). `tools` (OpenAI's
+        function specs) go to a chat template's `tools` variable, which only templates with a known tool format get."""
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            if self.tool_format is None:
+                raise UserError(f"tools and tool messages need a chat template that renders them, and {self.source} "
+                                "does not (give one with --chat_template, or use the model's own)")
+            text = self.renderer.render(template_messages(messages), tools)
+        else:
+            text = self.renderer.render(messages)
+        return Prompt.marking(text, [str(m["content"] or "") for m in messages])
+
+    @functools.cached_property
+    def tool_format(self) -> ToolFormat | None:
+        """How the model writes tool calls, from its chat template's text (tools.tool_format)."""
+        return tool_format(self.renderer.source) if isinstance(self.renderer, TemplatePrompter) else None
 
 
 def make_prompter(prompt_type: str | None, prompt_dict: dict | None, chat_template: str | None,

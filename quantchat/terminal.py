@@ -14,6 +14,7 @@ from typing import TextIO
 from .documents.passages import sources_lines
 from .engine import ChatEngine
 from .errors import UserError
+from .tools import ToolCall
 
 HELP = "Type a message and press Enter. /reset starts a new conversation, /exit quits, Ctrl-C stops an answer."
 DOCS_HELP = " /add PATH adds a file or a folder's files to the documents."
@@ -71,8 +72,10 @@ def run_terminal(engine: ChatEngine, stream_output: bool = True, read: Callable[
             reply = engine.chat(history, cancel=cancel, documents=documents)
             for note in reply.notices:
                 out.write(f"({note})\n")
-            for chunk in reply:
-                if stream_output:
+            for chunk in reply.events():
+                if isinstance(chunk, ToolCall):  # shown, never run here
+                    out.write(f"\n[{chunk.display()}]\n")
+                elif stream_output:
                     out.write(chunk)
                     out.flush()
             if not stream_output:

@@ -19,6 +19,7 @@ from .documents.passages import sources_lines
 from .engine import ChatEngine
 from .errors import UserError
 from .settings import LOOPBACK
+from .tools import ToolCall
 
 SETTINGS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "max_time"]
 
@@ -110,6 +111,8 @@ def _display(history: list[dict]) -> list[dict]:
     shown = []
     for m in history:
         content = m["content"]
+        if m.get("tool_calls"):  # shown, never run here
+            content += "".join(f"\n\n🔧 `{line}`" for line in m["tool_calls"])
         if m.get("sources"):
             content += "\n\n**Sources**\n\n" + "\n".join(f"- {line}" for line in m["sources"])
         if m.get("stats"):
@@ -151,8 +154,11 @@ class WebUI:
         answer = {"role": "assistant", "content": ""}
         try:
             reply = engine.chat(messages, engine.params(**overrides), cancel, documents)
-            for chunk in reply:
-                answer["content"] += chunk
+            for chunk in reply.events():
+                if isinstance(chunk, ToolCall):
+                    answer["tool_calls"] = [*answer.get("tool_calls", []), chunk.display()]
+                else:
+                    answer["content"] += chunk
                 yield _display([*history, answer]), [*history, answer]
         except UserError as e:
             yield _display([*history, {"role": "assistant", "content": f"⚠️ {e}"}]), \

@@ -4,7 +4,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from ..constraints import Constraint
 
 
 def human_bytes(n: int) -> str:
@@ -72,6 +75,7 @@ class GenParams:
     max_time: float = 600.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    constraint: Constraint | None = None   # the grammar the answer must follow (a JSON schema, a tool call)
 
 
 @dataclass
@@ -137,7 +141,10 @@ class LoadPlan(Generic[Options]):
 
 
 class ChatModel(Protocol):
-    """A loaded model. `stream` yields the text of each generated token, one item per token."""
+    """A loaded model. `stream` yields the text of each generated token, one item per token.
+
+    A backend that can follow `params.constraint` (constraints.py) has an `lltokenizer` attribute: its vocabulary
+    as llguidance sees it; the engine refuses constrained requests to backends without one."""
     info: ModelInfo
 
     def count_tokens(self, text: str) -> int: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import difflib
+import functools
 import inspect
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import memory
+from ..constraints import TokenGuide
 from ..errors import UsageError, UserError, missing_package
 from ..machine import Machine
 from ..settings import Settings
@@ -279,17 +281,42 @@ class LlamaCppModel:
             self.llm.set_seed(params.seed)
         temp = params.temperature if params.do_sample else 0.0  # 0: greedy
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        guided = self._guided(params, len(tokens)) if params.constraint else None
         with self._lock:  # one llama.cpp context: one generation at a time
             self.reused_tokens = self._continue_from_longest_prefix(tokens)
             generated = 0
             for token in self.llm.generate(tokens, temp=temp, top_p=params.top_p, top_k=params.top_k, min_p=0.0,
-                                           repeat_penalty=params.repetition_penalty, reset=True):
+                                           repeat_penalty=params.repetition_penalty, reset=True,
+                                           logits_processor=guided):
                 if cancel.is_set() or self.is_eog(self.vocab, token):
                     break
                 generated += 1
                 yield decoder.decode(self.llm.detokenize([token], special=False))
                 if generated >= budget:
                     break
+
+    @functools.cached_property
+    def lltokenizer(self):
+        """The vocabulary as llguidance sees it, for constrained output (about a second to build, so once)."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+        return lltokenizer_from_vocab(self.vocab)
+
+    def _guided(self, params: GenParams, prompt_tokens: int):
+        """A logits processor that lets only the tokens params.constraint allows through: llama-cpp-python calls it
+        before each token with every token so far, so it first advances past the ones it has not seen."""
+        from llama_cpp import LogitsProcessorList
+        guide = TokenGuide(params.constraint, self.lltokenizer, self.llm.n_vocab())
+        seen = prompt_tokens
+
+        def allowed_only(input_ids, scores):
+            nonlocal seen
+            for token in input_ids[seen:]:
+                guide.advance(int(token))
+            seen = len(input_ids)
+            guide.mask_scores(scores)
+            return scores
+
+        return LogitsProcessorList([allowed_only])
 
     def _continue_from_longest_prefix(self, tokens: list[int]) -> int:
         """Put the context in the state that shares the longest prefix with `tokens`: the live one, or one saved

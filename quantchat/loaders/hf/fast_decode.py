@@ -25,6 +25,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 
+from ...constraints import TokenGuide
 from ..base import Either, GenParams
 
 DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
@@ -134,16 +135,23 @@ class FastDecoder:
                     self._logits_out[window] = self._step(self._token_in, self._position_in)
                 self.graphs[window] = graph
 
-    def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None]) -> None:
+    def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None],
+                guide: TokenGuide | None = None) -> None:
         """One step ahead: step i+1 is queued on the GPU before token i is read on the host, so the GPU does not
-        wait for the host's per-token work (the id's copy, streaming, the next launch). A stop wastes one step."""
+        wait for the host's per-token work (the id's copy, streaming, the next launch). A stop wastes one step.
+
+        With a guide (constrained output), the host reads token i while step i+1 runs, computes which tokens may
+        follow it, and the mask reaches the GPU before token i+1 is chosen: the GPU waits only where the mask takes
+        longer than a step."""
         torch = self.torch
         cuda = self.device.type == "cuda"
         with torch.inference_mode():
             seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
             seen[ids[0]] = True
             eos = torch.tensor(self.eos_ids, device=self.device, dtype=torch.long)
-            token = choose_token(self._prefill(ids), seen, eos, params, 0)
+            allowed = _AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None
+            logits = self._prefill(ids)
+            token = choose_token(allowed.mask(logits) if allowed else logits, seen, eos, params, 0)
             position = torch.tensor([ids.shape[1]], device=self.device)  # advanced on the device, no copy per step
             host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
             copied = torch.cuda.Event() if cuda else None
@@ -157,6 +165,10 @@ class FastDecoder:
                     seen.index_fill_(0, token, True)
                     logits = self._next_logits(token, position, length)
                     position += 1
+                    if allowed:
+                        if copied:
+                            copied.synchronize()
+                        logits = allowed.after(int(host[0]), logits)
                     token = choose_token(logits, seen, eos, params, i + 1)
                 if copied:
                     copied.synchronize()  # the one wait per token: streaming needs the id on the host
@@ -169,7 +181,7 @@ class FastDecoder:
     def fits(self, prompt_tokens: int, params: GenParams) -> bool:
         return params.num_beams == 1 and prompt_tokens + params.max_new_tokens <= self.cache_tokens
 
-    def tokens(self, ids, params: GenParams, cancel: threading.Event) -> Iterator[int]:
+    def tokens(self, ids, params: GenParams, cancel: threading.Event, guide: TokenGuide | None = None) -> Iterator[int]:
         """Token ids as the worker makes them; leaving the loop early stops the worker at the next token."""
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -178,7 +190,7 @@ class FastDecoder:
 
         def job():
             try:
-                self._decode(ids, params, either, out.put)
+                self._decode(ids, params, either, out.put, guide)
             except BaseException as e:  # re-raised in the consuming thread
                 failure.append(e)
             finally:
@@ -221,6 +233,32 @@ class FastDecoder:
             yield
         finally:
             backends.enable_cudnn_sdp(before)
+
+
+class _AllowedTokens:
+    """A guide's mask on the device: computed on the host into pinned memory, copied without a wait, unpacked from
+    bits to a bool per token on the device."""
+
+    def __init__(self, guide: TokenGuide, vocab: int, device, eos_ids: list[int]):
+        import torch
+        self.guide, self.vocab, self.eos_ids = guide, vocab, set(eos_ids)
+        self.host = torch.empty(len(guide.bits), dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.device_bits = torch.empty_like(self.host, device=device)
+        self.shifts = torch.arange(32, dtype=torch.int32, device=device)
+
+    def mask(self, logits):
+        self.guide.mask(self.host.numpy())
+        self.device_bits.copy_(self.host, non_blocking=True)
+        allowed = ((self.device_bits.unsqueeze(-1) >> self.shifts) & 1).view(-1)[: self.vocab].bool()
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def after(self, token: int, logits):
+        """The logits of the step after `token`, masked to what the grammar allows there. After an end-of-sequence
+        token the answer is over and that step is thrown away: its logits pass as they are."""
+        if token in self.eos_ids:
+            return logits
+        self.guide.advance(token)
+        return self.mask(logits)
 
 
 def _in_worker(function: Callable[[], None]) -> None:

@@ -3,6 +3,7 @@ for GPTQ and AWQ checkpoints. Loads what the plan (plan.py) decided, streams wit
 (fast_decode.py) and with transformers' generate until then or where it cannot run."""
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import queue
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ...constraints import TokenGuide
 from ...errors import UserError, missing_package
 from .. import checkpoint
 from ..base import Either, GenParams, LoadPlan, ModelInfo, human_bytes
@@ -255,8 +257,18 @@ class HFModel:
     def _encode(self, prompt: str):
         return encode_prompt(self.tokenizer, prompt).to(self.device)
 
-    def _generation_kwargs(self, params: GenParams, cancel: threading.Event) -> dict:
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+    @functools.cached_property
+    def lltokenizer(self):
+        """The vocabulary as llguidance sees it, for constrained output (about a second to build, so once)."""
+        from llguidance.hf import from_tokenizer
+        return from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=sorted(self.eos_ids))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def _generation_kwargs(self, params: GenParams, cancel: threading.Event, guide: TokenGuide | None) -> dict:
+        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
@@ -268,15 +280,33 @@ class HFModel:
                                   do_sample=params.do_sample, num_beams=params.num_beams,
                                   repetition_penalty=params.repetition_penalty, eos_token_id=sorted(self.eos_ids),
                                   pad_token_id=self.pad_id, **sampling)
-        return {"generation_config": config, "stopping_criteria": StoppingCriteriaList([Cancelled()])}
+        kwargs = {"generation_config": config, "stopping_criteria": StoppingCriteriaList([Cancelled()])}
+        if guide:
+            torch = self.torch
+
+            class AllowedOnly(LogitsProcessor):
+                """Only the tokens the constraint allows; first advances past the token chosen last."""
+                seen = None
+
+                def __call__(self, input_ids, scores):
+                    if self.seen is not None:
+                        for token in input_ids[0, self.seen:].tolist():
+                            guide.advance(token)
+                    self.seen = input_ids.shape[1]
+                    allowed = torch.from_numpy(guide.allowed()).to(scores.device)
+                    return scores.masked_fill(~allowed, float("-inf"))
+
+            kwargs["logits_processor"] = LogitsProcessorList([AllowedOnly()])
+        return kwargs
 
     def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
         torch = self.torch
         ids = self._encode(prompt)
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        tokens = self.fast.tokens(ids, params, cancel) if self.fast and self.fast.fits(ids.shape[1], params) \
-            else self._generate(ids, params, cancel)
+        guide = TokenGuide(params.constraint, self.lltokenizer, self.vocab_size) if params.constraint else None
+        tokens = self.fast.tokens(ids, params, cancel, guide) if self.fast and self.fast.fits(ids.shape[1], params) \
+            else self._generate(ids, params, cancel, guide)
         detok = Detokenizer(self.tokenizer)
         try:
             for token in tokens:
@@ -293,11 +323,11 @@ class HFModel:
         finally:
             tokens.close()
 
-    def _generate(self, ids, params: GenParams, cancel: threading.Event) -> Iterator[int]:
+    def _generate(self, ids, params: GenParams, cancel: threading.Event, guide: TokenGuide | None) -> Iterator[int]:
         """Token ids from transformers' generate, run in a worker thread (beam search, several GPUs, the CPU)."""
         torch = self.torch
         stop = threading.Event()
-        kwargs = self._generation_kwargs(params, Either(cancel, stop))
+        kwargs = self._generation_kwargs(params, Either(cancel, stop), guide)
         streamer = _TokenQueue()
         failure: list[BaseException] = []
 
