@@ -220,10 +220,11 @@ class ChatEngine:
         while True:
             prompt = self.prompter.render(system + turns, tools)
             n = self.model.count_tokens(prompt)
-            if n + params.max_new_tokens <= context or len(turns) == 1:
+            # the oldest exchange goes: a user turn and what follows it up to the next (answers, tool calls and
+            # their results together: a tool's result without its call would mislead the model)
+            cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), None)
+            if n + params.max_new_tokens <= context or cut is None:
                 break
-            # drop the oldest exchange (a user turn and the answer after it)
-            cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
             turns, dropped = turns[cut:], dropped + cut
         if dropped:
             notices.append(f"dropped the {dropped} oldest message(s) to fit the {context}-token context")

@@ -173,6 +173,27 @@ def test_a_step_broken_into_pieces_is_captured_whole(tiny_llama):
         model.close()
 
 
+def test_constrained_output_through_the_captured_graph(tiny_llama):
+    """The mask is applied outside the captured step: a random model sampling hot still writes only JSON that fits
+    the schema, with graphs in use and a different mask every token."""
+    import json
+
+    from quantchat.constraints import json_schema
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True")))
+    try:
+        assert model.wait_for_fast_decode() and model.fast.graphs
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                   "unit": {"enum": ["kg", "lb"]}},
+                  "required": ["n", "unit"], "additionalProperties": False}
+        for seed in range(5):
+            params = GenParams(max_new_tokens=64, do_sample=True, temperature=1.5, seed=seed,
+                               constraint=json_schema(schema, "test"))
+            answer = json.loads("".join(model.stream("Hello", params, threading.Event())))
+            assert set(answer) == {"n", "unit"} and 0 <= answer["n"] <= 99 and answer["unit"] in ("kg", "lb")
+    finally:
+        model.close()
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
                     reason="needs two GPUs")
 def test_use_gpu_id_false_spreads_the_model_as_planned():

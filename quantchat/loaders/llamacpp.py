@@ -298,8 +298,12 @@ class LlamaCppModel:
     @functools.cached_property
     def lltokenizer(self):
         """The vocabulary as llguidance sees it, for constrained output (about a second to build, so once)."""
+        import warnings
+
         from llguidance.llamacpp import lltokenizer_from_vocab
-        return lltokenizer_from_vocab(self.vocab)
+        with warnings.catch_warnings():  # (it calls a deprecated alias once per token)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(self.vocab)
 
     def _guided(self, params: GenParams, prompt_tokens: int):
         """A logits processor that lets only the tokens params.constraint allows through: llama-cpp-python calls it
