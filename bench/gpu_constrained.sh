@@ -6,6 +6,6 @@ set -e
 . bench/gpu_common.sh
 install_carried_wheels
 export PYTHONPATH=$SITE:$PWD
-python3 -m pytest -q -p no:warnings tests/test_gpu_hf.py -k "constrained or 7b_shape" 2>&1 | tail -5 \
-    | tee "$OUT/gpu-tests-constrained-$GPU_NAME.log"
+python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "constrained or 7b_shape" 2>&1 \
+    | grep -E "^E |FAILED|passed|failed" | tee "$OUT/gpu-tests-constrained-$GPU_NAME.log"
 python3 bench/constrained.py --backend hf --tokenizer .gpu/qwen-tokenizer --out "$OUT/constrained-$GPU_NAME-8b.json"

@@ -134,6 +134,7 @@ class Request(BaseModel):
     top_p: Number | None = None
     top_k: StrictInt | None = None
     repetition_penalty: Number | None = None
+    repeat_penalty: Number | None = None    # llama.cpp server's name for it
     seed: StrictInt | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
     n: StrictInt | None = None
@@ -162,9 +163,9 @@ class Request(BaseModel):
 
     def generation(self) -> dict[str, Any]:
         """The engine's generation settings this request asks for (None: the server's default)."""
+        penalty = self.repeat_penalty if self.repetition_penalty is None else self.repetition_penalty
         return {"max_new_tokens": self.length(), "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
-                "stop": self.stop_strings(),
+                "top_k": self.top_k, "repetition_penalty": penalty, "seed": self.seed, "stop": self.stop_strings(),
                 "do_sample": None if self.temperature is None else self.temperature > 0}
 
 
@@ -209,9 +210,10 @@ class ChatRequest(Request):
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
+        request = {"response_format": fmt.model_dump(by_alias=True, exclude_none=True)}
         if fmt.type == "json_object":
-            return json_schema({"type": "object"}, "response_format json_object")
-        return json_schema(fmt.json_schema.schema_, f"response_format json_schema {fmt.json_schema.name!r}")
+            return json_schema({"type": "object"}, "response_format json_object", request)
+        return json_schema(fmt.json_schema.schema_, f"response_format json_schema {fmt.json_schema.name!r}", request)
 
     def length(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -15,7 +15,8 @@ def build_engine(s: Settings, model):
 
     info = model.info
     if getattr(model, "takes_messages", False):  # a chat API: the server formats the conversation
-        prompter = Prompter("the server's chat template", FORMATS["plain"], system_prompt_for(s.system_prompt, ""))
+        prompter = Prompter("the server's chat template", FORMATS["plain"], system_prompt_for(s.system_prompt, ""),
+                            on_server=True)
     else:
         prompter = make_prompter(s.prompt_type, s.prompt_dict, s.chat_template, s.system_prompt, info.chat_template,
                                  info.bos_token, info.eos_token)

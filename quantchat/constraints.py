@@ -37,6 +37,7 @@ class Constraint:
     lark: str
     what: str                      # what it enforces, for messages: "response_format json_schema 'person'"
     markers: tuple[str, ...] = ()
+    request: tuple[tuple[str, Any], ...] = ()   # the OpenAI request fields that ask for it (sent on to a remote engine)
 
     def grammar_for(self, tokenizer) -> str:
         lark = self.lark
@@ -50,8 +51,8 @@ def json_value(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
-def json_schema(schema: dict[str, Any], what: str) -> Constraint:
-    return Constraint(f"start: {json_value(schema)}\n", what)
+def json_schema(schema: dict[str, Any], what: str, request: dict[str, Any] | None = None) -> Constraint:
+    return Constraint(f"start: {json_value(schema)}\n", what, request=tuple((request or {}).items()))
 
 
 def special_or_text(tokenizer, text: str) -> str:

@@ -281,14 +281,17 @@ class ChatEngine:
         fitted, passages = self.fit_with_passages(messages, passages, params, offered)
         if documents is not None and not passages:
             fitted.notices.append(f"no passages from {documents.name}: answered without documents")
-        constraint = answer_format or (self.prompter.tool_format.constraint(tools) if offered else None)
-        params = replace(fitted.params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])),
-                         constraint=self._enforceable(constraint, fitted.params))
+        params = replace(fitted.params, stop=list(dict.fromkeys([*params.stop, *self.prompter.stop])))
         cancel = cancel or threading.Event()
         if getattr(self.model, "takes_messages", False):  # a chat API: the server applies its template
-            def tokens() -> Iterator[str]:
-                return self.model.stream_chat(fitted.messages, params, cancel)
+            request = {**(tools.request() if tools else {}), **dict(answer_format.request if answer_format else ())}
+
+            def tokens() -> Iterator[str]:   # (and tool calls, as the server sends them)
+                return self.model.stream_chat(fitted.messages, params, cancel, request)
         else:
+            constraint = answer_format or (self.prompter.tool_format.constraint(tools) if offered else None)
+            params = replace(params, constraint=self._enforceable(constraint, params))
+
             def tokens() -> Iterator[str]:
                 return self.model.stream(fitted.prompt, params, cancel)
         return self._reply(tokens, fitted.prompt, params, cancel, fitted.notices, messages,
@@ -298,8 +301,8 @@ class ChatEngine:
 
     def _enforceable(self, constraint: Constraint | None, params: GenParams) -> Constraint | None:
         """The constraint, once the backend is known to follow it and its grammar compiles (else one line)."""
-        if constraint is None or getattr(self.model, "takes_messages", False):  # a remote engine: its own business
-            return constraint
+        if constraint is None:
+            return None
         if params.num_beams > 1 or params.min_new_tokens:
             raise UserError(f"{constraint.what} is enforced token by token: it needs num_beams=1 and min_new_tokens=0")
         tokenizer = getattr(self.model, "lltokenizer", None)
@@ -382,6 +385,9 @@ class ChatEngine:
                 if stats.ttft_s is None:
                     stats.ttft_s = time.perf_counter() - start
                     stats.reused_tokens = getattr(self.model, "reused_tokens", None)  # (backends that cache)
+                if isinstance(piece, ToolCall):  # a remote engine's call, read by the server
+                    yield piece
+                    continue
                 stats.completion_tokens += 1
                 text += piece
                 cut = min((i for i in (text.find(s, max(sent - hold, 0)) for s in stop_strings) if i >= 0),

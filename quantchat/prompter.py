@@ -6,6 +6,7 @@ into the text the model continues. The model's own chat template wins unless the
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -156,7 +157,7 @@ class TemplatePrompter:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **kw: __import__("json").dumps(x, ensure_ascii=False,
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False,
                                                                                          indent=indent)
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -216,10 +217,14 @@ class Prompter:
     system_prompt: str = ""
     stop: list[str] = field(default_factory=list)
     warning: str = ""
+    on_server: bool = False  # a remote engine formats the conversation itself: render() only sizes it
 
     def render(self, messages: list[Message], tools: list[dict] | None = None) -> Prompt:
         """The prompt, with the messages' own text marked as not markup (see loaders.base.Prompt). `tools` (OpenAI's
         function specs) go to a chat template's `tools` variable, which only templates with a known tool format get."""
+        if self.on_server:
+            calls = [m.get("tool_calls") for m in messages if m.get("tool_calls")]
+            return Prompt(self.renderer.render(messages) + (json.dumps([tools, calls]) if tools or calls else ""))
         if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             if self.tool_format is None:
                 raise UserError(f"tools and tool messages need a chat template that renders them, and {self.source} "

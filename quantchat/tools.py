@@ -49,6 +49,13 @@ class Tools:
             return None
         return [{"type": "function", "function": f} for f in self.functions]
 
+    def request(self) -> dict[str, Any]:
+        """The OpenAI request fields that offer these tools (sent on to a remote engine)."""
+        choice = self.choice if self.choice in ("auto", "none", "required") else \
+            {"type": "function", "function": {"name": self.choice}}
+        return {"tools": [{"type": "function", "function": f} for f in self.functions], "tool_choice": choice,
+                "parallel_tool_calls": self.parallel}
+
     def required(self) -> bool:
         return self.choice not in ("auto", "none")
 

@@ -191,3 +191,23 @@ def test_hostile_or_impossible_requests_are_400s(client):
             client.chat.completions.create(model="m", messages=ask("a person"), **extra)
     answer = client.chat.completions.create(model="m", messages=ask("a person"), max_tokens=4)
     assert answer.choices[0].message.content  # still serving
+
+
+def test_a_remote_engine_is_sent_the_fields_and_its_calls_come_back(client):
+    """--inference_server: the tools and response format go on to the server (here quantchat's own API, serving the
+    built-in model), and the calls it streams back come out of the engine as calls."""
+    from quantchat.api_models import ChatRequest
+    host = str(client.base_url).split("//")[1].split("/")[0]
+    remote = loaders.load(loaders.plan(settings(f"--inference_server=vllm_chat:{host}")))
+    engine = build_engine(settings("--max_new_tokens=200", "--temperature=0"), remote)
+    body = ChatRequest.model_validate({"messages": [{"role": "user", "content": ASKS[1]}], "tools": TOOLS,
+                                       "tool_choice": {"type": "function", "function": {"name": "convert_currency"}}})
+    reply = engine.chat([m.as_dict() for m in body.messages], tools=body.offered_tools())
+    reply.finish()
+    assert [c.name for c in reply.tool_calls] == ["convert_currency"] and reply.tool_calls[0].id.startswith("call_")
+    jsonschema.validate(json.loads(reply.tool_calls[0].arguments), CONVERT["parameters"])
+    what, schema = SCHEMAS["recipe"]
+    body = ChatRequest.model_validate({"messages": ask(what), "response_format": {
+        "type": "json_schema", "json_schema": {"name": "recipe", "schema": schema}}})
+    jsonschema.validate(json.loads(engine.chat(ask(what), answer_format=body.answer_format()).finish()), schema)
+    remote.close()

@@ -16,6 +16,7 @@ from typing import Literal
 from ..errors import UsageError, UserError, missing_package
 from ..machine import Machine
 from ..settings import Settings
+from ..tools import ToolCall
 from .base import GenParams, LoadPlan, ModelInfo
 from .checkpoint import Checkpoint
 
@@ -156,14 +157,33 @@ class RemoteModel:
 
     def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
         yield from self._pieces(lambda: self.client.completions.create(prompt=prompt, **self._request(params)),
-                                lambda chunk: chunk.choices[0].text if chunk.choices else "", cancel)
+                                lambda chunk: [chunk.choices[0].text] if chunk.choices else [], cancel)
 
-    def stream_chat(self, messages: list[dict], params: GenParams, cancel: threading.Event) -> Iterator[str]:
-        yield from self._pieces(lambda: self.client.chat.completions.create(messages=messages, **self._request(params)),
-                                lambda chunk: (chunk.choices[0].delta.content or "") if chunk.choices else "", cancel)
+    def stream_chat(self, messages: list[dict], params: GenParams, cancel: threading.Event,
+                    request: dict | None = None) -> Iterator[str | ToolCall]:
+        """Text pieces, and each tool call the server makes (once the stream has moved past it). `request`: the
+        OpenAI fields the client sent that the server handles itself (tools, tool_choice, response_format)."""
+        calls: dict[int, dict] = {}   # the calls streamed so far, by index: id, name, arguments so far
 
-    def _pieces(self, start, text_of, cancel: threading.Event) -> Iterator[str]:
-        """One item per streamed chunk (servers send one token a chunk); closing the stream stops the server."""
+        def pieces(chunk) -> list[str | ToolCall]:
+            if not chunk.choices:
+                return []
+            delta = chunk.choices[0].delta
+            for part in delta.tool_calls or []:
+                call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = part.id or call["id"]
+                if part.function:
+                    call["name"] += part.function.name or ""
+                    call["arguments"] += part.function.arguments or ""
+            return [delta.content] if delta.content else []
+
+        yield from self._pieces(lambda: self.client.chat.completions.create(
+            messages=messages, **self._request(params), **(request or {})), pieces, cancel)
+        for _, call in sorted(calls.items()):
+            yield ToolCall(call["name"], call["arguments"] or "{}", **({"id": call["id"]} if call["id"] else {}))
+
+    def _pieces(self, start, pieces_of, cancel: threading.Event) -> Iterator[str]:
+        """The text of each streamed chunk (servers send one token a chunk); closing the stream stops the server."""
         import openai
         try:
             stream = start()
@@ -173,9 +193,7 @@ class RemoteModel:
             for chunk in stream:
                 if cancel.is_set():
                     break
-                piece = text_of(chunk)
-                if piece:
-                    yield piece
+                yield from (piece for piece in pieces_of(chunk) if piece)
         except openai.OpenAIError as e:
             raise _explain(e, self.base_url) from None
         finally:

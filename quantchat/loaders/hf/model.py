@@ -323,7 +323,8 @@ class HFModel:
         finally:
             tokens.close()
 
-    def _generate(self, ids, params: GenParams, cancel: threading.Event, guide: TokenGuide | None) -> Iterator[int]:
+    def _generate(self, ids, params: GenParams, cancel: threading.Event,
+                  guide: TokenGuide | None = None) -> Iterator[int]:
         """Token ids from transformers' generate, run in a worker thread (beam search, several GPUs, the CPU)."""
         torch = self.torch
         stop = threading.Event()
