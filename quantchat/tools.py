@@ -211,13 +211,15 @@ class ToolCallStream:
         while self.buffer:
             if not self.in_call:
                 at = self.buffer.find(self.fmt.opens)
-                if at < 0:  # hand out all but a tail that could begin the marker
+                if at < 0:  # hand out all but a tail that could begin the marker, and the whitespace before it
                     keep = _partial_suffix(self.buffer, self.fmt.opens)
-                    self._text(out, self.buffer[:len(self.buffer) - keep])
-                    self.buffer = self.buffer[len(self.buffer) - keep:]
+                    text = self.buffer[:len(self.buffer) - keep].rstrip()
+                    self._text(out, text)
+                    self.buffer = self.buffer[len(text):]
                     return out
-                self._text(out, self.buffer[:at])
-                self.buffer, self.in_call = self.buffer[at:], True
+                text = self.buffer[:at].rstrip()  # the whitespace before a call goes with it (the format's)
+                self._text(out, text)
+                self.buffer, self.in_call = self.buffer[len(text):], True
             if not self.fmt.closes:
                 return out        # the calls run to the end of the answer
             end = self.buffer.find(self.fmt.closes)
@@ -249,7 +251,7 @@ class ToolCallStream:
         return any(head.startswith(o) or o.startswith(head) for o in self.ANSWER_OPENERS)
 
     def _body(self, segment: str) -> str:
-        body = segment.removeprefix(self.fmt.opens)
+        body = segment.lstrip().removeprefix(self.fmt.opens)
         return body[:len(body) - len(self.fmt.closes)] if self.fmt.closes and body.endswith(self.fmt.closes) else body
 
     def _calls(self, out: list, segment: str, calls: list[ToolCall] | None) -> None:

@@ -287,3 +287,22 @@ def test_importing_a_deeply_nested_chat_is_refused_not_a_crash(tmp_path):
     before = [[{"role": "user", "content": "kept"}]]
     display, state = WebUI.import_chat(str(nested), before)
     assert state == before   # the conversation stays as it was
+
+
+def test_a_tool_call_is_shown_in_the_terminal_and_the_web_ui_never_run():
+    import threading
+
+    from test_tools import HERMES_TEMPLATE
+
+    from quantchat.prompter import make_prompter
+    from quantchat.webui import WebUI
+    call = ["Checking.", "\n<tool", "_call>\n", '{"name": "forecast", ', '"arguments": {"days": 2}}', "\n</tool_call>"]
+    engine = ChatEngine(FakeModel(call), make_prompter(None, None, HERMES_TEMPLATE, "", None))
+    out = io.StringIO()
+    run_terminal(engine, read=scripted(["weather?"]), out=out)
+    assert 'Checking.\n[tool call: forecast({"days": 2})]' in out.getvalue() and "<tool_call>" not in out.getvalue()
+    settings_tuple = (64, 0.0, 1.0, 40, 1.0, False, 60.0)
+    *_, (display, history) = WebUI(engine).answer(engine, [{"role": "user", "content": "weather?"}], "", settings_tuple,
+                                                  threading.Event(), keep_on_error=False)
+    assert history[-1]["content"] == "Checking." and history[-1]["tool_calls"] == ['tool call: forecast({"days": 2})']
+    assert '🔧 `tool call: forecast({"days": 2})`' in display[-1]["content"]
