@@ -269,3 +269,59 @@ def test_the_captured_step_alone_gets_cudnn_attention(device, captured_with_cudn
             assert torch.backends.cuda.cudnn_sdp_enabled() is False
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+WATER = "Water is a chemical compound of hydrogen and oxygen. " * 12
+
+
+def conversation(model, turns: list[str], system: str = WATER, **flags) -> tuple[list[str], list[int]]:
+    """Greedy answers to a chat of `turns` user messages, and the prompt tokens each answer reused."""
+    from quantchat.assembly import build_engine
+    engine = build_engine(settings("--max_new_tokens=24", "--temperature=0", *[f"--{k}={v}" for k, v in flags.items()]),
+                          model)
+    history = [{"role": "system", "content": system}]
+    answers, reused = [], []
+    for turn in turns:
+        history.append({"role": "user", "content": turn})
+        reply = engine.chat(history)
+        answers.append(reply.finish())
+        reused.append(reply.stats.reused_tokens or 0)
+        history.append({"role": "assistant", "content": answers[-1]})
+    return answers, reused
+
+
+TURNS = ["What is water made of?", "Why is it wet?", "Say it in five words."]
+
+
+def test_the_fast_path_continues_a_conversation_from_its_cache(gemma_hf):
+    """--prefix_cache: a follow-up turn prefills only what the static cache does not hold, with the same answers
+    (Gemma 3's real weights, fp32 on the CPU; the positions past the reused prefix are cleared, not left over)."""
+    fresh = load(gemma_hf, "--fast_decode=True", "--prefix_cache=False")
+    answers, reused = conversation(fresh, TURNS, prompt_type="gemma")
+    fresh.close()
+    cached = load(gemma_hf, "--fast_decode=True")
+    again, reused_again = conversation(cached, TURNS, prompt_type="gemma")
+    assert again == answers and reused == [0, 0, 0]
+    assert reused_again[0] == 0 and all(n > 150 for n in reused_again[1:]), reused_again
+    other, other_reused = conversation(cached, ["Hello"], system="Be brief.", prompt_type="gemma")
+    assert other_reused[0] < 8     # another conversation shares only the template's opening tokens
+    cached.close()
+
+
+def test_generate_continues_a_conversation_from_its_cache(tiny_llama):
+    """The generate path keeps the last answer's DynamicCache and cuts it back to the shared prefix."""
+    answers, reused = conversation(load(tiny_llama, "--prefix_cache=False"), TURNS)
+    model = load(tiny_llama)
+    assert model.fast is None
+    again, reused_again = conversation(model, TURNS)
+    assert again == answers and reused == [0, 0, 0] and all(n > 100 for n in reused_again[1:]), reused_again
+
+
+def test_a_failed_answer_leaves_nothing_to_reuse(tiny_llama, monkeypatch):
+    model = load(tiny_llama, "--fast_decode=True")
+    conversation(model, TURNS[:1], system="Be brief.")
+    assert model.fast.cached
+    monkeypatch.setattr(model.fast, "_next_logits", lambda *a: (_ for _ in ()).throw(RuntimeError("broken step")))
+    with pytest.raises(RuntimeError, match="broken step"):
+        conversation(model, TURNS[:1], system="Be brief.")
+    assert model.fast.cached == []

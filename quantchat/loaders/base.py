@@ -51,6 +51,17 @@ def segments(prompt: str) -> list[tuple[str, bool]]:
     return pieces
 
 
+def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` a cache holding `cached` can skip: the prefix they share, less the
+    prompt's last token at least, whose logits choose the first new token."""
+    shared = 0
+    for a, b in zip(cached, prompt, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return min(shared, len(prompt) - 1)
+
+
 class Either:
     """is_set() of either event: the caller's cancel, or a backend's own stop when the consumer goes away."""
 

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from ...constraints import TokenGuide
-from ..base import Either, GenParams
+from ..base import Either, GenParams, reusable_prefix
 
 DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
 
@@ -59,10 +59,16 @@ class FastDecoder:
     # graph builds once at warm-up, where the rest of the process leaves it out (hf.attention_without_shape_plans)
     CUDNN_DECODE_ATTENTION = True
 
-    def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool):
+    def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool, prefix_cache: bool = True):
         import torch
         self.torch, self.model, self.eos_ids = torch, model, sorted(eos_ids)
         self.cache_tokens = cache_tokens
+        # --prefix_cache: the tokens whose keys and values the static cache holds from the last answer (its prompt
+        # and the tokens fed back); a prompt that starts with them prefills only the rest. One conversation is kept:
+        # the cache's memory is allocated once, for one sequence.
+        self.prefix_cache = prefix_cache
+        self.cached: list[int] = []
+        self.reused = 0   # prompt tokens the last answer did not prefill again
         self.device = model.get_input_embeddings().weight.device
         self.vocab = model.get_output_embeddings().weight.shape[0]
         # one position more than the largest window: a slice of the whole cache would be contiguous, which the
@@ -95,13 +101,25 @@ class FastDecoder:
             layer.window = self.windows[window]
 
     def _prefill(self, ids):
+        """The last prompt token's logits, the prompt's keys and values in the cache: where the cache holds a prefix
+        of this prompt (--prefix_cache), only the rest is evaluated. An earlier answer's keys past that prefix stay
+        where they are: attention masks every position past the one being computed."""
         torch = self.torch
-        self.cache.reset()
+        tokens = ids[0].tolist()
+        self.reused = reuse = reusable_prefix(self.cached, tokens) if self.prefix_cache else 0
+        self.cached = []  # (until this answer is done: one that fails leaves nothing to reuse)
+        if not reuse:
+            self.cache.reset()
+        for layer in self.cache.layers if reuse else ():
+            if hasattr(layer, "cumulative_length"):  # transformers >= 5.2x writes at this count, not cache_position
+                layer.cumulative_length.fill_(reuse)
         self._use_window(self._window_for(ids.shape[1]))
-        positions = torch.arange(ids.shape[1], device=self.device)
-        out = self.model(input_ids=ids, position_ids=positions.view(1, -1), cache_position=positions,
+        positions = torch.arange(reuse, ids.shape[1], device=self.device)
+        out = self.model(input_ids=ids[:, reuse:], position_ids=positions.view(1, -1), cache_position=positions,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
+
+
 
     def _next_logits(self, token, position, tokens: int):
         """The step's logits for token at position (`tokens` long with it): a captured graph's replay if any."""
@@ -117,8 +135,9 @@ class FastDecoder:
 
     def _capture(self) -> None:
         """Record the (already compiled) step into one CUDA graph per window. Any host sync inside the step fails
-        here, at load, not per token. The cache's contents do not matter: each request starts with a reset."""
+        here, at load, not per token. The capture overwrites the cache: nothing in it is reused afterwards."""
         torch = self.torch
+        self.cached = []
         with torch.inference_mode():
             self._token_in = torch.zeros((1, 1), dtype=torch.long, device=self.device)
             self._position_in = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -155,6 +174,7 @@ class FastDecoder:
             position = torch.tensor([ids.shape[1]], device=self.device)  # advanced on the device, no copy per step
             host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
             copied = torch.cuda.Event() if cuda else None
+            fed: list[int] = []  # the answer's tokens whose keys and values are in the cache
             for i in range(params.max_new_tokens):
                 host.copy_(token, non_blocking=cuda)
                 if copied:
@@ -173,9 +193,12 @@ class FastDecoder:
                 if copied:
                     copied.synchronize()  # the one wait per token: streaming needs the id on the host
                 token_id = int(host[0])
+                if more:
+                    fed.append(token_id)
                 emit(token_id)
                 if token_id in self.eos_ids or cancel.is_set() or not more:
                     break
+            self.cached = ids[0].tolist() + fed
 
     # --- called from any thread
     def fits(self, prompt_tokens: int, params: GenParams) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from ...constraints import TokenGuide
 from ...errors import UserError, missing_package
 from .. import checkpoint
-from ..base import Either, GenParams, LoadPlan, ModelInfo, human_bytes
+from ..base import Either, GenParams, LoadPlan, ModelInfo, human_bytes, reusable_prefix
 from ..tokens import Detokenizer, count_tokens, encode_prompt, eos_ids
 from .plan import HFOptions
 
@@ -202,6 +202,10 @@ class HFModel:
                               quant, p.context_length or 2048, self.model.get_memory_footprint(), template,
                               tok.bos_token or "", tok.eos_token or "")
         self.device = self.model.get_input_embeddings().weight.device
+        self.prefix_cache = o.prefix_cache
+        self._kept = None  # generate's keys and values of the last answer, with their tokens (--prefix_cache)
+        self._reused = 0   # prompt tokens generate's last prefill took from _kept
+        self.reused_tokens = 0  # the prompt tokens the last answer did not prefill again
         self._start_fast_decode(o.fast_decode)
 
     def _start_fast_decode(self, wanted: bool) -> None:
@@ -238,7 +242,7 @@ class HFModel:
         from .fast_decode import DEFAULT_CACHE_TOKENS, FastDecoder
         try:
             fast = FastDecoder(self.model, self.eos_ids, min(self.info.context_length, DEFAULT_CACHE_TOKENS),
-                               compile=self.device.type == "cuda")
+                               compile=self.device.type == "cuda", prefix_cache=self.prefix_cache)
             fast.warm_up()
         except Exception as e:  # a model whose code the static cache or the compiler cannot take
             where = traceback.extract_tb(e.__traceback__)[-1]
@@ -305,11 +309,13 @@ class HFModel:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         guide = TokenGuide(params.constraint, self.lltokenizer, self.vocab_size) if params.constraint else None
-        tokens = self.fast.tokens(ids, params, cancel, guide) if self.fast and self.fast.fits(ids.shape[1], params) \
-            else self._generate(ids, params, cancel, guide)
+        fast = self.fast if self.fast and self.fast.fits(ids.shape[1], params) else None
+        tokens = fast.tokens(ids, params, cancel, guide) if fast else self._generate(ids, params, cancel, guide)
         detok = Detokenizer(self.tokenizer)
         try:
-            for token in tokens:
+            for i, token in enumerate(tokens):
+                if i == 0:  # (the prefill is done)
+                    self.reused_tokens = fast.reused if fast else self._reused
                 if token not in self.eos_ids:
                     yield detok.add(token)
         except torch.cuda.OutOfMemoryError as error:
@@ -331,12 +337,15 @@ class HFModel:
         kwargs = self._generation_kwargs(params, Either(cancel, stop), guide)
         streamer = _TokenQueue()
         failure: list[BaseException] = []
+        cache = self._continue_from_kept(ids, params)
 
         def run():
             try:
                 with torch.inference_mode():
-                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                                               streamer=streamer if params.num_beams == 1 else None, **kwargs)
+                if cache is not None:  # its keys and values: the prompt and the answer but its last token
+                    self._kept = (out[0, :cache.get_seq_length()].tolist(), cache)
                 if params.num_beams > 1:  # beam search cannot stream: hand over the finished sequence
                     streamer.put(ids)
                     streamer.put(out[0, ids.shape[1]:])
@@ -355,6 +364,23 @@ class HFModel:
             worker.join()
         if failure:
             raise failure.pop()
+
+    def _continue_from_kept(self, ids, params: GenParams):
+        """generate's cache for this prompt (--prefix_cache): the last answer's, cut back to the prefix this prompt
+        shares with it (generate then prefills only the rest), else a new one; None for beam search."""
+        from transformers import DynamicCache
+        kept, self._kept, self._reused = self._kept, None, 0
+        if not self.prefix_cache or params.num_beams > 1:
+            return None
+        if kept:
+            kept_tokens, cache = kept
+            self._reused = reusable_prefix(kept_tokens, ids[0].tolist())
+            # a sliding-window layer has dropped what lies before its window: only full-attention caches go back
+            if self._reused and all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+                cache.crop(self._reused - cache.get_seq_length())  # (a negative count: tokens removed from the end)
+                return cache
+            self._reused = 0
+        return DynamicCache(config=self.model.config)
 
     def wait_for_fast_decode(self, timeout: float | None = None) -> bool:
         """Wait until the fast decode path is warm or has failed; whether it is in use."""

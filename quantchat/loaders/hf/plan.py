@@ -42,6 +42,7 @@ class HFOptions:
     weight_basename: str             # --load_gptq/--load_awq=NAME: NAME.safetensors holds the weights
     gptq_dict: dict
     fast_decode: bool
+    prefix_cache: bool = True        # --prefix_cache: keep the last conversation's keys and values
 
 
 def check(s: Settings, ckpt: Checkpoint) -> None:
@@ -109,7 +110,8 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         quantization=saved or ({"quant_method": "gptq"} if s.load_gptq else
                                {"quant_method": "awq"} if s.load_awq else None),
         weight_basename=s.load_gptq or s.load_awq, gptq_dict=s.gptq_dict,
-        fast_decode=s.fast_decode if s.fast_decode is not None else fast_decode_by_default(device_map, bnb))
+        fast_decode=s.fast_decode if s.fast_decode is not None else fast_decode_by_default(device_map, bnb),
+        prefix_cache=s.prefix_cache)
     return LoadPlan("hf", why, ckpt.path, devices, dtype, quant, context, need and need.weights,
                     need and need.kv_cache, options, notes, activation_bytes=need and need.activations)
 
