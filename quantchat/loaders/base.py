@@ -53,13 +53,15 @@ def segments(prompt: str) -> list[tuple[str, bool]]:
 
 def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
     """How many leading tokens of `prompt` a cache holding `cached` can skip: the prefix they share, less the
-    prompt's last token at least, whose logits choose the first new token."""
+    prompt's last token at least, whose logits choose the first new token. 0 where they share less than half the
+    prompt: attention over a rest that continues a cache runs with an explicit mask, which on a GPU took longer for
+    a 7,084-token rest than the causal kernel for the whole 7,093 tokens (489 against 258 ms, an H200)."""
     shared = 0
     for a, b in zip(cached, prompt, strict=False):
         if a != b:
             break
         shared += 1
-    return min(shared, len(prompt) - 1)
+    return min(shared, len(prompt) - 1) if 2 * shared >= len(prompt) else 0
 
 
 class Either:
