@@ -341,7 +341,8 @@ def _finish_reason(reply: Reply) -> str:
 def _usage(reply: Reply) -> dict:
     s = reply.stats
     return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-            "total_tokens": s.prompt_tokens + s.completion_tokens}
+            "total_tokens": s.prompt_tokens + s.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": s.reused_tokens or 0}}  # (OpenAI's name for reused tokens)
 
 
 def serve(server: OpenAIServer, host: str, port: int) -> threading.Thread:

@@ -211,3 +211,15 @@ def test_a_remote_engine_is_sent_the_fields_and_its_calls_come_back(client):
         "type": "json_schema", "json_schema": {"name": "recipe", "schema": schema}}})
     jsonschema.validate(json.loads(engine.chat(ask(what), answer_format=body.answer_format()).finish()), schema)
     remote.close()
+
+
+def test_usage_says_how_many_prompt_tokens_were_reused(client):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: the history a follow-up did not evaluate again."""
+    system = {"role": "system", "content": "Reference: " + "The quick brown fox jumps over the lazy dog. " * 40}
+    asked = [system, {"role": "user", "content": "What jumps?"}]
+    first = client.chat.completions.create(model="m", messages=asked, max_tokens=8)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    follow_up = asked + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="m", messages=follow_up, max_tokens=8)
+    assert second.usage.prompt_tokens_details.cached_tokens > 0.8 * first.usage.prompt_tokens

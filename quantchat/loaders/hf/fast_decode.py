@@ -239,8 +239,11 @@ class FastDecoder:
             plain = list(self.tokens(ids, params, threading.Event()))
             if not (self.compiled and self.device.type == "cuda"):
                 return
+            # compared once compiled and tuned, and with the prompt's attention alike on both sides: with random
+            # weights, near ties flipped a later token where the first run or the prefill's kernels differed
+            plain = list(self.tokens(ids, params, threading.Event()))
             _in_worker(self._capture)
-        replayed = list(self.tokens(ids, params, threading.Event()))
+            replayed = list(self.tokens(ids, params, threading.Event()))
         if replayed != plain:
             self.graphs.clear()
             raise RuntimeError(f"the captured CUDA graph gave other tokens ({replayed}) than the step ({plain})")
