@@ -75,6 +75,9 @@ class Metrics:
         self.reused_tokens = Counter("quantchat_prompt_tokens_reused", "prompt tokens continued from the cache, not "
                                      "evaluated again", registry=r)
         self.completion_tokens = Counter("quantchat_completion_tokens", "tokens generated", registry=r)
+        self.guesses = Counter("quantchat_speculative_guesses", "guessed tokens checked (--speculative)", registry=r)
+        self.guesses_kept = Counter("quantchat_speculative_guesses_kept", "guessed tokens kept", registry=r)
+        self.guess_steps = Counter("quantchat_speculative_steps", "model steps that checked guesses", registry=r)
         self.errors = Counter("quantchat_errors", "requests that ended in an error", ["type"], registry=r)
         self.ttft = Histogram("quantchat_time_to_first_token_seconds", "time to first token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -87,6 +90,10 @@ class Metrics:
         self.prompt_tokens.inc(s.prompt_tokens)
         self.reused_tokens.inc(s.reused_tokens or 0)
         self.completion_tokens.inc(s.completion_tokens)
+        if s.speculation:
+            self.guesses.inc(s.speculation.drafted)
+            self.guesses_kept.inc(s.speculation.accepted)
+            self.guess_steps.inc(s.speculation.steps)
         if s.ttft_s is not None:
             self.ttft.observe(s.ttft_s)
         if s.tokens_per_s:

@@ -35,10 +35,12 @@ def parse_flags(argv: list[str]) -> dict[str, Any]:
 def start_api(s: Settings):
     """The OpenAI-compatible API starts before the model loads, so /health can say 503 meanwhile."""
     from .api import OpenAIServer, read_api_keys, serve
-    keys = read_api_keys(s.openai_api_key)
+    from .auth import api_keys_from_logins
+    keys = read_api_keys(s.openai_api_key) or api_keys_from_logins(s.auth)  # --auth's logins, as USER:PASSWORD
     host = s.server_name
     if host not in LOOPBACK and not keys:
-        print(f"warning: no --openai_api_key: the API listens on 127.0.0.1 only, not on {host}", file=sys.stderr)
+        print(f"warning: no --openai_api_key or --auth: the API listens on 127.0.0.1 only, not on {host}",
+              file=sys.stderr)
         host = "127.0.0.1"
     api = OpenAIServer(keys)
     thread = serve(api, host, s.openai_port)

@@ -18,6 +18,7 @@ from .generation import check_generation
 from .history import History
 from .loaders.base import ChatModel, GenParams
 from .prompter import Message, Prompter
+from .speculative import SpeculationStats
 from .tools import ToolCall, ToolCallStream, Tools
 
 # Defaults where neither the flags nor the request say (h2oGPT's, except max_new_tokens' cap)
@@ -38,6 +39,7 @@ class Stats:
     dropped_turns: int = 0
     score: float | None = None    # the reward model's rating of the answer (--score_model)
     reused_tokens: int | None = None  # prompt tokens continued from the backend's cache, not evaluated again
+    speculation: SpeculationStats | None = None  # guessed tokens checked and kept (backends that speculate)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -51,7 +53,8 @@ class Stats:
         ttft = f"{self.ttft_s * 1000:.0f} ms to first token" if self.ttft_s is not None else "no tokens"
         reused = f" · {self.reused_tokens} of {self.prompt_tokens} prompt tokens reused" if self.reused_tokens else ""
         score = f" · score {self.score:.2f}" if self.score is not None else ""
-        return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}{reused}{score}"
+        guesses = f" · {self.speculation.line()}" if self.speculation and self.speculation.drafted else ""
+        return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}{reused}{guesses}{score}"
 
 
 class Turnstile:
@@ -347,6 +350,7 @@ class ChatEngine:
                     yield chunk
             finally:
                 stats.total_s = time.perf_counter() - start
+                stats.speculation = getattr(self.model, "speculation", None)
                 self._running.discard(cancel)
                 self.queue.release()
                 if self.scorer and answer and stats.finish_reason != "error":

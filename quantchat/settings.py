@@ -56,6 +56,11 @@ class Settings:
     max_seq_len: int | None = flag(None, "context length in tokens (default: the model's)", kind="int?")
     prefix_cache: bool = flag(True, "continue each answer from the longest cached prefix of its prompt (a chat's "
                                     "history is not evaluated again each turn); False: evaluate every prompt whole")
+    speculative: bool = flag(True, "llama.cpp: guess the next tokens by looking the last few up earlier in the prompt "
+                                   "and answer, and check the guesses in one step (prompt lookup decoding; the same "
+                                   "answers, faster where they quote their input; switches itself off per answer "
+                                   "where it is slower); False: one token per step")
+    num_speculative_tokens: int = flag(8, "the most tokens one step guesses (--speculative)")
     model_lock: Any = flag(None, "several models side by side in the web UI: a list of dicts of flags, e.g. "
                                  "\"[{'base_model':'a.gguf'},{'base_model':'org/b','load_4bit':True}]\"", kind="list?")
     lora_weights: str = flag("", "a PEFT LoRA adapter (folder or hub id) applied over base_model (alias: --lora)")
@@ -244,7 +249,7 @@ def validate(s: Settings) -> None:
         ("max_seq_len", s.max_seq_len, 16, 2**27),
         ("n_gpu_layers", s.n_gpu_layers, -1, None), ("pre_layer", s.pre_layer, 0, None), ("gpu_id", s.gpu_id, 0, None),
         ("server_port", s.server_port, 1, 65535), ("concurrency_count", s.concurrency_count, 1, 1024),
-        ("openai_port", s.openai_port, 1, 65535),
+        ("openai_port", s.openai_port, 1, 65535), ("num_speculative_tokens", s.num_speculative_tokens, 1, 64),
     ]
     for name, value, low, high in checks:
         if value is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from .auth import read_auth
 from .documents.passages import sources_lines
 from .engine import ChatEngine
 from .errors import UserError
@@ -22,22 +23,6 @@ from .settings import LOOPBACK
 from .tools import ToolCall
 
 SETTINGS = ["max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "max_time"]
-
-
-def read_auth(auth: Any) -> list[tuple[str, str]] | None:
-    """--auth as a list of (user, password) pairs, or a JSON file holding such a list."""
-    if not auth:
-        return None
-    if isinstance(auth, str):
-        try:
-            with open(auth, encoding="utf-8") as f:
-                auth = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--auth={auth}: cannot read it as a JSON list of [user, password] pairs ({e})") from None
-    try:
-        return [(str(u), str(p)) for u, p in auth]
-    except (TypeError, ValueError):
-        raise UserError("--auth: write it as [('user', 'password'), ...]") from None
 
 
 class Logins:

@@ -143,6 +143,34 @@ def test_api_keys(engine):
         server.uvicorn.should_exit = True
 
 
+def test_the_web_uis_logins_are_the_apis_keys_without_openai_api_key(tmp_path):
+    """--auth alone: one file of logins for the web UI and the API (Bearer USER:PASSWORD), and the API may then
+    listen beyond loopback; --openai_api_key, where given, is the API's own."""
+    from quantchat.cli import start_api
+    logins = tmp_path / "logins.json"
+    logins.write_text('[["alice", "s3cret"]]')
+    port = free_port()
+    api, _ = start_api(settings("--openai_server=True", f"--openai_port={port}", f"--auth={logins}",
+                                "--server_name=0.0.0.0"))
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer alice:wrong"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer alice:s3cret"}).status_code == 503  # (still loading)
+        assert api.uvicorn.config.host == "0.0.0.0"
+    finally:
+        api.uvicorn.should_exit = True
+    port = free_port()
+    api, _ = start_api(settings("--openai_server=True", f"--openai_port={port}", f"--auth={logins}",
+                                f"--openai_api_key={KEY}"))
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(url, headers={"Authorization": "Bearer alice:s3cret"}).status_code == 401
+        assert httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 503
+    finally:
+        api.uvicorn.should_exit = True
+
+
 def test_client_that_disconnects_mid_stream_frees_the_model(api, engine):
     body = {"messages": [{"role": "user", "content": "Tell a long story"}], "max_tokens": 480, "stream": True}
     with httpx.stream("POST", f"{api}/v1/chat/completions", json=body) as response:

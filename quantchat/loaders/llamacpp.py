@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..constraints import TokenGuide
 from ..errors import UsageError, UserError, missing_package
 from ..machine import Machine
 from ..settings import Settings
+from ..speculative import DraftControl, PromptLookup, SpeculationStats
 from .base import GenParams, LoadPlan, ModelInfo, segments
 from .checkpoint import Checkpoint
 
@@ -116,6 +118,7 @@ MIN_REUSED_TOKENS = 256
 class Options:
     llama_kwargs: dict[str, Any]  # llama_cpp.Llama's keyword arguments, checked against its signature at plan time
     prefix_cache: bool = True     # --prefix_cache
+    speculative_tokens: int = 8   # the most tokens one step guesses (--num_speculative_tokens); 0: --speculative=False
 
 
 def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
@@ -196,7 +199,8 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     file_type = meta.get("general.file_type")
     quant = _file_type_name(file_type)
     return LoadPlan(NAME, why, path, devices, "as stored in the file", quant, context,
-                    file_bytes, kv, Options(kwargs, s.prefix_cache), notes, (on_gpu, layers))
+                    file_bytes, kv, Options(kwargs, s.prefix_cache, s.num_speculative_tokens if s.speculative else 0),
+                    notes, (on_gpu, layers))
 
 
 def _plan_before_download(s: Settings, ckpt: Checkpoint, why: str) -> LoadPlan[Options]:
@@ -254,6 +258,8 @@ class LlamaCppModel:
         self.prefix_cache = p.options.prefix_cache
         self.states = llama_cpp.LlamaRAMCache(STATE_CACHE_BYTES) if self.prefix_cache else None
         self.reused_tokens = 0  # the prompt tokens the last generation did not evaluate again
+        self.speculative_tokens = p.options.speculative_tokens
+        self.speculation: SpeculationStats | None = None  # the last generation's guesses (--speculative)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -284,16 +290,57 @@ class LlamaCppModel:
         guided = self._guided(params, len(tokens)) if params.constraint else None
         with self._lock:  # one llama.cpp context: one generation at a time
             self.reused_tokens = self._continue_from_longest_prefix(tokens)
+            self.speculation = None
+            if self.speculative_tokens and not guided:
+                ids = self._speculating(tokens, params, temp)
+            else:
+                ids = self.llm.generate(tokens, temp=temp, top_p=params.top_p, top_k=params.top_k, min_p=0.0,
+                                        repeat_penalty=params.repetition_penalty, reset=True, logits_processor=guided)
             generated = 0
-            for token in self.llm.generate(tokens, temp=temp, top_p=params.top_p, top_k=params.top_k, min_p=0.0,
-                                           repeat_penalty=params.repetition_penalty, reset=True,
-                                           logits_processor=guided):
+            for token in ids:
                 if cancel.is_set() or self.is_eog(self.vocab, token):
                     break
                 generated += 1
                 yield decoder.decode(self.llm.detokenize([token], special=False))
                 if generated >= budget:
                     break
+
+    def _speculating(self, tokens: list[int], params: GenParams, temp: float) -> Iterator[int]:
+        """The answer's token ids, with guesses from prompt lookup checked several to a step (speculative.py): the
+        sampler and its settings are generate()'s, and each position's token is the one it chooses there, so the
+        answer is decoding's own. Works below generate(), on llama-cpp-python's batch and sampler (0.3.x)."""
+        llm = self.llm
+        if self.reused_tokens:  # (as generate() does with the prefix _continue_from_longest_prefix left)
+            llm._ctx.kv_cache_seq_rm(-1, self.reused_tokens, -1)
+            llm.n_tokens = self.reused_tokens
+        llm.eval(tokens[self.reused_tokens:])
+        sampler = llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=temp,
+                                    repeat_penalty=params.repetition_penalty)
+        control = DraftControl(most=self.speculative_tokens)
+        self.speculation = control.stats
+        lookup = PromptLookup(tokens)
+        token = sampler.sample(llm._ctx, -1)
+        while True:
+            yield token
+            lookup.extend([token])
+            started = time.perf_counter()
+            room = llm.n_ctx() - llm.n_tokens - 1
+            batch = [token, *(lookup.draft(min(control.length, room)) if control.on and room > 0 else [])]
+            at = llm.n_tokens
+            llm._batch.set_batch(batch=batch, n_past=at, logits_all=True)  # logits at every position: each checks
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[at:at + len(batch)] = batch
+            chosen = []
+            for i in range(len(batch)):  # the token chosen after batch[i]; the guess batch[i + 1] stands if equal
+                chosen.append(sampler.sample(llm._ctx, i))
+                if i + 1 == len(batch) or chosen[-1] != batch[i + 1]:
+                    break
+            llm.n_tokens = at + len(chosen)  # the cache keeps the tokens whose next token was chosen
+            llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+            control.step_done(len(batch) - 1, len(chosen) - 1, time.perf_counter() - started)
+            *kept, token = chosen
+            yield from kept
+            lookup.extend(kept)
 
     @functools.cached_property
     def lltokenizer(self):

@@ -1,0 +1,111 @@
+"""Speculative decoding by prompt lookup: guess the next tokens from the text so far, check them in one pass.
+
+At batch 1 a model step reads all the weights for one token; a step over k+1 tokens reads them once too, so where
+guesses are often right several tokens come for the price of about one step. The guesses here cost nothing: the
+last few tokens are looked up earlier in the prompt and the answer, and what followed them there is proposed
+(prompt lookup decoding). Answers that quote their input (documents Q&A, code edits, rewrites, summaries) gain
+most; free chat gains little.
+
+The check keeps exactly what decoding without guesses would have produced: each position's token is chosen from
+the model's own logits there (greedy or sampled, with the same sampler), and the guesses are kept only up to the
+first position where the chosen token differs; that chosen token is kept too. For a guess that is one fixed token
+(as here) this is the standard speculative sampling rule, so the distribution is unchanged.
+
+Whether it pays depends on the machine: on a GPU a step over a few tokens costs about as much as one, on a CPU
+several times as much. `DraftControl` measures it as it goes, per request: the seconds per token of steps that
+carried guesses against those that did not, and stops guessing for the rest of the answer where guessing is
+slower.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpeculationStats:
+    """One answer's speculation, for the timing line and /metrics."""
+    steps: int = 0        # model steps that carried guesses
+    drafted: int = 0      # guessed tokens checked
+    accepted: int = 0     # guessed tokens kept
+    switched_off: bool = False  # guessing stopped during this answer (it was slower)
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Tokens made per model step that carried guesses (1 + the accepted guesses)."""
+        return (self.steps + self.accepted) / self.steps if self.steps else None
+
+    def line(self) -> str:
+        if not self.steps:
+            return "no guesses" if not self.switched_off else "guessing switched off"
+        rate = f"{self.accepted} of {self.drafted} guessed tokens kept, {self.tokens_per_step:.2f} tokens per step"
+        return rate + (" (then switched off: slower here)" if self.switched_off else "")
+
+
+class PromptLookup:
+    """Guesses by n-gram lookup: the most recent earlier place where the last `n` tokens occurred (n from
+    `longest` down to `shortest`), and the tokens that followed it there. An index of n-grams to their last end
+    keeps each lookup O(1) as the text grows."""
+
+    def __init__(self, tokens: list[int], longest: int = 4, shortest: int = 3):
+        self.tokens: list[int] = []
+        self.sizes = range(longest, shortest - 1, -1)
+        self.last_end: dict[tuple[int, ...], int] = {}   # n-gram -> index just after its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens)
+            for n in self.sizes:
+                if end > n:  # the n-gram ending before this token: it was followed by this token
+                    self.last_end[tuple(self.tokens[end - 1 - n:end - 1])] = end - 1
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the text's last n tokens."""
+        for n in self.sizes:
+            if len(self.tokens) < n:
+                continue
+            at = self.last_end.get(tuple(self.tokens[-n:]))
+            if at is not None:
+                return self.tokens[at:at + k]
+        return []
+
+
+@dataclass
+class DraftControl:
+    """How many tokens to guess next, and whether guessing still pays for this answer.
+
+    The draft length follows acceptance: one more than the guesses the last step kept, up to `most`. The switch
+    compares measured seconds per token of steps with guesses and without (steps without a guess happen whenever the
+    lookup finds nothing, so both are seen in passing); after `patience` steps of each, guessing stops for the rest
+    of the answer if it is the slower way."""
+    most: int = 8
+    patience: int = 4
+    length: int = 2  # (grows with acceptance: a long first guess is costly where steps cost by the token, a CPU)
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    _guess_time: float = 0.0
+    _guess_tokens: int = 0
+    _plain_time: float = 0.0
+    _plain_steps: int = 0
+
+    @property
+    def on(self) -> bool:
+        return not self.stats.switched_off
+
+    def step_done(self, drafted: int, accepted: int, seconds: float) -> None:
+        """Record one model step: how many guesses it checked and kept, and how long it took."""
+        if drafted:
+            self.stats.steps += 1
+            self.stats.drafted += drafted
+            self.stats.accepted += accepted
+            self._guess_time += seconds
+            self._guess_tokens += 1 + accepted
+            self.length = max(1, min(self.most, accepted + 1))
+        else:
+            self._plain_time += seconds
+            self._plain_steps += 1
+        if self.stats.steps >= self.patience and self._plain_steps >= self.patience:
+            guessing = self._guess_time / self._guess_tokens
+            plain = self._plain_time / self._plain_steps
+            if guessing > plain:
+                self.stats.switched_off = True
