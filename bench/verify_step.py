@@ -1,0 +1,109 @@
+"""What checking k guesses costs on a GPU: the weight matmuls of one decode step for k+1 tokens against one token.
+
+A step over k+1 tokens reads the weights once, as a step over one does; this measures how close to "free" the extra
+rows are with the GPU's own kernels. The proxy: every linear layer of one step of the model's shape (q, k, v, o,
+gate, up, down per layer, and the output layer), bf16 through cuBLAS, captured in one CUDA graph per k and replayed;
+attention is left out (under a tenth of a decode step at these lengths, docs/benchmarks.md). With the acceptance
+that bench/speculative.py measured per workload, the speed-up prompt lookup would give there is projected: tokens
+per step over the step's cost relative to one token. A projection, labelled so: the fast path's k+1-token step is
+not built yet.
+
+  python bench/verify_step.py --shapes=llama2-7b,llama3-8b --out=bench/results/verify-step-h200.json   (on the GPU)
+  python bench/verify_step.py --costs=bench/results/verify-step-h200.json \
+      --acceptance=bench/results/speculative-cpu.json --out=bench/results/verify-step-h200.json  (the projection)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.decode import SHAPES  # noqa: E402
+
+
+def linear_shapes(shape: dict) -> list[tuple[int, int]]:
+    """(in, out) of each linear layer of one decode step."""
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+    return per_layer * layers + [(h, shape["vocab_size"])]
+
+
+def step_ms(weights, rows: int, replays: int = 50) -> float:
+    """Milliseconds of one captured replay of every matmul with `rows` tokens."""
+    import torch
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device="cuda", dtype=torch.bfloat16) for w in weights}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in weights:  # (cuBLAS picks and loads its kernels before the capture)
+            inputs[w.shape[1]] @ w.T
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            inputs[w.shape[1]] @ w.T
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def projected(rows: list[dict], costs: dict[int, float]) -> float | None:
+    """The decode speed-up of a workload's answers had each step cost what this GPU's matmuls cost: decode tokens
+    over steps weighted by their cost (a step with k guesses costs costs[k] one-token steps; the others one)."""
+    guessed = [r["speculative"] for r in rows]
+    steps = sum(r["steps"] for r in guessed)
+    if not steps:
+        return None
+    decoded = sum(r["tokens"] - 1 for r in guessed)           # (the first token comes from the prompt's pass)
+    plain_steps = decoded - steps - sum(r["kept"] for r in guessed)
+    draft = min(max(costs), max(1, round(sum(r["guessed"] for r in guessed) / steps)))
+    return round(decoded / (plain_steps + steps * costs[draft]), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="llama2-7b,llama3-8b")
+    parser.add_argument("--most", type=int, default=8)
+    parser.add_argument("--acceptance", help="bench/speculative.py's result file: project the speed-up")
+    parser.add_argument("--costs", help="an earlier run's result file: project from its costs, measure nothing")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.costs:
+        result = json.loads(Path(args.costs).read_text())
+    else:
+        import torch
+        result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "what": __doc__.split("\n\n")[1],
+                  "shapes": {}, "projection": {}}
+    for name in [] if args.costs else args.shapes.split(","):
+        weights = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) for inp, out in linear_shapes(SHAPES[name])]
+        one = step_ms(weights, 1)
+        costs = {k: round(step_ms(weights, k + 1) / one, 3) for k in range(1, args.most + 1)}
+        result["shapes"][name] = {"one_token_ms": round(one, 3), "cost_of_k_plus_1_over_1": costs,
+                                  "weights_gb": round(sum(w.numel() for w in weights) * 2 / 1e9, 2)}
+        print(name, f"one token {one:.3f} ms", costs, flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    if args.acceptance:
+        answers = json.loads(Path(args.acceptance).read_text())["answers"]
+        result["acceptance_from"] = args.acceptance
+        for name, measured in result["shapes"].items():
+            costs = {int(k): v for k, v in measured["cost_of_k_plus_1_over_1"].items()}
+            result["projection"][name] = {w: projected(rows, costs) for w, rows in answers.items()}
+        print(json.dumps(result["projection"], indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
