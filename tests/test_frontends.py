@@ -137,8 +137,8 @@ def test_web_ui_stop_ends_the_answer_and_frees_the_model(web):
 
 
 def test_exposure_warnings_and_auth_parsing(tmp_path):
-    from quantchat.errors import UserError
     from quantchat.auth import read_auth
+    from quantchat.errors import UserError
     from quantchat.webui import exposure_warnings
     assert exposure_warnings("localhost", False, None) == []
     assert "without --auth" in exposure_warnings("0.0.0.0", False, None)[0]

@@ -69,6 +69,7 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--user_path=docs", "--top_k_docs=0"], "-1 for as many as fit"),
     (["--chunk_size=10"], "at least 64"),
     (["--model_lock=[1, 2]"], "each entry is a dict"),
+    (["--num_speculative_tokens=0"], "between 1 and 64"), (["--speculative=often"], "boolean"),
 ])
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):

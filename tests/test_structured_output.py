@@ -11,7 +11,7 @@ from test_settings import settings
 from quantchat import loaders
 from quantchat.assembly import build_engine
 
-S, I, N, B = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
 
 
 def obj(required: list[str] | None = None, **properties) -> dict:
@@ -19,21 +19,21 @@ def obj(required: list[str] | None = None, **properties) -> dict:
 
 
 SCHEMAS = {  # name: (what to ask for, the schema)
-    "person": ("a fictional person", obj(name=S, age={"type": "integer", "minimum": 0, "maximum": 120})),
-    "city": ("a European capital city", obj(name=S, country=S, population=I)),
-    "book": ("a classic novel", obj(title=S, author=S, year={"type": "integer", "minimum": 1500, "maximum": 2025})),
-    "color": ("a color", obj(name=S, rgb={"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255},
+    "person": ("a fictional person", obj(name=STR, age={"type": "integer", "minimum": 0, "maximum": 120})),
+    "city": ("a European capital city", obj(name=STR, country=STR, population=INT)),
+    "book": ("a classic novel", obj(title=STR, author=STR, year={"type": "integer", "minimum": 1500, "maximum": 2025})),
+    "color": ("a color", obj(name=STR, rgb={"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255},
                                           "minItems": 3, "maxItems": 3})),
     "enum_only": ("today's weather", obj(sky={"enum": ["sunny", "cloudy", "rainy", "snowy"]})),
     "enum_and_number": ("a thermometer reading", obj(unit={"enum": ["C", "F"]},
                                                     value={"type": "number", "minimum": -50, "maximum": 60})),
-    "boolean": ("whether Paris is in France", obj(answer=B, reason=S)),
-    "optional": ("a user profile (email is optional)", obj(["username"], username=S, email=S)),
-    "nested": ("an employee with an address", obj(name=S, address=obj(street=S, city=S, zip=S))),
-    "deep": ("a company with a CEO who has a contact", obj(company=S, ceo=obj(name=S, contact=obj(phone=S, email=S)))),
-    "list_min_max": ("two to four fruits", obj(fruits={"type": "array", "items": S, "minItems": 2, "maxItems": 4})),
+    "boolean": ("whether Paris is in France", obj(answer=BOOL, reason=STR)),
+    "optional": ("a user profile (email is optional)", obj(["username"], username=STR, email=STR)),
+    "nested": ("an employee with an address", obj(name=STR, address=obj(street=STR, city=STR, zip=STR))),
+    "deep": ("a company with a CEO who has a contact", obj(company=STR, ceo=obj(name=STR, contact=obj(phone=STR, email=STR)))),
+    "list_min_max": ("two to four fruits", obj(fruits={"type": "array", "items": STR, "minItems": 2, "maxItems": 4})),
     "list_of_objects": ("three planets", obj(planets={"type": "array", "minItems": 3, "maxItems": 3,
-                                                      "items": obj(name=S, moons={"type": "integer", "minimum": 0})})),
+                                                      "items": obj(name=STR, moons={"type": "integer", "minimum": 0})})),
     "pattern_date": ("a date in YYYY-MM-DD form", obj(date={"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"})),
     "pattern_code": ("a product code like AB-1234", obj(code={"type": "string", "pattern": r"^[A-Z]{2}-\d{4}$"})),
     "pattern_hex": ("a hex color like #a1b2c3", obj(hex={"type": "string", "pattern": r"^#[0-9a-f]{6}$"})),
@@ -43,32 +43,32 @@ SCHEMAS = {  # name: (what to ask for, the schema)
     "integer_range": ("a dice roll", obj(roll={"type": "integer", "minimum": 1, "maximum": 6})),
     "array_of_enums": ("two weekdays", obj(days={"type": "array", "minItems": 2, "maxItems": 2,
                                                 "items": {"enum": ["Mon", "Tue", "Wed", "Thu", "Fri"]}})),
-    "const": ("a version record", obj(schema_version={"const": 2}, name=S)),
-    "any_of": ("an id that is a number or a string", obj(id={"anyOf": [I, S]})),
-    "nullable": ("a middle name, or null if none", obj(first=S, middle={"type": ["string", "null"]})),
-    "no_extra": ("a point", {**obj(x=N, y=N), "additionalProperties": False}),
-    "top_array": ("a list of three numbers", {"type": "array", "items": N, "minItems": 3, "maxItems": 3}),
-    "recipe": ("a simple recipe", obj(name=S, servings={"type": "integer", "minimum": 1, "maximum": 12},
-                                      ingredients={"type": "array", "items": S, "minItems": 2, "maxItems": 5})),
-    "event": ("a meeting", obj(title=S, start={"type": "string", "pattern": r"^\d{2}:\d{2}$"},
-                               attendees={"type": "array", "items": S, "minItems": 1, "maxItems": 3})),
-    "movie": ("a movie review", obj(movie=S, stars={"type": "integer", "minimum": 1, "maximum": 5}, liked=B)),
+    "const": ("a version record", obj(schema_version={"const": 2}, name=STR)),
+    "any_of": ("an id that is a number or a string", obj(id={"anyOf": [INT, STR]})),
+    "nullable": ("a middle name, or null if none", obj(first=STR, middle={"type": ["string", "null"]})),
+    "no_extra": ("a point", {**obj(x=NUM, y=NUM), "additionalProperties": False}),
+    "top_array": ("a list of three numbers", {"type": "array", "items": NUM, "minItems": 3, "maxItems": 3}),
+    "recipe": ("a simple recipe", obj(name=STR, servings={"type": "integer", "minimum": 1, "maximum": 12},
+                                      ingredients={"type": "array", "items": STR, "minItems": 2, "maxItems": 5})),
+    "event": ("a meeting", obj(title=STR, start={"type": "string", "pattern": r"^\d{2}:\d{2}$"},
+                               attendees={"type": "array", "items": STR, "minItems": 1, "maxItems": 3})),
+    "movie": ("a movie review", obj(movie=STR, stars={"type": "integer", "minimum": 1, "maximum": 5}, liked=BOOL)),
     "inventory": ("an inventory item", obj(sku={"type": "string", "pattern": r"^SKU\d{3}$"},
                                            quantity={"type": "integer", "minimum": 0, "maximum": 999},
-                                           tags={"type": "array", "items": S, "maxItems": 2})),
+                                           tags={"type": "array", "items": STR, "maxItems": 2})),
     "matrix": ("a 2x2 matrix", obj(rows={"type": "array", "minItems": 2, "maxItems": 2,
-                                         "items": {"type": "array", "items": I, "minItems": 2, "maxItems": 2}})),
-    "ref": ("two people", {"$defs": {"person": obj(name=S, age={"type": "integer", "minimum": 0, "maximum": 120})},
+                                         "items": {"type": "array", "items": INT, "minItems": 2, "maxItems": 2}})),
+    "ref": ("two people", {"$defs": {"person": obj(name=STR, age={"type": "integer", "minimum": 0, "maximum": 120})},
                            **obj(first={"$ref": "#/$defs/person"}, second={"$ref": "#/$defs/person"})}),
-    "translation": ("the French for 'thank you'", obj(english=S, french=S, language={"enum": ["fr"]})),
+    "translation": ("the French for 'thank you'", obj(english=STR, french=STR, language={"enum": ["fr"]})),
 }
 WEATHER = {"name": "get_weather", "description": "The current weather in a city",
-           "parameters": obj(["city"], city=S, unit={"enum": ["celsius", "fahrenheit"]})}
+           "parameters": obj(["city"], city=STR, unit={"enum": ["celsius", "fahrenheit"]})}
 CONVERT = {"name": "convert_currency", "description": "Convert an amount of money from one currency to another",
            "parameters": obj(amount={"type": "number", "minimum": 0}, source={"type": "string", "pattern": "^[A-Z]{3}$"},
                              target={"type": "string", "pattern": "^[A-Z]{3}$"})}
 SEARCH = {"name": "search_files", "description": "Find files whose name matches a pattern",
-          "parameters": obj(["pattern"], pattern=S, max_results={"type": "integer", "minimum": 1, "maximum": 50})}
+          "parameters": obj(["pattern"], pattern=STR, max_results={"type": "integer", "minimum": 1, "maximum": 50})}
 TOOLS = [{"type": "function", "function": f} for f in (WEATHER, CONVERT, SEARCH)]
 PARAMETERS = {f["name"]: f["parameters"] for f in (WEATHER, CONVERT, SEARCH)}
 ASKS = ["What's the weather like in Paris?", "How much is 100 US dollars in euros?",

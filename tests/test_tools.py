@@ -5,7 +5,9 @@ import json
 
 import jsonschema
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from test_settings import settings
 
 from quantchat import loaders
