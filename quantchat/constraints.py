@@ -24,7 +24,7 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 MAX_GRAMMAR_CHARS = 1 * 2**20   # a schema or a tool list larger than this is refused before it is compiled
 
 
-def _marker(i: int) -> str:
+def marker(i: int) -> str:
     # a byte that json.dumps never writes raw: cannot occur inside a schema embedded in the grammar
     return f"\x00{i}\x00"
 
@@ -32,7 +32,7 @@ def _marker(i: int) -> str:
 @dataclass(frozen=True)
 class Constraint:
     """A grammar for the answer. `lark` is llguidance's Lark dialect; `markers` are texts (e.g. "<tool_call>") that a
-    model's vocabulary may hold as one special token: `lark` writes the i-th as _marker(i), and each vocabulary
+    model's vocabulary may hold as one special token: `lark` writes the i-th as marker(i), and each vocabulary
     resolves it to its token or to plain text."""
     lark: str
     what: str                      # what it enforces, for messages: "response_format json_schema 'person'"
@@ -42,7 +42,7 @@ class Constraint:
     def grammar_for(self, tokenizer) -> str:
         lark = self.lark
         for i, text in enumerate(self.markers):
-            lark = lark.replace(_marker(i), special_or_text(tokenizer, text))
+            lark = lark.replace(marker(i), special_or_text(tokenizer, text))
         return lark
 
 

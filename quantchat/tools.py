@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constraints import Constraint, _marker, json_value
+from .constraints import Constraint, json_value, marker
 from .errors import UserError
 
 
@@ -100,6 +100,14 @@ def _call_from(value: Any, arguments_key: str) -> ToolCall | None:
     return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
+def _calls_grammar(calls: str, tools: Tools, rules: str = "") -> str:
+    """The answer's grammar: the calls alone (a call is required), or free text with the calls after it, where the
+    grammar takes over once the model opens one (tool_choice 'auto')."""
+    if tools.required():
+        return f"start: {calls}\n{rules}"
+    return f'%llguidance {{}}\nstart: TEXT | TEXT {calls}\n{rules}TEXT: /(.|\\n)*/\n'
+
+
 class ToolFormat:
     """How one family of models writes tool calls. `opens` marks the start of a call (or of the calls); `closes` ends
     one call ("" : the calls run to the end of the answer); `whole_answer`: a call is only ever the whole answer."""
@@ -122,13 +130,9 @@ class Hermes(ToolFormat):
     name, opens, closes = "hermes", "<tool_call>", "</tool_call>"
 
     def constraint(self, tools: Tools) -> Constraint | None:
-        call = f'{_marker(0)} "\\n" {json_value(_any_call(tools.callable(), "arguments"))} "\\n" {_marker(1)}'
+        call = f'{marker(0)} "\\n" {json_value(_any_call(tools.callable(), "arguments"))} "\\n" {marker(1)}'
         calls = 'call ("\\n" call)*' if tools.several() else "call"
-        if tools.required():
-            lark = f"start: {calls}\ncall: {call}\n"
-        else:  # free text, then optionally the calls: the grammar takes over where the model opens one
-            lark = f'%llguidance {{}}\nstart: TEXT | TEXT {calls}\ncall: {call}\nTEXT: /(.|\\n)*/\n'
-        return Constraint(lark, "the tool call", (self.opens, self.closes))
+        return Constraint(_calls_grammar(calls, tools, f"call: {call}\n"), "the tool call", (self.opens, self.closes))
 
     def read(self, body: str) -> list[ToolCall] | None:
         call = _call_from(_object_or_none(body.strip()), "arguments")
@@ -156,10 +160,7 @@ class Mistral(ToolFormat):
         array = {"type": "array", "items": _any_call(tools.callable(), "arguments"), "minItems": 1}
         if not tools.several():
             array["maxItems"] = 1
-        calls = f"{_marker(0)} {json_value(array)}"
-        lark = f"start: {calls}\n" if tools.required() else \
-            f'%llguidance {{}}\nstart: TEXT | TEXT {calls}\nTEXT: /(.|\\n)*/\n'
-        return Constraint(lark, "the tool call", (self.opens,))
+        return Constraint(_calls_grammar(f"{marker(0)} {json_value(array)}", tools), "the tool call", (self.opens,))
 
     def read(self, body: str) -> list[ToolCall] | None:
         value = _object_or_none(body.strip())

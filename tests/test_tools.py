@@ -182,3 +182,18 @@ def test_a_backend_without_token_masks_refuses_constraints():
     engine = ChatEngine(FakeModel(["{}"]), make_prompter("chatml", None, None, "", None))
     with pytest.raises(UserError, match="backend cannot constrain its output"):
         engine.chat([{"role": "user", "content": "x"}], answer_format=json_schema({"type": "object"}, "response_format"))
+
+
+@pytest.mark.parametrize("fmt", [Hermes(), Llama3(), Mistral()], ids=lambda f: f.name)
+def test_every_formats_grammar_compiles_for_every_choice(tiny_llama, fmt):
+    from llguidance.hf import from_tokenizer
+    from transformers import AutoTokenizer
+
+    from quantchat.constraints import check
+    tokenizer = from_tokenizer(AutoTokenizer.from_pretrained(tiny_llama))
+    for choice in ("auto", "required", "forecast"):
+        for parallel in (True, False):
+            constraint = fmt.constraint(Tools((FORECAST, ALARM), choice, parallel))
+            assert constraint is not None or (fmt.name == "llama3" and choice == "auto")
+            if constraint:
+                check(constraint, tokenizer)  # raises where llguidance cannot compile it
