@@ -70,3 +70,18 @@ def test_constrained_answers_decode_one_token_a_step(pair):
                             answer_format=json_schema({"type": "object"}, "response_format"))
     reply.finish()
     assert reply.stats.speculation is None   # constrained answers decode a token a step
+
+
+def test_metrics_count_the_guesses(pair):
+    import httpx
+    from test_api import start
+    server, url = start(pair[True])
+    try:
+        body = {"messages": [{"role": "user", "content": REWRITE}], "max_tokens": 32, "temperature": 0}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                   if line.startswith("quantchat_speculative")}
+        assert metrics["quantchat_speculative_guesses_kept_total"] > metrics["quantchat_speculative_steps_total"] > 0
+        assert metrics["quantchat_speculative_guesses_total"] >= metrics["quantchat_speculative_guesses_kept_total"]
+    finally:
+        server.uvicorn.should_exit = True
