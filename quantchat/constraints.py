@@ -72,14 +72,17 @@ def _llguidance():
     return llguidance
 
 
+def _grammar(constraint: Constraint, tokenizer) -> str:
+    """The constraint as llguidance's grammar for this vocabulary."""
+    return _llguidance().LLMatcher.grammar_from_lark(constraint.grammar_for(tokenizer))
+
+
 def check(constraint: Constraint, tokenizer) -> None:
     """Raise one line (a UserError) for a grammar that does not compile: an unknown type, a regex llguidance cannot
     run, a schema too large."""
-    llguidance = _llguidance()
     if len(constraint.lark) > MAX_GRAMMAR_CHARS:
         raise UserError(f"{constraint.what} is too large: at most {MAX_GRAMMAR_CHARS // 2**20} MiB of schema")
-    grammar = llguidance.LLMatcher.grammar_from_lark(constraint.grammar_for(tokenizer))
-    error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    error = _llguidance().LLMatcher.validate_grammar(_grammar(constraint, tokenizer), tokenizer)
     if error:
         raise UserError(f"{constraint.what} cannot be enforced: {error.splitlines()[0]}")
 
@@ -91,9 +94,7 @@ class TokenGuide:
 
     def __init__(self, constraint: Constraint, tokenizer, vocab_size: int):
         import numpy as np
-        llguidance = _llguidance()
-        grammar = llguidance.LLMatcher.grammar_from_lark(constraint.grammar_for(tokenizer))
-        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self.matcher = _llguidance().LLMatcher(tokenizer, _grammar(constraint, tokenizer), log_level=0)
         if self.matcher.is_error():
             raise UserError(f"{constraint.what} cannot be enforced: {self.matcher.get_error()}")
         self.what, self.vocab_size = constraint.what, vocab_size
@@ -106,19 +107,12 @@ class TokenGuide:
         self.matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
         return out
 
-    def allowed(self):
-        """The allowed next tokens as a numpy bool array over the vocabulary."""
-        import numpy as np
-        return np.unpackbits(self.mask().view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
-
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"token {token} is outside {self.what}: {self.matcher.get_error()}")
 
-    def finished(self) -> bool:
-        """The grammar allows nothing more (the backend then ends the answer)."""
-        return self.matcher.is_stopped()
-
     def mask_scores(self, scores) -> None:
         """Set the scores (a 1-D numpy float array over the vocabulary) of disallowed tokens to -inf, in place."""
-        scores[~self.allowed()] = float("-inf")
+        import numpy as np
+        allowed = np.unpackbits(self.mask().view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        scores[~allowed] = float("-inf")

@@ -35,8 +35,7 @@ class SpeculationStats:
         return (self.steps + self.accepted) / self.steps if self.steps else None
 
     def line(self) -> str:
-        if not self.steps:
-            return "no guesses" if not self.switched_off else "guessing switched off"
+        """For an answer that checked guesses (the timing line shows no other)."""
         rate = f"{self.accepted} of {self.drafted} guessed tokens kept, {self.tokens_per_step:.2f} tokens per step"
         return rate + (" (then switched off: slower here)" if self.switched_off else "")
 
@@ -84,7 +83,6 @@ class DraftControl:
     length: int = 2  # (grows with acceptance: a long first guess is costly where steps cost by the token, a CPU)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     _guess_time: float = 0.0
-    _guess_tokens: int = 0
     _plain_time: float = 0.0
     _plain_steps: int = 0
 
@@ -99,13 +97,12 @@ class DraftControl:
             self.stats.drafted += drafted
             self.stats.accepted += accepted
             self._guess_time += seconds
-            self._guess_tokens += 1 + accepted
             self.length = max(1, min(self.most, accepted + 1))
         else:
             self._plain_time += seconds
             self._plain_steps += 1
         if self.stats.steps >= self.patience and self._plain_steps >= self.patience:
-            guessing = self._guess_time / self._guess_tokens
+            guessing = self._guess_time / (self.stats.steps + self.stats.accepted)  # (each such step: 1 + kept)
             plain = self._plain_time / self._plain_steps
             if guessing > plain:
                 self.stats.switched_off = True

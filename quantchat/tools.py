@@ -43,17 +43,19 @@ class Tools:
     choice: str = "auto"
     parallel: bool = True
 
-    def offered(self) -> list[dict] | None:
-        """What the chat template's `tools` variable gets (OpenAI's shape, as templates expect); None for 'none'."""
-        if self.choice == "none" or not self.functions:
-            return None
+    def specs(self) -> list[dict]:
+        """The functions in OpenAI's shape ({"type": "function", "function": ...}), as chat templates expect."""
         return [{"type": "function", "function": f} for f in self.functions]
+
+    def offered(self) -> list[dict] | None:
+        """What the chat template's `tools` variable gets; None for 'none'."""
+        return None if self.choice == "none" or not self.functions else self.specs()
 
     def request(self) -> dict[str, Any]:
         """The OpenAI request fields that offer these tools (sent on to a remote engine)."""
         choice = self.choice if self.choice in ("auto", "none", "required") else \
             {"type": "function", "function": {"name": self.choice}}
-        return {"tools": [{"type": "function", "function": f} for f in self.functions], "tool_choice": choice,
+        return {"tools": self.specs(), "tool_choice": choice,
                 "parallel_tool_calls": self.parallel}
 
     def required(self) -> bool:

@@ -119,8 +119,6 @@ class FastDecoder:
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
-
-
     def _next_logits(self, token, position, tokens: int):
         """The step's logits for token at position (`tokens` long with it): a captured graph's replay if any."""
         window = self._window_for(tokens)
@@ -168,7 +166,7 @@ class FastDecoder:
             seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
             seen[ids[0]] = True
             eos = torch.tensor(self.eos_ids, device=self.device, dtype=torch.long)
-            allowed = _AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None
+            allowed = AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None
             logits = self._prefill(ids)
             token = choose_token(allowed.mask(logits) if allowed else logits, seen, eos, params, 0)
             position = torch.tensor([ids.shape[1]], device=self.device)  # advanced on the device, no copy per step
@@ -264,9 +262,9 @@ class FastDecoder:
             backends.enable_cudnn_sdp(before)
 
 
-class _AllowedTokens:
+class AllowedTokens:
     """A guide's mask on the device: computed on the host into pinned memory, copied without a wait, unpacked from
-    bits to a bool per token on the device."""
+    bits to a bool per token on the device (the fast path's, and generate's logits processor)."""
 
     def __init__(self, guide: TokenGuide, vocab: int, device, eos_ids: list[int]):
         import torch

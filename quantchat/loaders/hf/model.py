@@ -286,19 +286,20 @@ class HFModel:
                                   pad_token_id=self.pad_id, **sampling)
         kwargs = {"generation_config": config, "stopping_criteria": StoppingCriteriaList([Cancelled()])}
         if guide:
-            torch = self.torch
+            from .fast_decode import AllowedTokens
+            vocab, eos = self.vocab_size, sorted(self.eos_ids)
 
             class AllowedOnly(LogitsProcessor):
                 """Only the tokens the constraint allows; first advances past the token chosen last."""
-                seen = None
+                seen = allowed = None
 
                 def __call__(self, input_ids, scores):
-                    if self.seen is not None:
-                        for token in input_ids[0, self.seen:].tolist():
-                            guide.advance(token)
+                    if self.seen is None:
+                        self.allowed = AllowedTokens(guide, vocab, scores.device, eos)
+                    for token in input_ids[0, self.seen or input_ids.shape[1]:].tolist():
+                        guide.advance(token)
                     self.seen = input_ids.shape[1]
-                    allowed = torch.from_numpy(guide.allowed()).to(scores.device)
-                    return scores.masked_fill(~allowed, float("-inf"))
+                    return self.allowed.mask(scores)
 
             kwargs["logits_processor"] = LogitsProcessorList([AllowedOnly()])
         return kwargs
