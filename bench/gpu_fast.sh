@@ -14,7 +14,7 @@ set -e
 export QUANTCHAT_GEMMA_GGUF=/root/gemma/gemma-3-270m-q4_k_m.gguf
 install_carried_wheels
 if [ -f "$QUANTCHAT_GEMMA_GGUF" ] && [ ! -f /root/.cache/quantchat-tests/gemma3-270m-from-gguf/model.safetensors ]; then
-    python3 bench/gpu_convert_gemma.py "$QUANTCHAT_GEMMA_GGUF" .gpu/tok > /dev/null 2>&1
+    python3 bench/convert_gguf.py "$QUANTCHAT_GEMMA_GGUF" /root/.cache/quantchat-tests/gemma3-270m-from-gguf --tokenizer=.gpu/tok > /dev/null 2>&1
 fi
 MODELS=${MODELS:-llama2-7b,gemma}
 ROWS=${ROWS:-hf}

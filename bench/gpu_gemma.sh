@@ -10,6 +10,7 @@ if [ "$1" = 3 ]; then
     cat /root/gemma/p0 /root/gemma/p1 /root/gemma/p2 /root/gemma/p3 > /root/gemma/gemma-3-270m-q4_k_m.gguf
     . bench/gpu_common.sh && install_carried_wheels
     tar xJf .gpu/tok.tar.xz -C /root/gemma
-    python3 bench/gpu_convert_gemma.py /root/gemma/gemma-3-270m-q4_k_m.gguf /root/gemma/tok
+    python3 bench/convert_gguf.py /root/gemma/gemma-3-270m-q4_k_m.gguf /root/.cache/quantchat-tests/gemma3-270m-from-gguf \
+        --tokenizer=/root/gemma/tok
 fi
 ls -la /root/gemma

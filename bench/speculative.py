@@ -1,4 +1,5 @@
-"""Speculative decoding by prompt lookup (--speculative), measured per workload with the built-in model on llama.cpp.
+"""Speculative decoding by prompt lookup (--speculative), measured per workload: by default with the built-in model
+on llama.cpp; `--flags` picks another model and backend (e.g. a Hugging Face folder with --fast_decode=True).
 
 Four workloads of 20 prompts each, made here from the project's own files (nothing downloaded):
   chat       questions answered in words (little to quote)
@@ -11,6 +12,7 @@ the result file has per prompt: tokens/s both ways, guesses checked and kept, mo
 the same; and per workload the totals.
 
   python bench/speculative.py --out bench/results/speculative-cpu.json
+  python bench/speculative.py --flags="--base_model=/tmp/smol-hf --fast_decode=True" --out ...
   python bench/speculative.py --table bench/results/speculative-cpu.json
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import platform
 import sys
 import time
@@ -82,15 +85,19 @@ def workloads(per: int) -> dict[str, list[str]]:
             "documents": documents}
 
 
-def answer_all(prompts: dict[str, list[str]], new_tokens: int) -> dict[bool, dict[str, list[dict]]]:
+def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str]) -> tuple[dict, str]:
     """Each prompt answered without speculation and then with it, by two loaded models taking turns prompt by prompt
-    (so that the machine's drift over the run falls on both alike)."""
+    (so that the machine's drift over the run falls on both alike); and what the model and backend were."""
     engines, models = {}, []
     for speculative in (False, True):
         settings = from_flags(parse_flags([f"--speculative={speculative}", "--max_seq_len=4096", "--temperature=0",
-                                           f"--max_new_tokens={new_tokens}", "--prefix_cache=False"]))
+                                           f"--max_new_tokens={new_tokens}", "--prefix_cache=False", *flags]))
         models.append(loaders.load(loaders.plan(settings)))
+        if hasattr(models[-1], "wait_for_fast_decode"):  # (a GPU compiles the fast path in the background)
+            models[-1].wait_for_fast_decode()
         engines[speculative] = build_engine(settings, models[-1])
+    info = models[-1].info
+    described = f"{info.model}, {info.backend}, {info.dtype}, {info.decode or ''}".rstrip(", ")
     out: dict[bool, dict[str, list[dict]]] = {False: {}, True: {}}
     for workload, asked in prompts.items():
         for speculative in engines:
@@ -108,7 +115,7 @@ def answer_all(prompts: dict[str, list[str]], new_tokens: int) -> dict[bool, dic
                 print(workload, speculative, s.line(), flush=True)
     for model in models:
         model.close()
-    return out
+    return out, described
 
 
 def summary(plain: list[dict], guessed: list[dict]) -> dict:
@@ -136,10 +143,21 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    except ImportError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per_workload", type=int, default=20)
     parser.add_argument("--new_tokens", type=int, default=96)
+    parser.add_argument("--flags", default="", help="launcher flags for both models, e.g. --base_model=...")
     parser.add_argument("--out")
     parser.add_argument("--table")
     args = parser.parse_args()
@@ -147,10 +165,9 @@ def main() -> None:
         print(table(args.table))
         return
     prompts = workloads(args.per_workload)
-    answers = answer_all(prompts, args.new_tokens)
+    answers, model = answer_all(prompts, args.new_tokens, args.flags.split())
     plain, guessed = answers[False], answers[True]
-    result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-              "model": "built-in (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), llama.cpp", "new_tokens": args.new_tokens,
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model, "new_tokens": args.new_tokens,
               "summary": {w: summary(plain[w], guessed[w]) for w in prompts},
               "answers": {w: [{"prompt": p, "plain": a, "speculative": b} for p, a, b in
                               zip(prompts[w], plain[w], guessed[w], strict=True)] for w in prompts}}

@@ -5,10 +5,15 @@ rows are with the GPU's own kernels. The proxy: every linear layer of one step o
 gate, up, down per layer, and the output layer), bf16 through cuBLAS, captured in one CUDA graph per k and replayed;
 attention is left out (under a tenth of a decode step at these lengths, docs/benchmarks.md). With the acceptance
 that bench/speculative.py measured per workload, the speed-up prompt lookup would give there is projected: tokens
-per step over the step's cost relative to one token. A projection, labelled so: the fast path's k+1-token step is
-not built yet.
+per step over the step's cost relative to one token (a projection, labelled so).
+
+`--captured` measures the fast path's own captured steps instead, for random weights of each shape in bf16: the
+one-token graph against the verify graph (the token and --num_speculative_tokens guesses), both replayed at
+position 1,000 of a 2,048-token cache, attention and everything else included, with each graph's costliest kernels
+(torch.profiler). `--shapes` may name a model folder too.
 
   python bench/verify_step.py --shapes=llama2-7b,llama3-8b --out=bench/results/verify-step-h200.json   (on the GPU)
+  python bench/verify_step.py --captured --shapes=llama3-8b --out=bench/results/verify-captured-h200.json (the GPU)
   python bench/verify_step.py --costs=bench/results/verify-step-h200.json \
       --acceptance=bench/results/speculative-cpu.json --out=bench/results/verify-step-h200.json  (the projection)
 """
@@ -47,6 +52,12 @@ def step_ms(weights, rows: int, replays: int = 50) -> float:
     with torch.cuda.graph(graph):
         for w in weights:
             inputs[w.shape[1]] @ w.T
+    return replay_ms(graph, replays)
+
+
+def replay_ms(graph, replays: int) -> float:
+    """Milliseconds of one replay of a captured graph, over `replays` after one more."""
+    import torch
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -56,6 +67,48 @@ def step_ms(weights, rows: int, replays: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / replays
+
+
+def captured_steps(name: str, guesses: int, replays: int = 200) -> dict:
+    """Milliseconds of one replay of the fast path's one-token graph and of its verify graph (1 + `guesses` tokens)
+    for random weights of shape `name` (or the model folder `name`), bf16, and the kernels that take the time."""
+    import torch
+
+    from bench.decode import write_random_model
+    from quantchat import loaders
+    from quantchat.cli import parse_flags
+    from quantchat.settings import from_flags
+    folder = Path(name) if Path(name).is_dir() else write_random_model(name, Path(f"/tmp/bench-models/{name}"))
+    settings = from_flags(parse_flags([f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=2048",
+                                       f"--num_speculative_tokens={guesses}"]))
+    model = loaders.load(loaders.plan(settings))
+    model.wait_for_fast_decode()
+    fast = model.fast
+    window = fast._window_for(1000 + fast.verify_width)
+    with torch.inference_mode():  # (the graphs' input buffers were made under it)
+        fast._position_in.fill_(1000)
+        fast._verify_positions_in.copy_(torch.arange(1000, 1000 + fast.verify_width))
+    one, verify = replay_ms(fast.graphs[window], replays), replay_ms(fast.verify_graphs[window], replays)
+    kernels = {"one_token": top_kernels(fast.graphs[window]), "verify": top_kernels(fast.verify_graphs[window])}
+    model.close()
+    return {"one_token_ms": round(one, 3), "verify_ms": round(verify, 3), "tokens_checked": fast.verify_width,
+            "verify_over_one": round(verify / one, 3), "window": window, "kernels_per_replay": kernels}
+
+
+def top_kernels(graph, replays: int = 20, top: int = 12) -> list[dict]:
+    """The GPU kernels of one replay with the most time (torch.profiler over `replays` replays), and their total."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    listed = [{"kernel": e.key[:90], "per_replay": e.count // replays,
+               "us": round(e.self_device_time_total / replays, 1)} for e in rows]
+    return [{"kernel": "(all)", "per_replay": sum(r["per_replay"] for r in listed),
+             "us": round(sum(r["us"] for r in listed), 1)}, *listed[:top]]
 
 
 def projected(rows: list[dict], costs: dict[int, float]) -> float | None:
@@ -77,6 +130,7 @@ def main() -> None:
     parser.add_argument("--most", type=int, default=8)
     parser.add_argument("--acceptance", help="bench/speculative.py's result file: project the speed-up")
     parser.add_argument("--costs", help="an earlier run's result file: project from its costs, measure nothing")
+    parser.add_argument("--captured", action="store_true", help="time the fast path's captured steps instead")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.costs:
@@ -85,7 +139,12 @@ def main() -> None:
         import torch
         result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "what": __doc__.split("\n\n")[1],
                   "shapes": {}, "projection": {}}
-    for name in [] if args.costs else args.shapes.split(","):
+    if args.captured:
+        result["what"] = __doc__.split("\n\n")[2]
+        for name in args.shapes.split(","):
+            result["shapes"][name] = captured_steps(name, args.most)
+            print(name, result["shapes"][name], flush=True)
+    for name in [] if args.costs or args.captured else args.shapes.split(","):
         weights = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) for inp, out in linear_shapes(SHAPES[name])]
         one = step_ms(weights, 1)
         costs = {k: round(step_ms(weights, k + 1) / one, 3) for k in range(1, args.most + 1)}
@@ -98,7 +157,9 @@ def main() -> None:
         answers = json.loads(Path(args.acceptance).read_text())["answers"]
         result["acceptance_from"] = args.acceptance
         for name, measured in result["shapes"].items():
-            costs = {int(k): v for k, v in measured["cost_of_k_plus_1_over_1"].items()}
+            # the captured verify step has one width: every step with guesses costs the same
+            costs = {k: measured["verify_over_one"] for k in range(1, measured["tokens_checked"])} \
+                if "verify_over_one" in measured else {int(k): v for k, v in measured["cost_of_k_plus_1_over_1"].items()}
             result["projection"][name] = {w: projected(rows, costs) for w, rows in answers.items()}
         print(json.dumps(result["projection"], indent=1))
     if args.out:

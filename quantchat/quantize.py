@@ -41,7 +41,7 @@ def check(a: QuantizeArgs) -> None:
     base = Path(a.base_model)
     if not (base / "config.json").is_file():
         raise UserError(f"--base_model={a.base_model} is not a model folder with config.json (quantizing reads "
-                        "unquantized safetensors weights; convert a GGUF with bench/gpu_convert_gemma.py first)")
+                        "unquantized safetensors weights; convert a GGUF with bench/convert_gguf.py first)")
     if not any(base.glob("*.safetensors")):
         raise UserError(f"{base} has no .safetensors weights to quantize")
     config = json.loads((base / "config.json").read_text())

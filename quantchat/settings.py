@@ -56,10 +56,11 @@ class Settings:
     max_seq_len: int | None = flag(None, "context length in tokens (default: the model's)", kind="int?")
     prefix_cache: bool = flag(True, "continue each answer from the longest cached prefix of its prompt (a chat's "
                                     "history is not evaluated again each turn); False: evaluate every prompt whole")
-    speculative: bool = flag(True, "llama.cpp: guess the next tokens by looking the last few up earlier in the prompt "
-                                   "and answer, and check the guesses in one step (prompt lookup decoding; the same "
-                                   "answers, faster where they quote their input; switches itself off per answer "
-                                   "where it is slower); False: one token per step")
+    speculative: bool = flag(True, "llama.cpp and the Hugging Face fast path: guess the next tokens by looking the "
+                                   "last few up earlier in the prompt and answer, and check the guesses in one step "
+                                   "(prompt lookup decoding; decoding's answers up to rounding, faster where they "
+                                   "quote their input; switches itself off per answer where it is slower); False: "
+                                   "one token per step")
     num_speculative_tokens: int = flag(8, "the most tokens one step guesses (--speculative)")
     model_lock: Any = flag(None, "several models side by side in the web UI: a list of dicts of flags, e.g. "
                                  "\"[{'base_model':'a.gguf'},{'base_model':'org/b','load_4bit':True}]\"", kind="list?")

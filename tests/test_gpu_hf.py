@@ -150,6 +150,23 @@ def test_fast_decode_equals_generate_on_a_7b_shape():
         fast.close()
 
 
+def test_the_captured_verify_step_keeps_generates_tokens(tiny_llama):
+    """--speculative on CUDA: guesses are checked by a captured step of one width in every window, and the answers
+    stay generate's (fp32: random weights near-tie where bf16 kernels round differently)."""
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True", "--load_half=False",
+                                               "--max_seq_len=1024")))
+    try:
+        assert model.wait_for_fast_decode() and set(model.fast.verify_graphs) == set(model.fast.graphs)
+        prompt = "one two three four five six seven " * 20
+        tokens = greedy_tokens(model, prompt, 400)  # (windows 256, 512 and 1024)
+        spec = model.fast.speculation
+        assert spec.accepted > spec.steps > 0, spec
+        model.fast = None
+        assert greedy_tokens(model, prompt, 400) == tokens
+    finally:
+        model.close()
+
+
 def test_a_step_broken_into_pieces_is_captured_whole(tiny_llama):
     """A layer the compiler cannot trace (as gptqmodel's Marlin and bitsandbytes are) breaks the compiled step;
     the hand-captured CUDA graph still holds every piece, and replaying it gives generate's tokens."""

@@ -1,10 +1,15 @@
-"""Speculative decoding by prompt lookup (quantchat/speculative.py): the guesses, the switch, and on llama.cpp with the
-built-in model the same answers as decoding one token a step."""
+"""Speculative decoding by prompt lookup (quantchat/speculative.py): the guesses, the switch, and the same answers
+as decoding one token a step: on llama.cpp with the built-in model, on the Hugging Face fast path with Gemma 3's
+real weights (eager) and a tiny Llama (compiled). The captured verify step runs on CUDA in tests/test_gpu_hf.py."""
+import threading
+
 import pytest
+from test_fast_decode import answer, load
 from test_settings import settings
 
 from quantchat import loaders
 from quantchat.assembly import build_engine
+from quantchat.loaders.base import GenParams
 from quantchat.speculative import DraftControl, PromptLookup
 
 
@@ -85,3 +90,105 @@ def test_metrics_count_the_guesses(pair):
         assert metrics["quantchat_speculative_guesses_total"] >= metrics["quantchat_speculative_guesses_kept_total"]
     finally:
         server.uvicorn.should_exit = True
+
+
+CODE = ("Rename total to subtotal in this function:\n\ndef price(items):\n    total = 0\n    for item in items:\n"
+        "        total += item.price * item.count\n    return total\n\nAnswer:\n\ndef price(items):\n")
+
+
+@pytest.mark.parametrize("params, copies", [
+    ({"max_new_tokens": 48}, True),  # h2oGPT's repetition penalty 1.07
+    ({"max_new_tokens": 40, "min_new_tokens": 40, "repetition_penalty": 1.3}, False)])  # (a penalty that big: no copy)
+def test_the_fast_path_speculates_with_generates_greedy_tokens(gemma_hf, params, copies):
+    """Guesses checked several to a step give generate's greedy answer (the repetition penalty and min_new_tokens
+    applied per checked position), with several guesses kept a step on prompts the answer copies from."""
+    fast, slow = load(gemma_hf, "--fast_decode=True"), load(gemma_hf)
+    try:
+        for prompt in [CODE, REWRITE, "Water boils at"]:
+            expected = answer(slow, prompt, **params)
+            assert answer(fast, prompt, **params) == expected
+            if prompt == CODE and copies:
+                spec = fast.speculation
+                assert spec.steps and spec.accepted > spec.steps, spec
+    finally:
+        fast.close()
+        slow.close()
+
+
+def test_the_compiled_verify_step_pads_guesses_to_one_width_under_one_compilation(tiny_llama):
+    """Compiled (here on the CPU; captured on CUDA), the verify step has one width whatever the guesses, and one
+    compilation serves every attention window; the tokens stay generate's."""
+    from torch._dynamo.utils import counters
+
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    model = load(tiny_llama, "--max_seq_len=2048")
+    try:
+        fast = FastDecoder(model.model, model.eos_ids, 1024, compile=True, speculative_tokens=4)
+        fast.warm_up()  # compiles both steps
+        compiled = counters["stats"]["unique_graphs"]
+        ids = model._encode("one two three four five six seven " * 20)
+        params = GenParams(max_new_tokens=350, min_new_tokens=350, repetition_penalty=1.0)  # windows 256, 512, 1024
+        assert ids.shape[1] < 256 < 512 < ids.shape[1] + 350
+        tokens = list(fast.tokens(ids, params, threading.Event()))
+        assert counters["stats"]["unique_graphs"] == compiled
+        assert tokens == list(model._generate(ids, params, threading.Event()))
+        assert fast.speculation.accepted > fast.speculation.steps > 0
+    finally:
+        model.close()
+
+
+def test_sampled_speculation_keeps_the_distribution(tiny_llama, monkeypatch):
+    """With sampling, a guess stands where the sampler, drawing at its position, draws it: the answer's tokens keep
+    decoding's distribution. Here every step guesses the greedy answer's tokens at the positions guessed; how often
+    the sampled answers hold them must match decoding's share (a rule that kept guesses more easily would raise it)."""
+    import math
+
+    from quantchat.speculative import PromptLookup
+    fast = load(tiny_llama, "--fast_decode=True", "--num_speculative_tokens=2")
+    plain = load(tiny_llama, "--fast_decode=True", "--speculative=False")
+    prompt, runs = "The quick brown fox", 400
+    params = GenParams(max_new_tokens=4, do_sample=True, temperature=1.0, top_k=3, top_p=0.95, repetition_penalty=1.0)
+    ids = fast._encode(prompt)
+    greedy = list(plain.fast.tokens(ids, GenParams(max_new_tokens=8, repetition_penalty=1.0), threading.Event()))
+    monkeypatch.setattr(PromptLookup, "draft", lambda self, k: greedy[len(self.tokens) - ids.shape[1]:][:k])
+    try:
+        shares = []
+        for model in (fast, plain):
+            hits = 0
+            for seed in range(runs):
+                model.torch.manual_seed(seed)
+                tokens = list(model.fast.tokens(ids, params, threading.Event()))
+                hits += sum(a == b for a, b in zip(tokens[1:], greedy[1:4], strict=False))
+            shares.append(hits / (3 * runs))
+        assert fast.fast.speculation.drafted  # (the guesses were checked)
+        pooled = sum(shares) / 2
+        z = abs(shares[0] - shares[1]) / math.sqrt(pooled * (1 - pooled) * 2 / (3 * runs))
+        assert 0.05 < pooled < 0.95 and z < 4, (shares, z)
+    finally:
+        fast.close()
+        plain.close()
+
+
+def test_checked_rows_choose_what_one_row_a_step_would():
+    """choose_token over a verify step's rows: row i counts the tokens up to the step's i-th as seen (repetition
+    penalty) and may end the answer only from min_new_tokens on, as one row a step does."""
+    import torch
+
+    from quantchat.loaders.hf.fast_decode import choose_token, seen_after_each
+    torch.manual_seed(0)
+    vocab, eos = 50, torch.tensor([7])
+    logits = torch.randn(5, vocab)
+    logits[:, 7] = 10.0   # the end token leads every row
+    logits[2, 11] = 9.0   # row 2: a token seen by then (the step's token 1), which the penalty lowers
+    inputs = torch.tensor([3, 11, 4, 5, 6])
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[[1, 2]] = True
+    params = GenParams(repetition_penalty=3.0, min_new_tokens=7)
+    rows = choose_token(logits, seen_after_each(seen, inputs), eos, params, step=4).tolist()
+    one_by_one = []
+    for i in range(5):
+        seen_i = seen.clone()
+        seen_i[inputs[: i + 1]] = True
+        one_by_one += choose_token(logits[i:i + 1], seen_i, eos, params, step=4 + i).tolist()
+    assert rows == one_by_one
+    assert rows[3:] == [7, 7] and 7 not in rows[:3]   # tokens 7 and 8 may end the answer, 4-6 may not

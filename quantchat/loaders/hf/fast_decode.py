@@ -16,16 +16,25 @@ model in the process, so each decoder's static cache serves one request at a tim
 
 Greedy output equals `generate`'s token for token (tests/test_fast_decode.py), with the same logits
 processors in the same order: repetition penalty, min_new_tokens, then temperature, top-k, top-p.
+
+With --speculative, a second captured step checks several tokens at once: the token just chosen and up to
+--num_speculative_tokens guesses from prompt lookup (speculative.py). Its width is fixed (guesses are padded), so
+that one graph per window serves every step; at batch 1 it reads the weights once, as the one-token step does
+(bench/results/verify-step-h200.json: 0.99-1.005x its matmul time for 2-9 tokens on an H200).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import queue
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from ...constraints import TokenGuide
+from ...speculative import DraftControl, PromptLookup, SpeculationStats
 from ..base import Either, GenParams, reusable_prefix
 
 DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
@@ -50,6 +59,21 @@ def _serve(jobs: queue.Queue) -> None:
         jobs.get()()
 
 
+@dataclass
+class _Answer:
+    """One answer's decoding state, shared by the one-token loop and the speculative one."""
+    prompt_tokens: int
+    params: GenParams
+    cancel: threading.Event
+    emit: Callable[[int], None]
+    seen: object                        # bool [vocab] on the device: the tokens the repetition penalty counts
+    eos: object                         # the end-of-sequence ids on the device
+    allowed: AllowedTokens | None       # constrained output's mask
+    lookup: PromptLookup | None         # --speculative: the guesses
+    control: DraftControl | None
+    fed: list[int] = field(default_factory=list)  # the answer's tokens whose keys and values are in the cache
+
+
 class FastDecoder:
     # coordinate descent tuning (gpt-fast's setting) turns each batch-1 matmul into a tuned Triton reduction fused
     # with its neighbours (the norm before it, the activation): 174 against 158 tokens/s for the Llama-2-7B shape
@@ -59,7 +83,8 @@ class FastDecoder:
     # graph builds once at warm-up, where the rest of the process leaves it out (hf.attention_without_shape_plans)
     CUDNN_DECODE_ATTENTION = True
 
-    def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool, prefix_cache: bool = True):
+    def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool, prefix_cache: bool = True,
+                 speculative_tokens: int = 0):
         import torch
         self.torch, self.model, self.eos_ids = torch, model, sorted(eos_ids)
         self.cache_tokens = cache_tokens
@@ -79,17 +104,37 @@ class FastDecoder:
         for marker in self.windows.values():
             torch._dynamo.maybe_mark_dynamic(marker, 0)  # one compilation may serve every window
         self.compiled = compile
-        self._step = torch.compile(self._forward_one, fullgraph=False, options=self.COMPILE_OPTIONS) if compile \
-            else self._forward_one
+        self._step = self._compiled(self._forward_one)
         self.graphs: dict = {}  # window: the captured step (CUDA only), replayed from the static buffers below
         self._token_in = self._position_in = None
         self._logits_out: dict = {}
+        # --speculative: the step over the chosen token and up to `verify_width - 1` guesses, one graph per window
+        self.verify_width = speculative_tokens + 1 if speculative_tokens else 0
+        self.speculation: SpeculationStats | None = None  # the last answer's guesses
+        self._verify = self._compiled(self._forward_many)
+        self.verify_graphs: dict = {}
+        self._verify_tokens_in = self._verify_positions_in = None
+        self._verify_out: dict = {}
+
+    def _compiled(self, forward):
+        return self.torch.compile(forward, fullgraph=False, options=self.COMPILE_OPTIONS) if self.compiled else forward
 
     # --- runs in the worker thread
+    def _forward(self, tokens, positions, last: bool = False):
+        """Logits [n, vocab] of `tokens` [1, n] at `positions` [n] (of the last one only: [1, vocab]), their keys and
+        values written at those positions."""
+        for layer in self.cache.layers:
+            layer.positions = positions
+        out = self.model(input_ids=tokens, position_ids=positions.view(1, -1), cache_position=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1 if last else 0)
+        return out.logits[0].float()
+
+    # two functions, so that the compiler keeps one specialised graph for each width instead of one generic graph
     def _forward_one(self, token, position):
-        out = self.model(input_ids=token, position_ids=position.view(1, 1), cache_position=position,
-                         past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1, :].float()
+        return self._forward(token, position)
+
+    def _forward_many(self, tokens, positions):
+        return self._forward(tokens, positions)
 
     def _window_for(self, tokens: int) -> int:
         """The smallest attention window that holds `tokens` positions."""
@@ -110,14 +155,9 @@ class FastDecoder:
         self.cached = []  # (until this answer is done: one that fails leaves nothing to reuse)
         if not reuse:
             self.cache.reset()
-        for layer in self.cache.layers if reuse else ():
-            if hasattr(layer, "cumulative_length"):  # transformers >= 5.2x writes at this count, not cache_position
-                layer.cumulative_length.fill_(reuse)
         self._use_window(self._window_for(ids.shape[1]))
         positions = torch.arange(reuse, ids.shape[1], device=self.device)
-        out = self.model(input_ids=ids[:, reuse:], position_ids=positions.view(1, -1), cache_position=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float()
+        return self._forward(ids[:, reuse:], positions, last=True)
 
     def _next_logits(self, token, position, tokens: int):
         """The step's logits for token at position (`tokens` long with it): a captured graph's replay if any."""
@@ -131,72 +171,163 @@ class FastDecoder:
         graph.replay()
         return self._logits_out[window]  # read before the next replay, which overwrites it (same stream, in order)
 
+    def _verify_logits(self, tokens: list[int], position: int):
+        """Logits [n, vocab] of `tokens` (the token just chosen and guesses after it) at `position` on. A compiled
+        step pads them to its one width (n = verify_width): the padding's keys and values land past the sequence,
+        where attention masks them until later tokens overwrite them."""
+        torch = self.torch
+        width = self.verify_width if self.compiled else len(tokens)
+        inputs = torch.tensor([tokens + tokens[-1:] * (width - len(tokens))])
+        positions = torch.arange(position, position + width)
+        window = self._window_for(position + width)
+        graph = self.verify_graphs.get(window)
+        if graph is None:
+            self._use_window(window)
+            return self._verify(inputs.to(self.device), positions.to(self.device))
+        self._verify_tokens_in.copy_(inputs, non_blocking=True)
+        self._verify_positions_in.copy_(positions, non_blocking=True)
+        graph.replay()
+        return self._verify_out[window]
+
     def _capture(self) -> None:
-        """Record the (already compiled) step into one CUDA graph per window. Any host sync inside the step fails
-        here, at load, not per token. The capture overwrites the cache: nothing in it is reused afterwards."""
+        """Record the (already compiled) steps into CUDA graphs, one per window and width. Any host sync inside a
+        step fails here, at load, not per token. The capture overwrites the cache: nothing in it is reused after."""
         torch = self.torch
         self.cached = []
         with torch.inference_mode():
             self._token_in = torch.zeros((1, 1), dtype=torch.long, device=self.device)
             self._position_in = torch.zeros(1, dtype=torch.long, device=self.device)
+            steps = [(self._step, (self._token_in, self._position_in), self.graphs, self._logits_out)]
+            if self.verify_width:
+                self._verify_tokens_in = torch.zeros((1, self.verify_width), dtype=torch.long, device=self.device)
+                self._verify_positions_in = torch.arange(self.verify_width, device=self.device)
+                steps.append((self._verify, (self._verify_tokens_in, self._verify_positions_in), self.verify_graphs,
+                              self._verify_out))
             for window in self.windows:
                 self._use_window(window)
-                side = torch.cuda.Stream()  # torch asks for a few runs on a side stream before capturing
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._step(self._token_in, self._position_in)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
-                    self._logits_out[window] = self._step(self._token_in, self._position_in)
-                self.graphs[window] = graph
+                for step, inputs, graphs, outputs in steps:
+                    side = torch.cuda.Stream()  # torch asks for a few runs on a side stream before capturing
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            step(*inputs)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads use the GPU
+                        outputs[window] = step(*inputs)
+                    graphs[window] = graph
 
     def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None],
                 guide: TokenGuide | None = None) -> None:
-        """One step ahead: step i+1 is queued on the GPU before token i is read on the host, so the GPU does not
-        wait for the host's per-token work (the id's copy, streaming, the next launch). A stop wastes one step.
+        """Prefill, then one token a step; with --speculative (not for constrained output), whenever prompt lookup
+        has guesses for what follows, checking them several to a step while that pays."""
+        torch = self.torch
+        with torch.inference_mode():
+            seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+            seen[ids[0]] = True
+            speculating = bool(self.verify_width) and not guide
+            a = _Answer(ids.shape[1], params, cancel, emit, seen,
+                        torch.tensor(self.eos_ids, device=self.device, dtype=torch.long),
+                        AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None,
+                        PromptLookup(ids[0].tolist()) if speculating else None,
+                        DraftControl(most=self.verify_width - 1) if speculating else None)
+            self.speculation = a.control.stats if speculating else None
+            logits = self._prefill(ids)
+            token = choose_token(a.allowed.mask(logits) if a.allowed else logits, seen, a.eos, params, 0)
+            i = 0  # the answer's token i is chosen (token, on the device), not yet streamed or fed
+            while token is not None:
+                token, i = self._one_token_a_step(a, token, i)
+                if token is not None:  # (prompt lookup has guesses)
+                    token, i = self._speculate(a, int(token), i)
+            self.cached = ids[0].tolist() + a.fed
+
+    def _one_token_a_step(self, a: _Answer, token, start: int):
+        """From the answer's token `start` on, one token a step. One step ahead: step i+1 is queued on the GPU before
+        token i is read on the host, so the GPU does not wait for the host's per-token work (the id's copy,
+        streaming, the next launch). A stop wastes one step. Returns (the next token, its index) where prompt lookup
+        has guesses to check (speculating), or (None, _) at the end.
 
         With a guide (constrained output), the host reads token i while step i+1 runs, computes which tokens may
         follow it, and the mask reaches the GPU before token i+1 is chosen: the GPU waits only where the mask takes
         longer than a step."""
-        torch = self.torch
+        torch, params = self.torch, a.params
         cuda = self.device.type == "cuda"
-        with torch.inference_mode():
-            seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-            seen[ids[0]] = True
-            eos = torch.tensor(self.eos_ids, device=self.device, dtype=torch.long)
-            allowed = AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None
-            logits = self._prefill(ids)
-            token = choose_token(allowed.mask(logits) if allowed else logits, seen, eos, params, 0)
-            position = torch.tensor([ids.shape[1]], device=self.device)  # advanced on the device, no copy per step
-            host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
-            copied = torch.cuda.Event() if cuda else None
-            fed: list[int] = []  # the answer's tokens whose keys and values are in the cache
-            for i in range(params.max_new_tokens):
-                host.copy_(token, non_blocking=cuda)
-                if copied:
-                    copied.record()
-                length = ids.shape[1] + i + 1  # the sequence's length with the next step's token
-                more = i + 1 < params.max_new_tokens and length < self.cache_tokens
-                if more:
-                    seen.index_fill_(0, token, True)
-                    logits = self._next_logits(token, position, length)
-                    position += 1
-                    if allowed:
-                        if copied:
-                            copied.synchronize()
-                        logits = allowed.after(int(host[0]), logits)
-                    token = choose_token(logits, seen, eos, params, i + 1)
-                if copied:
-                    copied.synchronize()  # the one wait per token: streaming needs the id on the host
-                token_id = int(host[0])
-                if more:
-                    fed.append(token_id)
-                emit(token_id)
-                if token_id in self.eos_ids or cancel.is_set() or not more:
-                    break
-            self.cached = ids[0].tolist() + fed
+        position = torch.tensor([a.prompt_tokens + start], device=self.device)  # advanced on the device
+        host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
+        copied = torch.cuda.Event() if cuda else None
+        clock = time.perf_counter()
+        for i in range(start, params.max_new_tokens):
+            host.copy_(token, non_blocking=cuda)
+            if copied:
+                copied.record()
+            length = a.prompt_tokens + i + 1  # the sequence's length with the next step's token
+            more = i + 1 < params.max_new_tokens and length < self.cache_tokens
+            if more:
+                a.seen.index_fill_(0, token, True)
+                logits = self._next_logits(token, position, length)
+                position += 1
+                if a.allowed:
+                    if copied:
+                        copied.synchronize()
+                    logits = a.allowed.after(int(host[0]), logits)
+                token = choose_token(logits, a.seen, a.eos, params, i + 1)
+            if copied:
+                copied.synchronize()  # the one wait per token: streaming needs the id on the host
+            token_id = int(host[0])
+            if more:
+                a.fed.append(token_id)
+            a.emit(token_id)
+            if token_id in self.eos_ids or a.cancel.is_set() or not more:
+                return None, i
+            if a.lookup:
+                a.lookup.extend([token_id])
+                now = time.perf_counter()
+                a.control.step_done(0, 0, now - clock)  # (one token per host read, the steps overlapping)
+                clock = now
+                if a.control.on and a.lookup.draft(1):
+                    return token, i + 1  # (the step in flight already chose it)
+        return None, params.max_new_tokens
+
+    def _speculate(self, a: _Answer, token_id: int, i: int):
+        """Steps over the chosen token and the guesses prompt lookup makes after it; each position's token is chosen
+        from its own logits by the same sampler, and guesses count up to the first one that differs from it. Waits
+        for the host each step (acceptance decides where the next step starts). Returns (the next token on the
+        device, its index) once the lookup has no guesses or guessing stops paying (DraftControl), or (None, _) at
+        the end."""
+        torch, params, control = self.torch, a.params, a.control
+        while True:
+            a.emit(token_id)
+            position = a.prompt_tokens + i
+            if token_id in self.eos_ids or a.cancel.is_set() or i + 1 >= params.max_new_tokens or \
+                    position + 1 >= self.cache_tokens:
+                return None, i
+            a.lookup.extend([token_id])
+            # a compiled step checks verify_width tokens whatever the guesses; an eager one (the CPU) pays by the token
+            most = self.verify_width - 1 if self.compiled else control.length
+            room = min(most, params.max_new_tokens - i - 2, self.cache_tokens - position - 1,
+                       self.cache_tokens + 1 - position - self.verify_width)  # (the padded step fits the cache)
+            guesses = a.lookup.draft(room) if room > 0 and control.on else []
+            started = time.perf_counter()
+            inputs = torch.tensor([token_id, *guesses], device=self.device)
+            if not guesses:  # this token's step, then one token a step again
+                a.seen.index_fill_(0, inputs, True)
+                logits = self._next_logits(inputs, torch.tensor([position], device=self.device), position + 1)
+                a.fed.append(token_id)
+                return choose_token(logits, a.seen, a.eos, params, i + 1), i + 1
+            rows = seen_after_each(a.seen, inputs) if params.repetition_penalty != 1.0 else a.seen
+            logits = self._verify_logits([token_id, *guesses], position)[: len(inputs)]
+            chosen = choose_token(logits, rows, a.eos, params, i + 1).tolist()
+            pairs = enumerate(zip(guesses, chosen, strict=False))
+            kept = next((n for n, (guess, pick) in pairs if guess != pick), len(guesses))
+            control.step_done(len(guesses), kept, time.perf_counter() - started)
+            a.fed += [token_id, *guesses[:kept]]
+            a.seen.index_fill_(0, inputs[: kept + 1], True)
+            for guess in guesses[:kept]:
+                a.emit(guess)
+                if guess in self.eos_ids or a.cancel.is_set():
+                    return None, i
+            a.lookup.extend(guesses[:kept])
+            token_id, i = chosen[kept], i + kept + 1
 
     # --- called from any thread
     def fits(self, prompt_tokens: int, params: GenParams) -> bool:
@@ -229,12 +360,14 @@ class FastDecoder:
             raise failure.pop()
 
     def warm_up(self) -> None:
-        """Compile the step now, so the first user does not wait for it, and on CUDA capture it; the captured
-        graph must then give the tokens the uncaptured step gave, or it is not used."""
+        """Compile the steps now, so the first user does not wait for them, and on CUDA capture them; the captured
+        graphs must then give the tokens the uncaptured steps gave, or they are not used."""
         ids = self.torch.tensor([[0, 1, 2, 3]], device=self.device)
         params = GenParams(max_new_tokens=8, repetition_penalty=1.0)
-        with self._decode_attention():  # the step compiles here, with the attention it is then captured with
+        with self._decode_attention():  # the steps compile here, with the attention they are then captured with
             plain = list(self.tokens(ids, params, threading.Event()))
+            if self.verify_width:
+                _in_worker(self._verify_choices)  # (whether or not the answer above had guesses to check)
             if not (self.compiled and self.device.type == "cuda"):
                 return
             # compared once compiled and tuned, and with the prompt's attention alike on both sides: with random
@@ -245,9 +378,33 @@ class FastDecoder:
         if replayed != plain:
             self.graphs.clear()
             raise RuntimeError(f"the captured CUDA graph gave other tokens ({replayed}) than the step ({plain})")
+        if self.verify_width:
+            self._check_verify_graphs()
         if self.prefix_cache:  # a prompt that continues the cache: its attention kernels load now, not on a user's
             # first follow-up turn (which took 111 ms for a 7,133-token chat on an H200, then 65-80)
             list(self.tokens(self.torch.tensor([[*self.cached, 4, 5]], device=self.device), params, threading.Event()))
+
+    def _verify_choices(self, captured: bool = False):
+        """The greedy tokens of a verify step over a fixed input after the warm-up's prompt (compiling it first). It
+        overwrites cached positions: nothing in the cache is reused after it."""
+        self.cached = []
+        graphs, self.verify_graphs = self.verify_graphs, self.verify_graphs if captured else {}
+        try:
+            with self.torch.inference_mode():
+                return self._verify_logits([0, 1, 2], 4).argmax(dim=-1).tolist()
+        finally:
+            self.verify_graphs = graphs
+
+    def _check_verify_graphs(self) -> None:
+        """The captured verify step must choose what the uncaptured one does over the same cache, or speculation
+        is turned off (the one-token path stays)."""
+        result: list = []
+        _in_worker(lambda: result.extend([self._verify_choices(), self._verify_choices(captured=True)]))
+        if result[0] != result[1]:
+            self.verify_graphs.clear()
+            self.verify_width = 0
+            print(f"warning: the captured verify step chose {result[1]} where the step chose {result[0]}: "
+                  "speculative decoding is off for this model", file=sys.stderr)
 
     @contextlib.contextmanager
     def _decode_attention(self):
@@ -328,12 +485,22 @@ def _windowed_layer_class():
     from transformers.cache_utils import StaticLayer
 
     class WindowedLayer(StaticLayer):
-        window = None
+        """Writes the step's keys and values at the step's positions (the decoder sets them; transformers' own
+        write pointer counts tokens written, which a cache continued from a prefix, or a step whose guesses were
+        not all kept, would leave wrong), and hands attention the first `window` positions."""
+        window = None     # a tensor as long as the positions attention reads
+        positions = None  # the step's positions [tokens]
 
-        def update(self, *args, **kwargs):
-            keys, values = super().update(*args, **kwargs)
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys.index_copy_(2, self.positions, key_states)
+            self.values.index_copy_(2, self.positions, value_states)
             n = self.window.shape[0]
-            return keys[:, :, :n], values[:, :, :n]
+            return self.keys[:, :, :n], self.values[:, :, :n]
+
+        def get_seq_length(self):  # the positions before this step's (where masks start its queries)
+            return self.positions[0] if self.positions is not None else super().get_seq_length()
 
         def get_mask_sizes(self, *args, **kwargs):
             _, offset = super().get_mask_sizes(*args, **kwargs)
@@ -356,13 +523,15 @@ def full_attention_config(config):
 
 
 def choose_token(logits, seen, eos, params: GenParams, step: int):
-    """The next token from fp32 logits [1, vocab], on the device; no host sync."""
+    """The next token from fp32 logits [1, vocab], on the device; no host sync. Several rows [n, vocab] choose the
+    answer's tokens `step`, `step + 1` ... each after its own row (`seen` then has a row each: seen_after_each)."""
     import torch
     if params.repetition_penalty != 1.0:
         penalty = params.repetition_penalty
         logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-    if step < params.min_new_tokens:
-        logits = logits.index_fill(1, eos, float("-inf"))
+    if (early := params.min_new_tokens - step) > 0:  # rows whose token may not end the answer yet
+        ended = logits.index_fill(1, eos, float("-inf"))
+        logits = ended if early >= logits.shape[0] else torch.cat([ended[:early], logits[early:]])
     if not params.do_sample:
         return logits.argmax(dim=-1)
     logits = logits / max(params.temperature, 1e-5)
@@ -376,3 +545,14 @@ def choose_token(logits, seen, eos, params: GenParams, step: int):
         drop[..., -1:] = False  # keep at least one
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1).view(-1)
+
+
+def seen_after_each(seen, inputs):
+    """Rows [n, vocab]: row i is `seen` with inputs[0..i] added (the tokens the repetition penalty counts after the
+    step's i-th token)."""
+    import torch
+    n = inputs.shape[0]
+    rows = seen.expand(n, -1).clone()
+    row, col = torch.tril_indices(n, n, device=inputs.device)
+    rows[row, inputs[col]] = True
+    return rows

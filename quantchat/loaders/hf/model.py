@@ -206,6 +206,8 @@ class HFModel:
         self._kept = None  # generate's keys and values of the last answer, with their tokens (--prefix_cache)
         self._reused = 0   # prompt tokens generate's last prefill took from _kept
         self.reused_tokens = 0  # the prompt tokens the last answer did not prefill again
+        self.speculative_tokens = o.speculative_tokens
+        self.speculation = None  # the last answer's guesses (the fast path, --speculative)
         self._start_fast_decode(o.fast_decode)
 
     def _start_fast_decode(self, wanted: bool) -> None:
@@ -242,7 +244,8 @@ class HFModel:
         from .fast_decode import DEFAULT_CACHE_TOKENS, FastDecoder
         try:
             fast = FastDecoder(self.model, self.eos_ids, min(self.info.context_length, DEFAULT_CACHE_TOKENS),
-                               compile=self.device.type == "cuda", prefix_cache=self.prefix_cache)
+                               compile=self.device.type == "cuda", prefix_cache=self.prefix_cache,
+                               speculative_tokens=self.speculative_tokens)
             fast.warm_up()
         except Exception as e:  # a model whose code the static cache or the compiler cannot take
             where = traceback.extract_tb(e.__traceback__)[-1]
@@ -317,6 +320,7 @@ class HFModel:
             for i, token in enumerate(tokens):
                 if i == 0:  # (the prefill is done)
                     self.reused_tokens = fast.reused if fast else self._reused
+                    self.speculation = fast.speculation if fast else None
                 if token not in self.eos_ids:
                     yield detok.add(token)
         except torch.cuda.OutOfMemoryError as error:

@@ -43,6 +43,7 @@ class HFOptions:
     gptq_dict: dict
     fast_decode: bool
     prefix_cache: bool = True        # --prefix_cache: keep the last conversation's keys and values
+    speculative_tokens: int = 0      # the fast path's most guesses a step (--num_speculative_tokens); 0: --speculative=False
 
 
 def check(s: Settings, ckpt: Checkpoint) -> None:
@@ -111,7 +112,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
                                {"quant_method": "awq"} if s.load_awq else None),
         weight_basename=s.load_gptq or s.load_awq, gptq_dict=s.gptq_dict,
         fast_decode=s.fast_decode if s.fast_decode is not None else fast_decode_by_default(device_map, bnb),
-        prefix_cache=s.prefix_cache)
+        prefix_cache=s.prefix_cache, speculative_tokens=s.num_speculative_tokens if s.speculative else 0)
     return LoadPlan("hf", why, ckpt.path, devices, dtype, quant, context, need and need.weights,
                     need and need.kv_cache, options, notes, activation_bytes=need and need.activations)
 
