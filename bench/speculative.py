@@ -91,7 +91,8 @@ def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str])
     engines, models = {}, []
     for speculative in (False, True):
         settings = from_flags(parse_flags([f"--speculative={speculative}", "--max_seq_len=4096", "--temperature=0",
-                                           f"--max_new_tokens={new_tokens}", "--prefix_cache=False", *flags]))
+                                           f"--max_new_tokens={new_tokens}", "--prefix_cache=False",
+                                           *[f for f in flags if speculative or not f.startswith("--draft_model")]]))
         models.append(loaders.load(loaders.plan(settings)))
         if hasattr(models[-1], "wait_for_fast_decode"):  # (a GPU compiles the fast path in the background)
             models[-1].wait_for_fast_decode()
@@ -108,7 +109,7 @@ def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str])
                 text = reply.finish()
                 s, spec = reply.stats, reply.stats.speculation
                 out[speculative][workload].append({
-                    "text": text, "tokens": s.completion_tokens, "tokens_per_s": s.tokens_per_s,
+                    "text": text, "tokens": s.completion_tokens, "tokens_per_s": s.tokens_per_s, "ttft_s": s.ttft_s,
                     "decode_s": s.total_s - s.ttft_s, "steps": spec.steps if spec else 0,
                     "guessed": spec.drafted if spec else 0, "kept": spec.accepted if spec else 0,
                     "switched_off": bool(spec and spec.switched_off)})

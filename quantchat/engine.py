@@ -350,7 +350,7 @@ class ChatEngine:
                     yield chunk
             finally:
                 stats.total_s = time.perf_counter() - start
-                stats.speculation = getattr(self.model, "speculation", None)
+                stats.speculation = params.report.speculation
                 self._running.discard(cancel)
                 self.queue.release()
                 if self.scorer and answer and stats.finish_reason != "error":
@@ -369,7 +369,7 @@ class ChatEngine:
         and (documents Q&A) the sources."""
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.model.info.model,
                   "backend": self.model.info.backend, "messages": messages, "answer": answer,
-                  "params": {**asdict(replace(params, constraint=None)),
+                  "params": {**{k: v for k, v in asdict(replace(params, constraint=None)).items() if k != "report"},
                              "constraint": params.constraint.what if params.constraint else None},
                   "stats": {**asdict(stats), "tokens_per_s": stats.tokens_per_s}}
         if sources:
@@ -388,7 +388,7 @@ class ChatEngine:
             for piece in tokens:
                 if stats.ttft_s is None:
                     stats.ttft_s = time.perf_counter() - start
-                    stats.reused_tokens = getattr(self.model, "reused_tokens", None)  # (backends that cache)
+                    stats.reused_tokens = params.report.reused_tokens
                 if isinstance(piece, ToolCall):  # a remote engine's call, read by the server
                     yield piece
                     continue

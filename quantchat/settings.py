@@ -62,6 +62,8 @@ class Settings:
                                    "quote their input; switches itself off per answer where it is slower); False: "
                                    "one token per step")
     num_speculative_tokens: int = flag(8, "the most tokens one step guesses (--speculative)")
+    draft_model: str = flag("", "llama.cpp: a small GGUF model sharing the base model's vocabulary whose greedy "
+                                "tokens are the guesses --speculative checks (instead of prompt lookup)")
     model_lock: Any = flag(None, "several models side by side in the web UI: a list of dicts of flags, e.g. "
                                  "\"[{'base_model':'a.gguf'},{'base_model':'org/b','load_4bit':True}]\"", kind="list?")
     lora_weights: str = flag("", "a PEFT LoRA adapter (folder or hub id) applied over base_model (alias: --lora)")
@@ -242,6 +244,9 @@ def validate(s: Settings) -> None:
         raise UsageError("--load_half and --load_8bit clash: int8 weights are not half precision; choose one")
     if s.cli and s.share:
         raise UsageError("--cli and --share clash: share publishes the web UI, which --cli does not start")
+    if s.draft_model and not s.speculative:
+        raise UsageError("--draft_model and --speculative=False clash: the draft model's guesses are what speculative "
+                         "decoding checks; drop one")
     check_generation({name: getattr(s, name) for name in ("max_new_tokens", "min_new_tokens", "max_time", "temperature",
                                                           "top_k", "top_p", "num_beams", "repetition_penalty", "seed")},
                      as_flags=True)

@@ -80,6 +80,9 @@ class DraftControl:
     of the answer if it is the slower way."""
     most: int = 8
     patience: int = 4
+    # take steps without guesses to compare against, where guesses never run out (a draft model); prompt lookup
+    # finds nothing often enough by itself, and where it always finds something its guesses are paying
+    probe_plain_steps: bool = False
     length: int = 2  # (grows with acceptance: a long first guess is costly where steps cost by the token, a CPU)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     _guess_time: float = 0.0
@@ -89,6 +92,13 @@ class DraftControl:
     @property
     def on(self) -> bool:
         return not self.stats.switched_off
+
+    @property
+    def guessing(self) -> bool:
+        """Whether the next step carries guesses: not once switched off, nor while the steps without guesses that
+        the switch compares against are still too few (a draft model has guesses at every step)."""
+        return self.on and not (self.probe_plain_steps and self.stats.steps >= self.patience and
+                                self._plain_steps < self.patience)
 
     def step_done(self, drafted: int, accepted: int, seconds: float) -> None:
         """Record one model step: how many guesses it checked and kept, and how long it took."""

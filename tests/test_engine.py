@@ -134,6 +134,35 @@ def test_concurrent_chats_queue_and_never_mix():
     assert e.model.max_active == 1
 
 
+def test_what_a_backend_reports_stays_with_its_own_request():
+    """Two generations at once (slots=2): each answer's timing line gets the reused prompt tokens and guesses its
+    own generation reported, not the other's (they travel in the request's GenParams, not on the model)."""
+    from quantchat.speculative import SpeculationStats
+
+    class Reporting(FakeModel):
+        def stream(self, prompt, params, cancel):
+            n = int(prompt.strip()[-1])
+            params.report.reused_tokens = 100 * n
+            params.report.speculation = SpeculationStats(steps=n, drafted=2 * n, accepted=n)
+            yield from super().stream(prompt, params, cancel)
+
+    e = ChatEngine(Reporting(["a"] * 20, delay=0.005), PLAIN, slots=2)
+    stats = {}
+
+    def ask(i):
+        reply = e.chat(user(f"user{i}"))
+        reply.finish()
+        stats[i] = reply.stats
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert e.model.max_active == 2
+    assert {i: (s.reused_tokens, s.speculation.steps) for i, s in stats.items()} == {1: (100, 1), 2: (200, 2)}
+
+
 def test_turnstile_is_first_come_first_served_and_skips_the_cancelled():
     gate = Turnstile(1)
     assert gate.acquire(threading.Event())

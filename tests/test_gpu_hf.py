@@ -10,7 +10,7 @@ from test_settings import settings
 
 from quantchat import loaders
 from quantchat.errors import UserError
-from quantchat.loaders.base import GenParams
+from quantchat.loaders.base import GenerationReport, GenParams
 
 pytestmark = pytest.mark.gpu
 
@@ -90,10 +90,13 @@ def test_out_of_memory_during_generation_is_reported_freed_and_survived(tmp_path
     model.close()
 
 
-def greedy_tokens(model, prompt: str, n: int) -> list[int]:
-    """Token ids of a greedy answer of exactly n tokens, from whichever path the model takes."""
+def greedy_tokens(model, prompt: str, n: int, reports: list[GenerationReport] | None = None) -> list[int]:
+    """Token ids of a greedy answer of exactly n tokens, from whichever path the model takes (its report appended
+    to `reports`)."""
     ids = model._encode(prompt)
     params = GenParams(max_new_tokens=n, min_new_tokens=n, repetition_penalty=1.0)
+    if reports is not None:
+        reports.append(params.report)
     tokens = model.fast.tokens(ids, params, threading.Event()) if model.fast else \
         model._generate(ids, params, threading.Event())
     return list(tokens)
@@ -158,8 +161,9 @@ def test_the_captured_verify_step_keeps_generates_tokens(tiny_llama):
     try:
         assert model.wait_for_fast_decode() and set(model.fast.verify_graphs) == set(model.fast.graphs)
         prompt = "one two three four five six seven " * 20
-        tokens = greedy_tokens(model, prompt, 400)  # (windows 256, 512 and 1024)
-        spec = model.fast.speculation
+        reports: list[GenerationReport] = []
+        tokens = greedy_tokens(model, prompt, 400, reports)  # (windows 256, 512 and 1024)
+        spec = reports[0].speculation
         assert spec.accepted > spec.steps > 0, spec
         model.fast = None
         assert greedy_tokens(model, prompt, 400) == tokens

@@ -70,6 +70,7 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--chunk_size=10"], "at least 64"),
     (["--model_lock=[1, 2]"], "each entry is a dict"),
     (["--num_speculative_tokens=0"], "between 1 and 64"), (["--speculative=often"], "boolean"),
+    (["--draft_model=small.gguf", "--speculative=False"], "clash"),
 ])
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):

@@ -9,6 +9,7 @@ from test_settings import settings
 
 from quantchat import loaders
 from quantchat.assembly import build_engine
+from quantchat.errors import UsageError, UserError
 from quantchat.loaders.base import GenParams
 from quantchat.speculative import DraftControl, PromptLookup
 
@@ -37,8 +38,17 @@ def test_the_draft_length_follows_acceptance_and_the_switch_follows_the_clock():
     assert control.stats.steps == 2 and control.stats.drafted == 5 and control.stats.accepted == 2
     fast = DraftControl(patience=1)
     fast.step_done(drafted=4, accepted=4, seconds=0.002)      # 5 tokens in 2 ms
+    assert fast.guessing                                      # (prompt lookup: steps without a guess come anyway)
     fast.step_done(drafted=0, accepted=0, seconds=0.001)
     assert fast.on and fast.stats.tokens_per_step == 5.0
+    drafting = DraftControl(patience=2, probe_plain_steps=True)  # a draft model always has guesses
+    for _ in range(2):
+        assert drafting.guessing
+        drafting.step_done(drafted=3, accepted=0, seconds=0.003)
+    assert not drafting.guessing                               # two steps without, to compare against
+    drafting.step_done(drafted=0, accepted=0, seconds=0.001)
+    drafting.step_done(drafted=0, accepted=0, seconds=0.001)
+    assert not drafting.on                                     # 3 ms a token against 1: off
 
 
 REWRITE = ("Copy this text exactly, word for word:\n\nThe engine renders the prompt, fits the conversation into the "
@@ -67,6 +77,38 @@ def test_speculation_keeps_the_answer_decoding_gives(pair, sampling):
     spec = guessed.stats.speculation
     assert spec.steps and spec.accepted > spec.steps, spec  # more than one guess kept a step on average
     assert f"{spec.accepted} of {spec.drafted} guessed tokens kept" in guessed.stats.line()
+
+
+def test_a_draft_model_guesses_and_the_answer_stays_decodings(pair):
+    """--draft_model: a second llama.cpp model's greedy tokens are the guesses (here the built-in model drafting for
+    itself: nearly every guess is kept), checked as prompt lookup's are; its cache follows the text, so a second
+    answer drafts from where the first left it."""
+    from quantchat.packaged_models import assemble
+    asked = [{"role": "user", "content": REWRITE}]
+    model = loaders.load(loaders.plan(settings(f"--draft_model={assemble()}", "--max_seq_len=2048")))
+    try:
+        assert model.draft is not None
+        engine = build_engine(settings("--max_new_tokens=64"), model)
+        for _ in range(2):
+            reply = engine.chat(asked, engine.params(temperature=0))
+            assert reply.finish() == pair[False].chat(asked, pair[False].params(temperature=0)).finish()
+            spec = reply.stats.speculation
+            assert spec.accepted > 2 * spec.steps and spec.drafted < 2 * spec.accepted, spec
+    finally:
+        model.close()
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(gemma_gguf):
+    with pytest.raises(UserError, match="another vocabulary") as refused:
+        loaders.load(loaders.plan(settings(f"--draft_model={gemma_gguf}", "--max_seq_len=512")))
+    assert "\n" not in str(refused.value) and "same family" in str(refused.value)
+
+
+def test_a_draft_model_needs_a_gguf_file_and_a_gguf_base_model(tmp_path, tiny_llama):
+    with pytest.raises(UserError, match="not a GGUF file here"):
+        loaders.plan(settings(f"--draft_model={tmp_path / 'missing.gguf'}"))
+    with pytest.raises(UsageError, match="--draft_model applies to the llamacpp backend"):
+        loaders.plan(settings(f"--base_model={tiny_llama}", f"--draft_model={tmp_path / 'x.gguf'}"))
 
 
 def test_constrained_answers_decode_one_token_a_step(pair):
@@ -106,9 +148,10 @@ def test_the_fast_path_speculates_with_generates_greedy_tokens(gemma_hf, params,
     try:
         for prompt in [CODE, REWRITE, "Water boils at"]:
             expected = answer(slow, prompt, **params)
-            assert answer(fast, prompt, **params) == expected
+            asked = GenParams(**params)
+            assert "".join(fast.stream(prompt, asked, threading.Event())) == expected
             if prompt == CODE and copies:
-                spec = fast.speculation
+                spec = asked.report.speculation
                 assert spec.steps and spec.accepted > spec.steps, spec
     finally:
         fast.close()
@@ -132,7 +175,7 @@ def test_the_compiled_verify_step_pads_guesses_to_one_width_under_one_compilatio
         tokens = list(fast.tokens(ids, params, threading.Event()))
         assert counters["stats"]["unique_graphs"] == compiled
         assert tokens == list(model._generate(ids, params, threading.Event()))
-        assert fast.speculation.accepted > fast.speculation.steps > 0
+        assert params.report.speculation.accepted > params.report.speculation.steps > 0
     finally:
         model.close()
 
@@ -152,15 +195,16 @@ def test_sampled_speculation_keeps_the_distribution(tiny_llama, monkeypatch):
     greedy = list(plain.fast.tokens(ids, GenParams(max_new_tokens=8, repetition_penalty=1.0), threading.Event()))
     monkeypatch.setattr(PromptLookup, "draft", lambda self, k: greedy[len(self.tokens) - ids.shape[1]:][:k])
     try:
-        shares = []
+        shares, checked = [], 0
         for model in (fast, plain):
             hits = 0
             for seed in range(runs):
                 model.torch.manual_seed(seed)
                 tokens = list(model.fast.tokens(ids, params, threading.Event()))
                 hits += sum(a == b for a, b in zip(tokens[1:], greedy[1:4], strict=False))
+                checked += params.report.speculation.drafted if params.report.speculation else 0
             shares.append(hits / (3 * runs))
-        assert fast.fast.speculation.drafted  # (the guesses were checked)
+        assert checked >= runs  # (every answer checked guesses)
         pooled = sum(shares) / 2
         z = abs(shares[0] - shares[1]) / math.sqrt(pooled * (1 - pooled) * 2 / (3 * runs))
         assert 0.05 < pooled < 0.95 and z < 4, (shares, z)

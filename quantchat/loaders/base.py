@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from ..constraints import Constraint
+    from ..speculative import SpeculationStats
 
 
 def human_bytes(n: int) -> str:
@@ -75,6 +76,14 @@ class Either:
 
 
 @dataclass
+class GenerationReport:
+    """What a backend tells about one generation besides its text, written as it goes. It travels in the request's
+    GenParams, so that concurrent requests each read their own."""
+    reused_tokens: int = 0                       # prompt tokens continued from the backend's cache (--prefix_cache)
+    speculation: SpeculationStats | None = None  # guesses checked and kept (--speculative)
+
+
+@dataclass
 class GenParams:
     """Generation settings after defaults and caps are applied (see engine.resolve_params)."""
     max_new_tokens: int = 256
@@ -89,6 +98,8 @@ class GenParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     constraint: Constraint | None = None   # the grammar the answer must follow (a JSON schema, a tool call)
+    # (not an argument: every GenParams, dataclasses.replace's copies too, gets its own)
+    report: GenerationReport = field(default_factory=GenerationReport, init=False, compare=False, repr=False)
 
 
 @dataclass

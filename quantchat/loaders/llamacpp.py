@@ -21,13 +21,13 @@ from ..constraints import TokenGuide
 from ..errors import UsageError, UserError, missing_package
 from ..machine import Machine
 from ..settings import Settings
-from ..speculative import DraftControl, PromptLookup, SpeculationStats
+from ..speculative import DraftControl, PromptLookup
 from .base import GenParams, LoadPlan, ModelInfo, segments
 from .checkpoint import Checkpoint
 
 NAME = "llamacpp"
 USES_TORCH = False  # llama.cpp brings its own CUDA; loading torch's CUDA libraries first made it crash
-OWN_FLAGS = ()
+OWN_FLAGS = ("draft_model",)
 
 # llama.cpp allocates the whole KV cache up front: without --max_seq_len or n_ctx, use at most this much
 DEFAULT_MAX_CONTEXT = 8192
@@ -119,6 +119,7 @@ class Options:
     llama_kwargs: dict[str, Any]  # llama_cpp.Llama's keyword arguments, checked against its signature at plan time
     prefix_cache: bool = True     # --prefix_cache
     speculative_tokens: int = 8   # the most tokens one step guesses (--num_speculative_tokens); 0: --speculative=False
+    draft_kwargs: dict[str, Any] | None = None  # --draft_model: llama_cpp.Llama's arguments for the draft model
 
 
 def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
@@ -139,6 +140,10 @@ def check(s: Settings, ckpt: Checkpoint) -> None:
                          "(llama.cpp's convert_lora_to_gguf.py); a PEFT folder needs a Hugging Face base model")
     if s.num_beams and s.num_beams > 1:
         raise UsageError("--num_beams: llama.cpp does not do beam search; drop the flag (greedy or sampling)")
+    draft = Path(s.draft_model).expanduser() if s.draft_model else None
+    if draft and not (draft.is_file() and draft.suffix == ".gguf"):
+        raise UserError(f"--draft_model={s.draft_model} is not a GGUF file here: give the path of a small GGUF model "
+                        "that shares the base model's vocabulary (e.g. a 0.5B of the same family)")
 
 
 def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[Options]:
@@ -159,11 +164,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         raise UsageError(f"--llamacpp_dict: n_ctx must be a whole number between 16 and {2**27}, not {context!r}")
     gpu = bool(_llama_cpp().llama_supports_gpu_offload())
     layers = meta.get(f"{arch}.block_count")
-    heads_kv = meta.get(f"{arch}.attention.head_count_kv")
-    key_len = meta.get(f"{arch}.attention.key_length") or (
-        meta.get(f"{arch}.embedding_length", 0) // max(meta.get(f"{arch}.attention.head_count", 1), 1))
-    value_len = meta.get(f"{arch}.attention.value_length") or key_len
-    kv = int(layers * heads_kv * (key_len + value_len) * context * 2) if layers and heads_kv and key_len else None
+    kv = kv_cache_bytes(meta, context)
     asked = next((v for v in (s.n_gpu_layers, s.pre_layer, user.get("n_gpu_layers")) if v is not None), None)
     n_gpu_layers = asked if asked is not None else (-1 if gpu else 0)
     if asked is None and gpu and layers:
@@ -177,7 +178,16 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         notes.append(f"{asked} GPU layers asked for, but this llama-cpp-python build has no GPU support: "
                      "everything runs on the CPU (reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\", see docs/backends.md)")
     on_gpu = 0 if not gpu else (layers if n_gpu_layers < 0 or (layers and n_gpu_layers >= layers) else n_gpu_layers)
-    need = (kv or 0) + file_bytes
+    draft_kwargs = None
+    if s.draft_model and s.speculative:
+        draft_path = str(Path(s.draft_model).expanduser())
+        draft_kwargs = {**H2OGPT_DEFAULTS, "model_path": draft_path, "n_ctx": context, "n_gpu_layers": -1 if on_gpu
+                        else 0, "main_gpu": s.gpu_id, "verbose": s.verbose, "n_batch": min(H2OGPT_DEFAULTS["n_batch"],
+                                                                                             context)}
+        draft_bytes = os.path.getsize(draft_path) + (kv_cache_bytes(read_gguf_metadata(draft_path), context) or 0)
+        notes.append(f"draft model {Path(draft_path).name}: {draft_bytes / 2**30:.2f} GiB more with its KV cache, on "
+                     f"{'the GPU' if on_gpu else 'the CPU'}")
+    need = (kv or 0) + file_bytes + (draft_bytes if draft_kwargs else 0)
     if not on_gpu and machine.ram_bytes and need > machine.ram_bytes:  # llama.cpp allocates it all up front
         raise UserError(f"{path} with a {context}-token KV cache needs {need / 2**30:.1f} GiB, more than this "
                         f"machine's {machine.ram_bytes / 2**30:.1f} GiB of memory: lower --max_seq_len")
@@ -199,8 +209,8 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     file_type = meta.get("general.file_type")
     quant = _file_type_name(file_type)
     return LoadPlan(NAME, why, path, devices, "as stored in the file", quant, context,
-                    file_bytes, kv, Options(kwargs, s.prefix_cache, s.num_speculative_tokens if s.speculative else 0),
-                    notes, (on_gpu, layers))
+                    file_bytes, kv, Options(kwargs, s.prefix_cache, s.num_speculative_tokens if s.speculative else 0,
+                                            draft_kwargs), notes, (on_gpu, layers))
 
 
 def _plan_before_download(s: Settings, ckpt: Checkpoint, why: str) -> LoadPlan[Options]:
@@ -215,6 +225,16 @@ def _plan_before_download(s: Settings, ckpt: Checkpoint, why: str) -> LoadPlan[O
                      f"{DEFAULT_MAX_CONTEXT} tokens unless --max_seq_len says)")
     return LoadPlan(NAME, why, ckpt.path, "read from the file once it is downloaded", "as stored in the file",
                     f"GGUF {quant.upper()}" if quant else "GGUF", context, None, None, Options({}), notes)
+
+
+def kv_cache_bytes(meta: dict, context: int) -> int | None:
+    """The f16 KV cache of `context` tokens for the model a GGUF's metadata describes; None where it does not say."""
+    arch = meta.get("general.architecture", "llama")
+    layers, heads_kv = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.attention.head_count_kv")
+    key_len = meta.get(f"{arch}.attention.key_length") or (
+        meta.get(f"{arch}.embedding_length", 0) // max(meta.get(f"{arch}.attention.head_count", 1), 1))
+    value_len = meta.get(f"{arch}.attention.value_length") or key_len
+    return int(layers * heads_kv * (key_len + value_len) * context * 2) if layers and heads_kv and key_len else None
 
 
 def layers_that_fit(file_bytes: int, kv_bytes: int, layers: int, free: int | None) -> int | None:
@@ -246,6 +266,7 @@ class LlamaCppModel:
         except (ValueError, RuntimeError, OSError) as e:
             raise UserError(f"llama.cpp cannot load {p.model}: {e} (is the file complete? run with --verbose=True "
                             "to see llama.cpp's log)") from None
+        self.draft = self._load_draft(llama_cpp, p) if p.options.draft_kwargs else None
         meta = self.llm.metadata
         self.vocab = self.llm._model.vocab
         self.is_eog = llama_cpp.llama_vocab_is_eog
@@ -257,9 +278,26 @@ class LlamaCppModel:
         self._lock = threading.Lock()
         self.prefix_cache = p.options.prefix_cache
         self.states = llama_cpp.LlamaRAMCache(STATE_CACHE_BYTES) if self.prefix_cache else None
-        self.reused_tokens = 0  # the prompt tokens the last generation did not evaluate again
         self.speculative_tokens = p.options.speculative_tokens
-        self.speculation: SpeculationStats | None = None  # the last generation's guesses (--speculative)
+
+    def _load_draft(self, llama_cpp, p: LoadPlan[Options]):
+        """--draft_model, loaded and checked: its guesses are token ids, so its vocabulary must be the base model's
+        token for token."""
+        kwargs = p.options.draft_kwargs
+        try:
+            with contextlib.nullcontext() if kwargs["verbose"] else _quiet_stderr():
+                draft = llama_cpp.Llama(**kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise UserError(f"llama.cpp cannot load the draft model {kwargs['model_path']}: {e}") from None
+        ours, theirs = self.llm._model, draft._model
+        differ = next((i for i in range(max(ours.n_vocab(), theirs.n_vocab())) if i >= ours.n_vocab() or
+                       i >= theirs.n_vocab() or ours.token_get_text(i) != theirs.token_get_text(i)), None)
+        if differ is not None:
+            draft.close()
+            raise UserError(f"--draft_model={kwargs['model_path']} has another vocabulary than {p.model} (token "
+                            f"{differ} differs; {theirs.n_vocab()} against {ours.n_vocab()} tokens): a draft model "
+                            "must share the base model's tokenizer, e.g. a smaller model of the same family")
+        return draft
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -289,10 +327,9 @@ class LlamaCppModel:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         guided = self._guided(params, len(tokens)) if params.constraint else None
         with self._lock:  # one llama.cpp context: one generation at a time
-            self.reused_tokens = self._continue_from_longest_prefix(tokens)
-            self.speculation = None
+            reused = params.report.reused_tokens = self._continue_from_longest_prefix(tokens)
             if self.speculative_tokens and not guided:
-                ids = self._speculating(tokens, params, temp)
+                ids = self._speculating(tokens, reused, params, temp)
             else:
                 ids = self.llm.generate(tokens, temp=temp, top_p=params.top_p, top_k=params.top_k, min_p=0.0,
                                         repeat_penalty=params.repetition_penalty, reset=True, logits_processor=guided)
@@ -305,27 +342,27 @@ class LlamaCppModel:
                 if generated >= budget:
                     break
 
-    def _speculating(self, tokens: list[int], params: GenParams, temp: float) -> Iterator[int]:
+    def _speculating(self, tokens: list[int], reused: int, params: GenParams, temp: float) -> Iterator[int]:
         """The answer's token ids, with guesses from prompt lookup checked several to a step (speculative.py): the
         sampler and its settings are generate()'s, and each position's token is the one it chooses there, so the
         answer is decoding's own. Works below generate(), on llama-cpp-python's batch and sampler (0.3.x)."""
         llm = self.llm
-        if self.reused_tokens:  # (as generate() does with the prefix _continue_from_longest_prefix left)
-            llm._ctx.kv_cache_seq_rm(-1, self.reused_tokens, -1)
-            llm.n_tokens = self.reused_tokens
-        llm.eval(tokens[self.reused_tokens:])
+        if reused:  # (as generate() does with the prefix _continue_from_longest_prefix left)
+            llm._ctx.kv_cache_seq_rm(-1, reused, -1)
+            llm.n_tokens = reused
+        llm.eval(tokens[reused:])
         sampler = llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=temp,
                                     repeat_penalty=params.repetition_penalty)
-        control = DraftControl(most=self.speculative_tokens)
-        self.speculation = control.stats
-        lookup = PromptLookup(tokens)
+        control = DraftControl(most=self.speculative_tokens, probe_plain_steps=self.draft is not None)
+        params.report.speculation = control.stats
+        lookup = DraftModel(self.draft, tokens) if self.draft else PromptLookup(tokens)
         token = sampler.sample(llm._ctx, -1)
         while True:
             yield token
             lookup.extend([token])
             started = time.perf_counter()
             room = llm.n_ctx() - llm.n_tokens - 1
-            batch = [token, *(lookup.draft(min(control.length, room)) if control.on and room > 0 else [])]
+            batch = [token, *(lookup.draft(min(control.length, room)) if control.guessing and room > 0 else [])]
             at = llm.n_tokens
             llm._batch.set_batch(batch=batch, n_past=at, logits_all=True)  # logits at every position: each checks
             llm._ctx.decode(llm._batch)
@@ -404,3 +441,41 @@ class LlamaCppModel:
 
     def close(self) -> None:
         self.llm.close()
+        if self.draft:
+            self.draft.close()
+
+
+class DraftModel:
+    """Guesses from --draft_model: its greedy tokens after the text so far (PromptLookup's interface). Its KV cache
+    keeps the longest prefix it shares with the text (the guesses the base model kept stay), so each guess
+    evaluates only what is new: usually the base model's own token, then one step per guess."""
+
+    def __init__(self, llm, tokens: list[int]):
+        self.llm, self.tokens = llm, list(tokens)
+        self.greedy = llm._init_sampler(temp=0.0, top_k=1, top_p=1.0, min_p=0.0)
+        self._catch_up()  # the prompt, evaluated with the base model's (before the answer's clock starts)
+
+    def extend(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+
+    def _catch_up(self) -> None:
+        llm = self.llm
+        shared = 0
+        for a, b in zip(llm.input_ids[:llm.n_tokens].tolist(), self.tokens[:-1], strict=False):
+            if a != b:
+                break
+            shared += 1
+        llm._ctx.kv_cache_seq_rm(-1, shared, -1)
+        llm.n_tokens = shared
+        llm.eval(self.tokens[shared:])
+
+    def draft(self, k: int) -> list[int]:
+        llm, guesses = self.llm, []
+        if len(self.tokens) + k >= llm.n_ctx():
+            return guesses
+        self._catch_up()
+        for _ in range(k):
+            guesses.append(self.greedy.sample(llm._ctx, -1))
+            if len(guesses) < k:
+                llm.eval(guesses[-1:])
+        return guesses

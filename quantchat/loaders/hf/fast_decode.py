@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ...constraints import TokenGuide
-from ...speculative import DraftControl, PromptLookup, SpeculationStats
-from ..base import Either, GenParams, reusable_prefix
+from ...speculative import DraftControl, PromptLookup
+from ..base import Either, GenerationReport, GenParams, reusable_prefix
 
 DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
 
@@ -93,7 +93,6 @@ class FastDecoder:
         # the cache's memory is allocated once, for one sequence.
         self.prefix_cache = prefix_cache
         self.cached: list[int] = []
-        self.reused = 0   # prompt tokens the last answer did not prefill again
         self.device = model.get_input_embeddings().weight.device
         self.vocab = model.get_output_embeddings().weight.shape[0]
         # one position more than the largest window: a slice of the whole cache would be contiguous, which the
@@ -110,7 +109,6 @@ class FastDecoder:
         self._logits_out: dict = {}
         # --speculative: the step over the chosen token and up to `verify_width - 1` guesses, one graph per window
         self.verify_width = speculative_tokens + 1 if speculative_tokens else 0
-        self.speculation: SpeculationStats | None = None  # the last answer's guesses
         self._verify = self._compiled(self._forward_many)
         self.verify_graphs: dict = {}
         self._verify_tokens_in = self._verify_positions_in = None
@@ -145,13 +143,13 @@ class FastDecoder:
         for layer in self.cache.layers:
             layer.window = self.windows[window]
 
-    def _prefill(self, ids):
+    def _prefill(self, ids, report: GenerationReport):
         """The last prompt token's logits, the prompt's keys and values in the cache: where the cache holds a prefix
         of this prompt (--prefix_cache), only the rest is evaluated. An earlier answer's keys past that prefix stay
         where they are: attention masks every position past the one being computed."""
         torch = self.torch
         tokens = ids[0].tolist()
-        self.reused = reuse = reusable_prefix(self.cached, tokens) if self.prefix_cache else 0
+        report.reused_tokens = reuse = reusable_prefix(self.cached, tokens) if self.prefix_cache else 0
         self.cached = []  # (until this answer is done: one that fails leaves nothing to reuse)
         if not reuse:
             self.cache.reset()
@@ -231,8 +229,8 @@ class FastDecoder:
                         AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None,
                         PromptLookup(ids[0].tolist()) if speculating else None,
                         DraftControl(most=self.verify_width - 1) if speculating else None)
-            self.speculation = a.control.stats if speculating else None
-            logits = self._prefill(ids)
+            params.report.speculation = a.control.stats if speculating else None
+            logits = self._prefill(ids, params.report)
             token = choose_token(a.allowed.mask(logits) if a.allowed else logits, seen, a.eos, params, 0)
             i = 0  # the answer's token i is chosen (token, on the device), not yet streamed or fed
             while token is not None:
@@ -284,7 +282,7 @@ class FastDecoder:
                 now = time.perf_counter()
                 a.control.step_done(0, 0, now - clock)  # (one token per host read, the steps overlapping)
                 clock = now
-                if a.control.on and a.lookup.draft(1):
+                if a.control.guessing and a.lookup.draft(1):
                     return token, i + 1  # (the step in flight already chose it)
         return None, params.max_new_tokens
 
@@ -306,7 +304,7 @@ class FastDecoder:
             most = self.verify_width - 1 if self.compiled else control.length
             room = min(most, params.max_new_tokens - i - 2, self.cache_tokens - position - 1,
                        self.cache_tokens + 1 - position - self.verify_width)  # (the padded step fits the cache)
-            guesses = a.lookup.draft(room) if room > 0 and control.on else []
+            guesses = a.lookup.draft(room) if room > 0 and control.guessing else []
             started = time.perf_counter()
             inputs = torch.tensor([token_id, *guesses], device=self.device)
             if not guesses:  # this token's step, then one token a step again

@@ -204,10 +204,7 @@ class HFModel:
         self.device = self.model.get_input_embeddings().weight.device
         self.prefix_cache = o.prefix_cache
         self._kept = None  # generate's keys and values of the last answer, with their tokens (--prefix_cache)
-        self._reused = 0   # prompt tokens generate's last prefill took from _kept
-        self.reused_tokens = 0  # the prompt tokens the last answer did not prefill again
         self.speculative_tokens = o.speculative_tokens
-        self.speculation = None  # the last answer's guesses (the fast path, --speculative)
         self._start_fast_decode(o.fast_decode)
 
     def _start_fast_decode(self, wanted: bool) -> None:
@@ -317,10 +314,7 @@ class HFModel:
         tokens = fast.tokens(ids, params, cancel, guide) if fast else self._generate(ids, params, cancel, guide)
         detok = Detokenizer(self.tokenizer)
         try:
-            for i, token in enumerate(tokens):
-                if i == 0:  # (the prefill is done)
-                    self.reused_tokens = fast.reused if fast else self._reused
-                    self.speculation = fast.speculation if fast else None
+            for token in tokens:
                 if token not in self.eos_ids:
                     yield detok.add(token)
         except torch.cuda.OutOfMemoryError as error:
@@ -374,17 +368,17 @@ class HFModel:
         """generate's cache for this prompt (--prefix_cache): the last answer's, cut back to the prefix this prompt
         shares with it (generate then prefills only the rest), else a new one; None for beam search."""
         from transformers import DynamicCache
-        kept, self._kept, self._reused = self._kept, None, 0
+        kept, self._kept = self._kept, None
         if not self.prefix_cache or params.num_beams > 1:
             return None
         if kept:
             kept_tokens, cache = kept
-            self._reused = reusable_prefix(kept_tokens, ids[0].tolist())
+            reused = reusable_prefix(kept_tokens, ids[0].tolist())
             # a sliding-window layer has dropped what lies before its window: only full-attention caches go back
-            if self._reused and all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
-                cache.crop(self._reused - cache.get_seq_length())  # (a negative count: tokens removed from the end)
+            if reused and all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+                cache.crop(reused - cache.get_seq_length())  # (a negative count: tokens removed from the end)
+                params.report.reused_tokens = reused
                 return cache
-            self._reused = 0
         return DynamicCache(config=self.model.config)
 
     def wait_for_fast_decode(self, timeout: float | None = None) -> bool:
