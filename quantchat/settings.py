@@ -62,8 +62,9 @@ class Settings:
                                    "quote their input; switches itself off per answer where it is slower); False: "
                                    "one token per step")
     num_speculative_tokens: int = flag(8, "the most tokens one step guesses (--speculative)")
-    draft_model: str = flag("", "llama.cpp: a small GGUF model sharing the base model's vocabulary whose greedy "
-                                "tokens are the guesses --speculative checks (instead of prompt lookup)")
+    draft_model: str = flag("", "a small model sharing the base model's vocabulary whose greedy tokens are the "
+                                "guesses --speculative checks, instead of prompt lookup (a GGUF file with a GGUF "
+                                "base model; a Hugging Face folder with the fast path)")
     model_lock: Any = flag(None, "several models side by side in the web UI: a list of dicts of flags, e.g. "
                                  "\"[{'base_model':'a.gguf'},{'base_model':'org/b','load_4bit':True}]\"", kind="list?")
     lora_weights: str = flag("", "a PEFT LoRA adapter (folder or hub id) applied over base_model (alias: --lora)")

@@ -59,6 +59,9 @@ class PromptLookup:
                 if end > n:  # the n-gram ending before this token: it was followed by this token
                     self.last_end[tuple(self.tokens[end - 1 - n:end - 1])] = end - 1
 
+    def has_guess(self) -> bool:
+        return bool(self.draft(1))
+
     def draft(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the text's last n tokens."""
         for n in self.sizes:

@@ -171,6 +171,22 @@ def test_the_captured_verify_step_keeps_generates_tokens(tiny_llama):
         model.close()
 
 
+def test_a_draft_models_captured_steps_keep_generates_tokens(tiny_llama):
+    """--draft_model on CUDA: the draft's own captured steps chain its guesses on the device; the answers stay
+    generate's (fp32; the tiny Llama drafting for itself)."""
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True", "--load_half=False",
+                                               "--max_seq_len=1024", f"--draft_model={tiny_llama}")))
+    try:
+        assert model.wait_for_fast_decode() and model.fast.draft.graphs and model.fast.verify_graphs
+        reports: list[GenerationReport] = []
+        tokens = greedy_tokens(model, "The quick brown fox", 300, reports)
+        assert reports[0].speculation.accepted > reports[0].speculation.steps > 0, reports[0].speculation
+        model.fast = None
+        assert greedy_tokens(model, "The quick brown fox", 300) == tokens
+    finally:
+        model.close()
+
+
 def test_a_step_broken_into_pieces_is_captured_whole(tiny_llama):
     """A layer the compiler cannot trace (as gptqmodel's Marlin and bitsandbytes are) breaks the compiled step;
     the hand-captured CUDA graph still holds every piece, and replaying it gives generate's tokens."""

@@ -104,11 +104,35 @@ def test_a_draft_model_with_another_vocabulary_is_refused(gemma_gguf):
     assert "\n" not in str(refused.value) and "same family" in str(refused.value)
 
 
-def test_a_draft_model_needs_a_gguf_file_and_a_gguf_base_model(tmp_path, tiny_llama):
-    with pytest.raises(UserError, match="not a GGUF file here"):
+def test_a_draft_model_is_refused_where_it_cannot_serve(tmp_path, tiny_llama, gemma_gguf, gemma_hf):
+    with pytest.raises(UserError, match="not a GGUF file here"):      # a GGUF base model takes a GGUF draft
         loaders.plan(settings(f"--draft_model={tmp_path / 'missing.gguf'}"))
-    with pytest.raises(UsageError, match="--draft_model applies to the llamacpp backend"):
-        loaders.plan(settings(f"--base_model={tiny_llama}", f"--draft_model={tmp_path / 'x.gguf'}"))
+    with pytest.raises(UsageError, match="is a GGUF file"):           # and a Hugging Face one a folder
+        loaders.plan(settings(f"--base_model={tiny_llama}", f"--draft_model={gemma_gguf}"))
+    with pytest.raises(UsageError, match="--fast_decode=False turns it off"):
+        loaders.plan(settings(f"--base_model={tiny_llama}", f"--draft_model={tiny_llama}", "--fast_decode=False"))
+    with pytest.raises(UserError, match="another vocabulary") as refused:
+        loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", f"--draft_model={tiny_llama}",
+                                           "--fast_decode=True")))
+    assert "\n" not in str(refused.value)
+
+
+def test_a_draft_model_on_the_fast_path_keeps_generates_greedy_tokens(gemma_hf):
+    """The fast path with --draft_model (Gemma 3 drafting for itself, fp32 on the CPU): the guesses are the draft's
+    greedy tokens, nearly all kept, and the answer is generate's; the draft's cache follows the text from answer to
+    answer."""
+    fast = load(gemma_hf, "--fast_decode=True", f"--draft_model={gemma_hf}")
+    slow = load(gemma_hf)
+    try:
+        assert fast.fast.draft is not None
+        for prompt in [CODE, "Water boils at", "Water boils at"]:
+            asked = GenParams(max_new_tokens=40)
+            assert "".join(fast.stream(prompt, asked, threading.Event())) == answer(slow, prompt, max_new_tokens=40)
+            spec = asked.report.speculation
+            assert spec.accepted > 2 * spec.steps and spec.drafted < 2 * spec.accepted, spec
+    finally:
+        fast.close()
+        slow.close()
 
 
 def test_constrained_answers_decode_one_token_a_step(pair):

@@ -61,6 +61,9 @@ def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
 def check(s: Settings, ckpt: Checkpoint) -> None:
     if ckpt.is_dir and ckpt.quant_method not in FORMATS:
         raise UserError(f"--load_exllama loads GPTQ, EXL2 and EXL3 folders, and {ckpt.holds()}: drop --load_exllama")
+    if s.draft_model:
+        raise UsageError("--draft_model is not wired to ExLlama's own draft support here: drop it, or load the model "
+                         "as GGUF (llama.cpp) or a Hugging Face folder")
 
 
 def rope_settings(s: Settings, method: str) -> tuple[float, float]:

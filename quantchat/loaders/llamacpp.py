@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint
 
 NAME = "llamacpp"
 USES_TORCH = False  # llama.cpp brings its own CUDA; loading torch's CUDA libraries first made it crash
-OWN_FLAGS = ("draft_model",)
+OWN_FLAGS = ()
 
 # llama.cpp allocates the whole KV cache up front: without --max_seq_len or n_ctx, use at most this much
 DEFAULT_MAX_CONTEXT = 8192

@@ -94,9 +94,9 @@ def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
 
 
 def check(s: Settings, ckpt: Checkpoint | None) -> None:
-    if s.lora_weights or s.load_8bit or s.load_4bit:
-        raise UsageError("--lora_weights, --load_8bit and --load_4bit apply to local models: with --inference_server "
-                         "the server decides how the model is loaded")
+    if s.lora_weights or s.load_8bit or s.load_4bit or s.draft_model:
+        raise UsageError("--lora_weights, --load_8bit, --load_4bit and --draft_model apply to local models: with "
+                         "--inference_server the server decides how the model is loaded and decoded")
 
 
 def plan(s: Settings, ckpt: Checkpoint | None, machine: Machine, why: str) -> LoadPlan[Options]:

@@ -84,7 +84,7 @@ class FastDecoder:
     CUDNN_DECODE_ATTENTION = True
 
     def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool, prefix_cache: bool = True,
-                 speculative_tokens: int = 0):
+                 speculative_tokens: int = 0, draft: FastDecoder | None = None):
         import torch
         self.torch, self.model, self.eos_ids = torch, model, sorted(eos_ids)
         self.cache_tokens = cache_tokens
@@ -109,6 +109,7 @@ class FastDecoder:
         self._logits_out: dict = {}
         # --speculative: the step over the chosen token and up to `verify_width - 1` guesses, one graph per window
         self.verify_width = speculative_tokens + 1 if speculative_tokens else 0
+        self.draft = draft  # --draft_model's own decoder, whose greedy tokens are the guesses (else prompt lookup)
         self._verify = self._compiled(self._forward_many)
         self.verify_graphs: dict = {}
         self._verify_tokens_in = self._verify_positions_in = None
@@ -227,8 +228,10 @@ class FastDecoder:
             a = _Answer(ids.shape[1], params, cancel, emit, seen,
                         torch.tensor(self.eos_ids, device=self.device, dtype=torch.long),
                         AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None,
-                        PromptLookup(ids[0].tolist()) if speculating else None,
-                        DraftControl(most=self.verify_width - 1) if speculating else None)
+                        (DraftModel(self.draft, ids[0].tolist()) if self.draft else PromptLookup(ids[0].tolist()))
+                        if speculating else None,
+                        DraftControl(most=self.verify_width - 1, probe_plain_steps=self.draft is not None)
+                        if speculating else None)
             params.report.speculation = a.control.stats if speculating else None
             logits = self._prefill(ids, params.report)
             token = choose_token(a.allowed.mask(logits) if a.allowed else logits, seen, a.eos, params, 0)
@@ -282,7 +285,7 @@ class FastDecoder:
                 now = time.perf_counter()
                 a.control.step_done(0, 0, now - clock)  # (one token per host read, the steps overlapping)
                 clock = now
-                if a.control.guessing and a.lookup.draft(1):
+                if a.control.guessing and a.lookup.has_guess():
                     return token, i + 1  # (the step in flight already chose it)
         return None, params.max_new_tokens
 
@@ -300,8 +303,9 @@ class FastDecoder:
                     position + 1 >= self.cache_tokens:
                 return None, i
             a.lookup.extend([token_id])
-            # a compiled step checks verify_width tokens whatever the guesses; an eager one (the CPU) pays by the token
-            most = self.verify_width - 1 if self.compiled else control.length
+            # a compiled step checks verify_width tokens whatever the guesses, and prompt lookup's cost nothing; an
+            # eager step (the CPU) pays by the token, and a draft model by the guess
+            most = self.verify_width - 1 if self.compiled and not self.draft else control.length
             room = min(most, params.max_new_tokens - i - 2, self.cache_tokens - position - 1,
                        self.cache_tokens + 1 - position - self.verify_width)  # (the padded step fits the cache)
             guesses = a.lookup.draft(room) if room > 0 and control.guessing else []
@@ -415,6 +419,45 @@ class FastDecoder:
             yield
         finally:
             backends.enable_cudnn_sdp(before)
+
+
+class DraftModel:
+    """--draft_model on the fast path: guesses from the draft model's own decoder, its greedy tokens after the text so
+    far (PromptLookup's interface). Its static cache keeps the text it has seen: the tokens it has not (mostly the
+    base model's own token after the guesses it kept) go through its one-token step, a long stretch through its
+    prefill; the guesses are chained on the device, with one wait for all of them."""
+    LONGEST_CATCH_UP = 16  # new tokens fed one step each; more are prefilled
+
+    def __init__(self, decoder: FastDecoder, tokens: list[int]):
+        self.decoder, self.tokens = decoder, list(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+
+    def has_guess(self) -> bool:
+        return True
+
+    def draft(self, k: int) -> list[int]:
+        d, torch, n = self.decoder, self.decoder.torch, len(self.tokens)
+        if not k or n + k >= d.cache_tokens:
+            return []
+        shared = next((i for i, (a, b) in enumerate(zip(d.cached, self.tokens[:-1], strict=False)) if a != b),
+                      min(len(d.cached), n - 1))
+        if not shared or n - shared > self.LONGEST_CATCH_UP:
+            logits = d._prefill(torch.tensor([self.tokens], device=d.device), GenerationReport())
+        else:
+            for at in range(shared, n):
+                logits = d._next_logits(torch.tensor([self.tokens[at]], device=d.device),
+                                        torch.tensor([at], device=d.device), at + 1)
+        guesses = [logits.argmax(dim=-1)]
+        position = torch.tensor([n], device=d.device)
+        for i in range(k - 1):
+            logits = d._next_logits(guesses[-1], position, n + i + 1)
+            position += 1
+            guesses.append(logits.argmax(dim=-1))
+        chosen = torch.cat(guesses).tolist()  # (the one wait)
+        d.cached = self.tokens + chosen[:-1]
+        return chosen
 
 
 class AllowedTokens:

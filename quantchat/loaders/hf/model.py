@@ -183,6 +183,7 @@ class HFModel:
         self.torch = torch
         attention_without_shape_plans(torch)
         self.model, self.tokenizer = load_weights(p)
+        self.draft = self._load_draft(o.draft) if o.draft else None  # (model, tokenizer) of --draft_model
         tok = self.tokenizer
         self.eos_ids = eos_ids(self.model.generation_config.eos_token_id, tok.eos_token_id)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0)
@@ -206,6 +207,17 @@ class HFModel:
         self._kept = None  # generate's keys and values of the last answer, with their tokens (--prefix_cache)
         self.speculative_tokens = o.speculative_tokens
         self._start_fast_decode(o.fast_decode)
+
+    def _load_draft(self, draft: LoadPlan[HFOptions]):
+        """--draft_model, loaded and checked: its guesses are token ids, so its vocabulary must be the base model's."""
+        model, tokenizer = load_weights(draft)
+        ours, theirs = self.tokenizer.get_vocab(), tokenizer.get_vocab()
+        if ours != theirs:
+            differ = next((t for t in sorted(ours.keys() | theirs.keys()) if ours.get(t) != theirs.get(t)), None)
+            raise UserError(f"--draft_model={draft.model} has another vocabulary than the base model ({len(theirs)} "
+                            f"against {len(ours)} tokens; {differ!r} differs): a draft model must share the base "
+                            "model's tokenizer, e.g. a smaller model of the same family")
+        return model, tokenizer
 
     def _start_fast_decode(self, wanted: bool) -> None:
         """The fast path: off, built now (the CPU: seconds), or compiled in the background (CUDA: minutes), with
@@ -240,9 +252,13 @@ class HFModel:
 
         from .fast_decode import DEFAULT_CACHE_TOKENS, FastDecoder
         try:
-            fast = FastDecoder(self.model, self.eos_ids, min(self.info.context_length, DEFAULT_CACHE_TOKENS),
-                               compile=self.device.type == "cuda", prefix_cache=self.prefix_cache,
-                               speculative_tokens=self.speculative_tokens)
+            cache_tokens, compile = min(self.info.context_length, DEFAULT_CACHE_TOKENS), self.device.type == "cuda"
+            draft = None
+            if self.draft:
+                draft = FastDecoder(self.draft[0], self.eos_ids, cache_tokens, compile=compile)
+                draft.warm_up()
+            fast = FastDecoder(self.model, self.eos_ids, cache_tokens, compile=compile, prefix_cache=self.prefix_cache,
+                               speculative_tokens=self.speculative_tokens, draft=draft)
             fast.warm_up()
         except Exception as e:  # a model whose code the static cache or the compiler cannot take
             where = traceback.extract_tb(e.__traceback__)[-1]
@@ -393,6 +409,7 @@ class HFModel:
         self.fast = None  # (it holds the model, its cache and its graph)
         if self.fast_ready.is_set():
             del self.model
+            self.draft = None
             if self.torch.cuda.is_available():
                 self.torch.cuda.empty_cache()
 

@@ -44,6 +44,7 @@ class HFOptions:
     fast_decode: bool
     prefix_cache: bool = True        # --prefix_cache: keep the last conversation's keys and values
     speculative_tokens: int = 0      # the fast path's most guesses a step (--num_speculative_tokens); 0: --speculative=False
+    draft: LoadPlan[HFOptions] | None = None  # --draft_model: its own load plan (the fast path's guesses)
 
 
 def check(s: Settings, ckpt: Checkpoint) -> None:
@@ -62,6 +63,9 @@ def check(s: Settings, ckpt: Checkpoint) -> None:
         if (adapter.exists() or s.lora_weights.startswith((".", "/", "~"))) and \
                 not (adapter / "adapter_config.json").is_file():
             raise UserError(f"--lora_weights={s.lora_weights} is not a PEFT adapter folder (no adapter_config.json)")
+    if s.draft_model and s.fast_decode is False:
+        raise UsageError("--draft_model guesses for the fast decode path, and --fast_decode=False turns it off: "
+                         "drop one")
     folder = Path(ckpt.path)
     if ckpt.is_dir and not s.allow_pickle and not any(folder.glob("*.safetensors")) and \
             any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth")):
@@ -112,9 +116,25 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
                                {"quant_method": "awq"} if s.load_awq else None),
         weight_basename=s.load_gptq or s.load_awq, gptq_dict=s.gptq_dict,
         fast_decode=s.fast_decode if s.fast_decode is not None else fast_decode_by_default(device_map, bnb),
-        prefix_cache=s.prefix_cache, speculative_tokens=s.num_speculative_tokens if s.speculative else 0)
+        prefix_cache=s.prefix_cache, speculative_tokens=s.num_speculative_tokens if s.speculative else 0,
+        draft=_draft_plan(s, machine) if s.draft_model and s.speculative else None)
     return LoadPlan("hf", why, ckpt.path, devices, dtype, quant, context, need and need.weights,
                     need and need.kv_cache, options, notes, activation_bytes=need and need.activations)
+
+
+def _draft_plan(s: Settings, machine: Machine) -> LoadPlan[HFOptions]:
+    """--draft_model's own plan: a Hugging Face model loaded as the base model is (precision, device, 4/8-bit)."""
+    from dataclasses import replace
+
+    from ..checkpoint import read_checkpoint
+    drafting = replace(s, base_model=s.draft_model, draft_model="", lora_weights="", load_gptq="", load_awq="",
+                       tokenizer_base_model="", fast_decode=True)
+    ckpt = read_checkpoint(drafting)
+    if ckpt.kind == "gguf":
+        raise UsageError(f"--draft_model={s.draft_model} is a GGUF file, and {s.base_model} loads through the Hugging "
+                         "Face backend: give a Hugging Face model folder (or a GGUF base model)")
+    check(drafting, ckpt)
+    return plan(drafting, ckpt, machine, "--draft_model")
 
 
 def text_config(config: dict) -> dict:
