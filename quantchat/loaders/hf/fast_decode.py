@@ -308,8 +308,8 @@ class FastDecoder:
             most = self.verify_width - 1 if self.compiled and not self.draft else control.length
             room = min(most, params.max_new_tokens - i - 2, self.cache_tokens - position - 1,
                        self.cache_tokens + 1 - position - self.verify_width)  # (the padded step fits the cache)
+            started = time.perf_counter()  # (a draft model's guesses cost time too)
             guesses = a.lookup.draft(room) if room > 0 and control.guessing else []
-            started = time.perf_counter()
             inputs = torch.tensor([token_id, *guesses], device=self.device)
             if not guesses:  # this token's step, then one token a step again
                 a.seen.index_fill_(0, inputs, True)
