@@ -63,7 +63,7 @@ def test_token_choice_matches_transformers_processors():
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from quantchat.loaders.hf.fast_decode import choose_token
+    from quantchat.loaders.hf.sampling import choose_token
     torch.manual_seed(0)
     logits = torch.randn(1, 300) * 0.3
     history = torch.tensor([[5, 17, 17, 250]])
@@ -178,7 +178,8 @@ def test_attention_windows_grow_with_the_sequence_under_one_compilation(tiny_lla
     that crosses windows gives generate's tokens, and the compiled step serves every window without recompiling."""
     from torch._dynamo.utils import counters
 
-    from quantchat.loaders.hf.fast_decode import FastDecoder, window_lengths
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    from quantchat.loaders.hf.static_cache import window_lengths
     assert window_lengths(1000) == [256, 512, 1000] and window_lengths(64) == [64]
     model = load(tiny_llama, "--max_seq_len=2048")
     try:

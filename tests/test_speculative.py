@@ -242,7 +242,7 @@ def test_checked_rows_choose_what_one_row_a_step_would():
     penalty) and may end the answer only from min_new_tokens on, as one row a step does."""
     import torch
 
-    from quantchat.loaders.hf.fast_decode import choose_token, seen_after_each
+    from quantchat.loaders.hf.sampling import choose_token, seen_after_each
     torch.manual_seed(0)
     vocab, eos = 50, torch.tensor([7])
     logits = torch.randn(5, vocab)

@@ -25,7 +25,6 @@ that one graph per window serves every step; at batch 1 it reads the weights onc
 from __future__ import annotations
 
 import contextlib
-import functools
 import queue
 import sys
 import threading
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from ...constraints import TokenGuide
 from ...speculative import DraftControl, PromptLookup
 from ..base import Either, GenerationReport, GenParams, reusable_prefix
+from .sampling import choose_token, seen_after_each
+from .static_cache import full_attention_config, window_lengths, windowed_static_cache
 
 DEFAULT_CACHE_TOKENS = 8192  # the static cache's length unless the context is shorter (KV memory is allocated up front)
 
@@ -500,100 +501,3 @@ def _in_worker(function: Callable[[], None]) -> None:
     _decode_thread().put(job)
     if (error := done.get()) is not None:
         raise error
-
-
-def window_lengths(cache_tokens: int) -> list[int]:
-    """Attention windows over the static cache, smallest first: powers of two from 256, then the cache's length."""
-    lengths, n = [], 256
-    while n < cache_tokens:
-        lengths.append(n)
-        n *= 2
-    return [*lengths, cache_tokens]
-
-
-def windowed_static_cache(config, cache_tokens: int):
-    """transformers' static cache whose layers hand attention only the first `window` positions (a tensor whose
-    length is the window, set before each step): reading the whole cache every step cost 12% of a 7B model's
-    decode time at 4,096 positions (bench/results/decode-h100.json's profile)."""
-    from transformers import StaticCache
-    cache = StaticCache(config=config, max_cache_len=cache_tokens)
-    cache.layers = [_windowed_layer_class()(max_cache_len=cache_tokens) for _ in cache.layers]
-    return cache
-
-
-@functools.cache  # one class for every decoder: the compiler guards on the layers' type
-def _windowed_layer_class():
-    from transformers.cache_utils import StaticLayer
-
-    class WindowedLayer(StaticLayer):
-        """Writes the step's keys and values at the step's positions (the decoder sets them; transformers' own
-        write pointer counts tokens written, which a cache continued from a prefix, or a step whose guesses were
-        not all kept, would leave wrong), and hands attention the first `window` positions."""
-        window = None     # a tensor as long as the positions attention reads
-        positions = None  # the step's positions [tokens]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            self.keys.index_copy_(2, self.positions, key_states)
-            self.values.index_copy_(2, self.positions, value_states)
-            n = self.window.shape[0]
-            return self.keys[:, :, :n], self.values[:, :, :n]
-
-        def get_seq_length(self):  # the positions before this step's (where masks start its queries)
-            return self.positions[0] if self.positions is not None else super().get_seq_length()
-
-        def get_mask_sizes(self, *args, **kwargs):
-            _, offset = super().get_mask_sizes(*args, **kwargs)
-            return self.window.shape[0], offset
-
-    return WindowedLayer
-
-
-def full_attention_config(config):
-    """The text config with every layer's cache full-length: sliding-window layers keep their window through the
-    attention mask, which counts absolute positions. transformers' sliding cache layers track their fill level in
-    a Python int, which would make the compiler specialise (recompile) on every step."""
-    import copy
-    text = copy.deepcopy(config.get_text_config(decoder=True))
-    if getattr(text, "layer_types", None):
-        text.layer_types = ["full_attention"] * len(text.layer_types)
-    if hasattr(text, "sliding_window"):
-        text.sliding_window = None
-    return text
-
-
-def choose_token(logits, seen, eos, params: GenParams, step: int):
-    """The next token from fp32 logits [1, vocab], on the device; no host sync. Several rows [n, vocab] choose the
-    answer's tokens `step`, `step + 1` ... each after its own row (`seen` then has a row each: seen_after_each)."""
-    import torch
-    if params.repetition_penalty != 1.0:
-        penalty = params.repetition_penalty
-        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-    if (early := params.min_new_tokens - step) > 0:  # rows whose token may not end the answer yet
-        ended = logits.index_fill(1, eos, float("-inf"))
-        logits = ended if early >= logits.shape[0] else torch.cat([ended[:early], logits[early:]])
-    if not params.do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / max(params.temperature, 1e-5)
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=False)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - params.top_p)
-        drop[..., -1:] = False  # keep at least one
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).view(-1)
-
-
-def seen_after_each(seen, inputs):
-    """Rows [n, vocab]: row i is `seen` with inputs[0..i] added (the tokens the repetition penalty counts after the
-    step's i-th token)."""
-    import torch
-    n = inputs.shape[0]
-    rows = seen.expand(n, -1).clone()
-    row, col = torch.tril_indices(n, n, device=inputs.device)
-    rows[row, inputs[col]] = True
-    return rows
