@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench.decode import SHAPES, installed, timed_tokens  # noqa: E402
+from bench.decode import SHAPES, gpu_name, installed, timed_tokens  # noqa: E402
 from quantchat.constraints import json_schema  # noqa: E402
 from quantchat.loaders.base import GenParams  # noqa: E402
 
@@ -96,21 +96,13 @@ def main() -> None:
     best = {name: max(r["tokens_per_s"] for r in rs[1:]) for name, rs in runs.items()}
     result = {"backend": args.backend, "model": model.info.model, "decode": model.info.decode,
               "vocabulary": model.lltokenizer.vocab_size, "new_tokens": args.new_tokens, "schema": SCHEMA,
-              "machine": platform.node(), "gpu": _gpu_name(), "llguidance": installed("llguidance"),
+              "machine": platform.node(), "gpu": gpu_name(), "llguidance": installed("llguidance"),
               "runs": runs, "best_tokens_per_s": best,
               "constrained_over_free": round(best["json_schema"] / best["free"], 4)}
     print(json.dumps({k: result[k] for k in ("decode", "best_tokens_per_s", "constrained_over_free")}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     model.close()
-
-
-def _gpu_name() -> str | None:
-    try:
-        import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":

@@ -88,6 +88,15 @@ def installed(package: str) -> str:
         return "not installed"
 
 
+def gpu_name() -> str | None:
+    """The CUDA GPU's name; None where torch is not installed or sees no GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def measured_bandwidth() -> float:
     """Bytes per second of a device-to-device copy (read + write), best of 20: the ceiling decoding can reach."""
     import torch

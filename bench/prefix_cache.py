@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.decode import gpu_name  # noqa: E402
 from quantchat import loaders  # noqa: E402
 from quantchat.assembly import build_engine  # noqa: E402
 from quantchat.cli import parse_flags  # noqa: E402
@@ -174,7 +175,7 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
-    result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": _gpu_name(),
+    result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
               "date": time.strftime("%Y-%m-%d"), "turns": [], "greedy": []}
     for name in args.models.split(","):
         result["turns"] += turns(name, args.history_tokens)
@@ -185,14 +186,6 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(table(args.out) if args.out else json.dumps(result))
-
-
-def _gpu_name() -> str | None:
-    import importlib.util
-    if importlib.util.find_spec("torch") is None:
-        return None
-    import torch
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

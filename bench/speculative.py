@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.decode import gpu_name  # noqa: E402
 from quantchat import loaders  # noqa: E402
 from quantchat.assembly import build_engine  # noqa: E402
 from quantchat.cli import parse_flags  # noqa: E402
@@ -145,12 +146,9 @@ def table(path: str) -> str:
 
 
 def machine() -> str:
-    try:
+    if gpu := gpu_name():
         import torch
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    except ImportError:
-        pass
+        return f"{gpu}, torch {torch.__version__}"
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 

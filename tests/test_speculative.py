@@ -11,6 +11,7 @@ from quantchat import loaders
 from quantchat.assembly import build_engine
 from quantchat.errors import UsageError, UserError
 from quantchat.loaders.base import GenParams
+from quantchat.machine import Machine
 from quantchat.speculative import DraftControl, PromptLookup
 
 
@@ -111,6 +112,8 @@ def test_a_draft_model_is_refused_where_it_cannot_serve(tmp_path, tiny_llama, ge
         loaders.plan(settings(f"--base_model={tiny_llama}", f"--draft_model={gemma_gguf}"))
     with pytest.raises(UsageError, match="--fast_decode=False turns it off"):
         loaders.plan(settings(f"--base_model={tiny_llama}", f"--draft_model={tiny_llama}", "--fast_decode=False"))
+    with pytest.raises(UsageError, match="off by default without one GPU"):  # (not loaded only to sit unused)
+        loaders.plan(settings(f"--base_model={tiny_llama}", f"--draft_model={tiny_llama}"), Machine())
     with pytest.raises(UserError, match="another vocabulary") as refused:
         loaders.load(loaders.plan(settings(f"--base_model={gemma_hf}", f"--draft_model={tiny_llama}",
                                            "--fast_decode=True")))

@@ -57,12 +57,13 @@ def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
     prompt's last token at least, whose logits choose the first new token. 0 where they share less than half the
     prompt: attention over a rest that continues a cache runs with an explicit mask, which on a GPU took longer for
     a 7,084-token rest than the causal kernel for the whole 7,093 tokens (489 against 258 ms, an H200)."""
-    shared = 0
-    for a, b in zip(cached, prompt, strict=False):
-        if a != b:
-            break
-        shared += 1
+    shared = shared_prefix(cached, prompt)
     return min(shared, len(prompt) - 1) if 2 * shared >= len(prompt) else 0
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 class Either:

@@ -459,12 +459,10 @@ class DraftModel:
         self.tokens += tokens
 
     def _catch_up(self) -> None:
+        from llama_cpp import Llama
         llm = self.llm
-        shared = 0
-        for a, b in zip(llm.input_ids[:llm.n_tokens].tolist(), self.tokens[:-1], strict=False):
-            if a != b:
-                break
-            shared += 1
+        # (the last token is evaluated again: its logits start the guesses)
+        shared = min(Llama.longest_token_prefix(llm._input_ids.tolist(), self.tokens), len(self.tokens) - 1)
         llm._ctx.kv_cache_seq_rm(-1, shared, -1)
         llm.n_tokens = shared
         llm.eval(self.tokens[shared:])

@@ -183,7 +183,7 @@ class HFModel:
         self.torch = torch
         attention_without_shape_plans(torch)
         self.model, self.tokenizer = load_weights(p)
-        self.draft = self._load_draft(o.draft) if o.draft else None  # (model, tokenizer) of --draft_model
+        self.draft = self._load_draft(o.draft) if o.draft else None  # --draft_model's weights
         tok = self.tokenizer
         self.eos_ids = eos_ids(self.model.generation_config.eos_token_id, tok.eos_token_id)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0)
@@ -217,7 +217,7 @@ class HFModel:
             raise UserError(f"--draft_model={draft.model} has another vocabulary than the base model ({len(theirs)} "
                             f"against {len(ours)} tokens; {differ!r} differs): a draft model must share the base "
                             "model's tokenizer, e.g. a smaller model of the same family")
-        return model, tokenizer
+        return model
 
     def _start_fast_decode(self, wanted: bool) -> None:
         """The fast path: off, built now (the CPU: seconds), or compiled in the background (CUDA: minutes), with
@@ -255,7 +255,7 @@ class HFModel:
             cache_tokens, compile = min(self.info.context_length, DEFAULT_CACHE_TOKENS), self.device.type == "cuda"
             draft = None
             if self.draft:
-                draft = FastDecoder(self.draft[0], self.eos_ids, cache_tokens, compile=compile)
+                draft = FastDecoder(self.draft, self.eos_ids, cache_tokens, compile=compile)
                 draft.warm_up()
             fast = FastDecoder(self.model, self.eos_ids, cache_tokens, compile=compile, prefix_cache=self.prefix_cache,
                                speculative_tokens=self.speculative_tokens, draft=draft)

@@ -63,9 +63,6 @@ def check(s: Settings, ckpt: Checkpoint) -> None:
         if (adapter.exists() or s.lora_weights.startswith((".", "/", "~"))) and \
                 not (adapter / "adapter_config.json").is_file():
             raise UserError(f"--lora_weights={s.lora_weights} is not a PEFT adapter folder (no adapter_config.json)")
-    if s.draft_model and s.fast_decode is False:
-        raise UsageError("--draft_model guesses for the fast decode path, and --fast_decode=False turns it off: "
-                         "drop one")
     folder = Path(ckpt.path)
     if ckpt.is_dir and not s.allow_pickle and not any(folder.glob("*.safetensors")) and \
             any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth")):
@@ -104,6 +101,13 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     elif need and device_map == "balanced" and len(machine.gpus) > 1:
         placed, max_memory = _spread_over_gpus(need, machine, notes)
         devices = f"{devices}: {placed}" + (SPILLED if "cpu" in (max_memory or {}) else "")
+    fast_decode = s.fast_decode if s.fast_decode is not None else fast_decode_by_default(device_map, bnb)
+    draft = _draft_plan(s, machine) if s.draft_model and s.speculative else None
+    if draft and not fast_decode:
+        why = "--fast_decode=False turns it off" if s.fast_decode is False else \
+            "it is off by default without one GPU and with --load_8bit"
+        raise UsageError(f"--draft_model guesses for the fast decode path, and {why}: add --fast_decode=True or drop "
+                         "--draft_model")
     options = HFOptions(
         device_map=device_map, max_memory=max_memory, dtype=dtype, rope_parameters=rope,
         tokenizer=s.tokenizer_base_model or ckpt.path, revision=s.revision,
@@ -115,9 +119,9 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         quantization=saved or ({"quant_method": "gptq"} if s.load_gptq else
                                {"quant_method": "awq"} if s.load_awq else None),
         weight_basename=s.load_gptq or s.load_awq, gptq_dict=s.gptq_dict,
-        fast_decode=s.fast_decode if s.fast_decode is not None else fast_decode_by_default(device_map, bnb),
+        fast_decode=fast_decode,
         prefix_cache=s.prefix_cache, speculative_tokens=s.num_speculative_tokens if s.speculative else 0,
-        draft=_draft_plan(s, machine) if s.draft_model and s.speculative else None)
+        draft=draft)
     return LoadPlan("hf", why, ckpt.path, devices, dtype, quant, context, need and need.weights,
                     need and need.kv_cache, options, notes, activation_bytes=need and need.activations)
 
