@@ -97,6 +97,16 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+NOMINAL_BANDWIDTH = {  # bytes/s from the makers' data sheets, the figure peers quote MBU against
+    "NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA A100-SXM4-80GB": 2.039e12, "NVIDIA GeForce RTX 4090": 1.008e12}
+
+
+def nominal_bandwidth() -> float | None:
+    """The GPU's data-sheet bandwidth; None for a GPU not in NOMINAL_BANDWIDTH."""
+    return NOMINAL_BANDWIDTH.get(gpu_name() or "")
+
+
 def measured_bandwidth() -> float:
     """Bytes per second of a device-to-device copy (read + write), best of 20: the ceiling decoding can reach."""
     import torch

@@ -1,12 +1,20 @@
-"""Batch-1 4-bit matmuls of the Llama-2-7B shape on the GPU: the projections separate or fused.
+"""Batch-1 4-bit matmul kernels and decode attention on the GPU, per shape: which one reads weights fastest.
 
-  python bench/kernels.py --out=bench/results/kernels-h100.json
+  python bench/kernels.py --out=bench/results/kernels-h200.json
+  python bench/kernels.py --kernels=marlin --out=FILE   (one candidate; a run that waits for Marlin's build)
 
-32 layers of distinct random weights (so that no matrix is served from the L2 cache), each layer's matmuls
-captured in one CUDA graph and replayed: gptqmodel's Marlin (the GPTQ/AWQ kernel quantchat loads on CUDA) with
-seven matmuls per layer (q, k, v, o, gate, up, down) and with four (q/k/v and gate/up fused, as
-quantchat/loaders/hf/fused_projections.py runs them), then the same for PyTorch's own int4 kernel (tinygemm, what
-torchao's int4 weight-only uses), and the time of each matrix shape alone. Group size 128, bf16 activations.
+Matmuls: 32 layers of distinct random weights (so that no matrix is served from the L2 cache) with q/k/v and
+gate/up fused, as quantchat/loaders/hf/fused_projections.py runs them, for the Llama-2-7B and Llama-3-8B shapes.
+Each layer set is captured in one CUDA graph and replayed, for 1 token (decoding) and for the few tokens of a
+speculative verify step. Candidates, all 4-bit with group size 128 and bf16 activations:
+  marlin    gptqmodel's Marlin (what GPTQ/AWQ checkpoints ran on before)
+  tinygemm  PyTorch's own int4 kernel (aten._weight_int4pack_mm; torchao's int4 weight-only on CUDA)
+  gemlite   GemLite's Triton kernels (GEMV for 1 token, split-K GEMM for a few), tuned on this GPU
+  nf4       bitsandbytes' NF4 with double quantization (--load_4bit)
+  bf16      the unquantized matmul, for scale
+GB/s counts the bytes each kernel must read: packed weights plus its scales and zeros. Attention: one layer of the
+8B shape (32 query heads, 8 key/value heads) over 512-8,192 cached positions, per backend of PyTorch's SDPA and
+flex attention.
 """
 from __future__ import annotations
 
@@ -20,11 +28,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode import measured_bandwidth  # noqa: E402
+from bench.decode import SHAPES, measured_bandwidth, nominal_bandwidth  # noqa: E402
 
-HIDDEN, FFN, LAYERS, GROUP = 4096, 11008, 32, 128
-LAYOUTS = {"separate": [(HIDDEN, HIDDEN)] * 4 + [(HIDDEN, FFN)] * 2 + [(FFN, HIDDEN)],
-           "fused": [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 2 * FFN), (FFN, HIDDEN)]}
+GROUP, LAYERS = 128, 32
+MODELS = ("llama2-7b", "llama3-8b")
+VERIFY_TOKENS = (1, 2, 3, 5, 9)  # a one-token step and verify steps of k = 1, 2, 4, 8 guesses
+CONTEXTS = (512, 2048, 8192)
+
+
+def fused_shapes(model: str) -> list[tuple[int, int]]:
+    """(in, out) of one layer's four matmuls: q/k/v, o, gate/up, down."""
+    s = SHAPES[model]
+    hidden, ffn = s["hidden_size"], s["intermediate_size"]
+    kv = hidden // s["num_attention_heads"] * s["num_key_value_heads"]
+    return [(hidden, hidden + 2 * kv), (hidden, hidden), (hidden, 2 * ffn), (ffn, hidden)]
 
 
 def graph_ms(work, replays: int = 20) -> float:
@@ -47,8 +64,14 @@ def graph_ms(work, replays: int = 20) -> float:
     return (time.perf_counter() - started) / replays * 1e3
 
 
-def marlin_layer(k: int, n: int):
-    """A GPTQ 4-bit layer with random packed weights, repacked for Marlin as at load."""
+def random_gptq(k: int, n: int):
+    """A GPTQ-style 4-bit matrix: values 0..15 as (n, k) uint8, bf16 scales per group of 128 inputs."""
+    values = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+    scales = torch.rand(n, k // GROUP, dtype=torch.bfloat16, device="cuda") * 0.01
+    return values, scales
+
+
+def marlin(k: int, n: int):
     from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
     layer = MarlinLinear(bits=4, group_size=GROUP, desc_act=False, sym=True, in_features=k, out_features=n,
                          bias=False, dtype=torch.bfloat16)
@@ -57,61 +80,166 @@ def marlin_layer(k: int, n: int):
     layer.qzeros.data = torch.zeros(k // GROUP, n // 8, dtype=torch.int32)
     layer.g_idx.data = torch.zeros(k, dtype=torch.int32)
     layer = layer.cuda()
-    layer.post_init()
+    layer.post_init()  # repacks for Marlin, as at load
     return layer
 
 
-def tinygemm_layer(k: int, n: int):
-    """PyTorch's int4 kernel: a weight packed for it and its scales and zeros, as one callable."""
+def tinygemm(k: int, n: int):
     packed = torch.ops.aten._convert_weight_to_int4pack(
         torch.randint(0, 255, (n, k // 2), dtype=torch.uint8, device="cuda"), 8)
     scales_and_zeros = torch.rand(k // GROUP, n, 2, dtype=torch.bfloat16, device="cuda")
     return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_and_zeros)
 
 
-def weight_bytes(shapes, scale_bytes: int) -> int:
-    return sum(k * n // 2 + k // GROUP * n * scale_bytes for k, n in shapes)
+def gemlite(k: int, n: int):
+    from gemlite.helper import A16Wn
+    values, scales = random_gptq(k, n)
+    zeros = torch.full_like(scales, 8)  # GPTQ's symmetric zero point
+    return A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(values, scales, zeros, W_nbits=4, group_size=GROUP)
 
 
-def measure(make, scale_bytes: int) -> dict:
-    inputs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, FFN)}
-    result = {}
-    for name, shapes in LAYOUTS.items():
-        layers = [[(k, make(k, n)) for k, n in shapes] for _ in range(LAYERS)]
+def nf4(k: int, n: int):
+    import bitsandbytes as bnb
+    weight, state = bnb.functional.quantize_4bit(torch.randn(n, k, dtype=torch.bfloat16, device="cuda"),
+                                                 quant_type="nf4", compress_statistics=True)
+    return lambda x: bnb.matmul_4bit(x, weight.t(), quant_state=state)
 
-        def every_layer(layers=layers):
+
+def bf16(k: int, n: int):
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    return lambda x: torch.nn.functional.linear(x, weight)
+
+
+KERNELS = {"marlin": marlin, "tinygemm": tinygemm, "gemlite": gemlite, "nf4": nf4, "bf16": bf16}
+
+
+def bytes_read(kernel: str, k: int, n: int) -> int:
+    """What one matmul must read: the packed weights and what dequantizes them."""
+    if kernel == "bf16":
+        return 2 * k * n
+    if kernel == "nf4":  # one 8-bit absmax per 64 weights (double quantization), fp32 per 256 of those
+        return k * n // 2 + k * n // 64 + k * n // 64 // 256 * 4
+    per_group = {"marlin": 2, "gemlite": 4, "tinygemm": 4}[kernel]  # scales (and zeros) per group of 128
+    return k * n // 2 + k // GROUP * n * per_group
+
+
+def measure_matmuls(kernel: str, model: str, bandwidth: float) -> dict:
+    shapes = fused_shapes(model)
+    make = KERNELS[kernel]
+    started = time.perf_counter()
+    layers = [[make(k, n) for k, n in shapes] for _ in range(LAYERS)]
+    inputs = {tokens: {k: torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes}
+              for tokens in VERIFY_TOKENS}
+    total_bytes = LAYERS * sum(bytes_read(kernel, k, n) for k, n in shapes)
+    steps = {}
+    for tokens in VERIFY_TOKENS:
+        def every_layer(x=inputs[tokens], layers=layers):
             for layer in layers:
-                for k, matmul in layer:
-                    matmul(inputs[k])
+                for (k, _), matmul in zip(shapes, layer, strict=True):
+                    matmul(x[k])
         ms = graph_ms(every_layer)
-        per_shape = {}
-        for k, n in dict.fromkeys(shapes):
-            same = [matmul for layer in layers for (kk, matmul), shape in zip(layer, shapes, strict=True)
-                    if shape == (k, n)][:LAYERS]
-            shape_ms = graph_ms(lambda same=same, k=k: [matmul(inputs[k]) for matmul in same])
-            per_shape[f"{k}x{n}"] = {"us": round(shape_ms / len(same) * 1e3, 1),
-                                     "tb_s": round(weight_bytes([(k, n)], scale_bytes) * len(same) / shape_ms / 1e9, 2)}
-        result[name] = {"ms_per_token": round(ms, 3),
-                        "tb_s": round(weight_bytes(shapes, scale_bytes) * LAYERS / ms / 1e9, 2), "shapes": per_shape}
-        print(name, result[name], flush=True)
-        del layers
-        torch.cuda.empty_cache()
+        steps[tokens] = {"ms": round(ms, 3), "gb_s": round(total_bytes / ms / 1e6)}
+    one = steps[1]["ms"]
+    for step in steps.values():
+        step["over_one_token"] = round(step["ms"] / one, 2)
+    per_shape = {}
+    for index, (k, n) in enumerate(shapes):
+        same = [layer[index] for layer in layers]
+        ms = graph_ms(lambda same=same, x=inputs[1][k]: [matmul(x) for matmul in same])
+        per_shape[f"{k}x{n}"] = {"us": round(ms / LAYERS * 1e3, 1),
+                                 "gb_s": round(bytes_read(kernel, k, n) * LAYERS / ms / 1e6)}
+    result = {"bytes_per_token": total_bytes, "tokens": steps, "shapes": per_shape,
+              "of_measured_bandwidth": round(total_bytes / (steps[1]["ms"] / 1e3) / bandwidth, 3),
+              "setup_s": round(time.perf_counter() - started, 1)}
+    del layers
+    torch.cuda.empty_cache()
+    return result
+
+
+def attention_row(flex, q, k, v) -> dict:
+    """Microseconds per call of each attention backend; the queries are the last positions, each seeing the cache
+    up to itself."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+    queries, context = q.shape[2], k.shape[2]
+    offset = context - queries
+    mask = (torch.arange(context, device="cuda")[None, :]
+            <= torch.arange(offset, context, device="cuda")[:, None])[None, None]
+    backends = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa cudnn": SDPBackend.CUDNN_ATTENTION,
+                "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa math": SDPBackend.MATH}
+    row = {}
+    for name, backend in backends.items():
+        for masked in (False, True) if queries == 1 else (True,):
+            def call(backend=backend, masked=masked):
+                with sdpa_kernel(backend):
+                    torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask if masked else None, enable_gqa=True)
+            try:
+                row[f"{name}{' masked' if masked else ''}"] = round(graph_ms(call, replays=200) * 1e3, 1)
+            except RuntimeError as e:  # this backend does not take these inputs
+                row[f"{name}{' masked' if masked else ''}"] = str(e).splitlines()[0][:100]
+    block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi + offset, None, None, queries, context)
+    try:
+        flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+        row["flex attention"] = round(
+            graph_ms(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True), replays=200) * 1e3, 1)
+    except Exception as e:  # noqa: BLE001 - a compile failure is a result here
+        row["flex attention"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return row
+
+
+def measure_attention() -> dict:
+    """One layer of the 8B shape's decode attention, microseconds per call, per backend and context length."""
+    from torch.nn.attention.flex_attention import flex_attention
+    s = SHAPES["llama3-8b"]
+    heads, kv_heads = s["num_attention_heads"], s["num_key_value_heads"]
+    dim = s["hidden_size"] // heads
+    flex = torch.compile(flex_attention, dynamic=False)
+    result = {}
+    for context in CONTEXTS:
+        for queries in (1, 9):
+            q = torch.randn(1, heads, queries, dim, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(1, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            row = attention_row(flex, q, k, v)
+            result[f"{context} cached, {queries} queries"] = row
+            print(context, queries, row, flush=True)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    out = parser.parse_args().out
-    from importlib.metadata import version
-    result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "gptqmodel": version("gptqmodel"),
-              "shape": f"Llama-2-7B: {LAYERS} layers, hidden {HIDDEN}, MLP {FFN}, group {GROUP}, batch 1",
-              "copy_tb_s": round(measured_bandwidth() / 1e12, 2),  # the ceiling, measured as bench/decode.py does
-              "marlin": measure(marlin_layer, scale_bytes=2), "tinygemm": measure(tinygemm_layer, scale_bytes=4)}
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--attention", action="store_true", help="also time decode attention")
+    args = parser.parse_args()
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+    bandwidth = measured_bandwidth()
+    result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "versions": {p: installed(p) for p in ("gptqmodel", "gemlite", "bitsandbytes", "triton")},
+              "layers": LAYERS, "group_size": GROUP, "copy_gb_s": round(bandwidth / 1e9),
+              "nominal_gb_s": round((nominal_bandwidth() or 0) / 1e9), "matmuls": {}}
+    for kernel in args.kernels.split(","):
+        for model in args.models.split(","):
+            try:
+                row = measure_matmuls(kernel, model, bandwidth)
+            except Exception as e:  # noqa: BLE001 - a kernel that fails to build or run is a result here
+                row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            result["matmuls"].setdefault(kernel, {})[model] = row
+            print(kernel, model, json.dumps(row), flush=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    if "gemlite" in result["matmuls"]:  # its choices of tile sizes on this GPU, for loading without tuning again
+        from gemlite.core import GemLiteLinear
+        GemLiteLinear.cache_config(str(Path(args.out).with_suffix(".gemlite-config.json")))
+    if args.attention:
+        result["attention_us"] = measure_attention()
+    Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
