@@ -9,8 +9,9 @@ per step over the step's cost relative to one token (a projection, labelled so).
 
 `--captured` measures the fast path's own captured steps instead, for random weights of each shape in bf16: the
 one-token graph against the verify graph (the token and --num_speculative_tokens guesses), both replayed at
-position 1,000 of a 2,048-token cache, attention and everything else included, with each graph's costliest kernels
-(torch.profiler). `--shapes` may name a model folder too.
+positions 1,000 and 7,000 of an 8,192-token cache, attention and everything else included, with each graph's
+costliest kernels (torch.profiler) at the first; the verify step's attention through flex attention (the default)
+and through cuDNN, in two loads. `--shapes` may name a model folder too.
 
   python bench/verify_step.py --shapes=llama2-7b,llama3-8b --out=bench/results/verify-step-h200.json   (on the GPU)
   python bench/verify_step.py --captured --shapes=llama3-8b --out=bench/results/verify-captured-h200.json (the GPU)
@@ -69,30 +70,41 @@ def replay_ms(graph, replays: int) -> float:
     return start.elapsed_time(end) / replays
 
 
-def captured_steps(name: str, guesses: int, replays: int = 200) -> dict:
+def captured_steps(name: str, guesses: int, flex: bool, positions=(1000, 7000), replays: int = 200) -> dict:
     """Milliseconds of one replay of the fast path's one-token graph and of its verify graph (1 + `guesses` tokens)
-    for random weights of shape `name` (or the model folder `name`), bf16, and the kernels that take the time."""
+    at each of `positions` of an 8,192-token cache, for random weights of shape `name` (or the model folder
+    `name`), bf16, and the kernels that take the time at the first position. `flex`: the verify step's attention
+    through flex attention (the fast path's default), else cuDNN's as in the one-token step."""
     import torch
 
     from bench.decode import write_random_model
     from quantchat import loaders
     from quantchat.cli import parse_flags
+    from quantchat.loaders.hf.fast_decode import FastDecoder
     from quantchat.settings import from_flags
     folder = Path(name) if Path(name).is_dir() else write_random_model(name, Path(f"/tmp/bench-models/{name}"))
-    settings = from_flags(parse_flags([f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=2048",
+    settings = from_flags(parse_flags([f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=8192",
                                        f"--num_speculative_tokens={guesses}"]))
+    FastDecoder.FLEX_VERIFY_ATTENTION = flex
     model = loaders.load(loaders.plan(settings))
     model.wait_for_fast_decode()
     fast = model.fast
-    window = fast._window_for(1000 + fast.verify_width)
-    with torch.inference_mode():  # (the graphs' input buffers were made under it)
-        fast._position_in.fill_(1000)
-        fast._verify_positions_in.copy_(torch.arange(1000, 1000 + fast.verify_width))
-    one, verify = replay_ms(fast.graphs[window], replays), replay_ms(fast.verify_graphs[window], replays)
-    kernels = {"one_token": top_kernels(fast.graphs[window]), "verify": top_kernels(fast.verify_graphs[window])}
+    result = {"verify_attention": "flex" if fast.flex_verify else "cuDNN", "tokens_checked": fast.verify_width}
+    for position in positions:
+        window = fast._window_for(position + fast.verify_width)
+        with torch.inference_mode():  # (the graphs' input buffers were made under it)
+            fast._position_in.fill_(position)
+            fast._verify_positions_in.copy_(torch.arange(position, position + fast.verify_width))
+        one, verify = replay_ms(fast.graphs[window], replays), replay_ms(fast.verify_graphs[window], replays)
+        row = {"one_token_ms": round(one, 3), "verify_ms": round(verify, 3), "verify_over_one": round(verify / one, 3),
+               "window": window}
+        if position == positions[0]:  # (the projection reads the first position's figures)
+            result.update(row, position=position, kernels_per_replay={
+                "one_token": top_kernels(fast.graphs[window]), "verify": top_kernels(fast.verify_graphs[window])})
+        else:
+            result[f"at_{position}"] = row
     model.close()
-    return {"one_token_ms": round(one, 3), "verify_ms": round(verify, 3), "tokens_checked": fast.verify_width,
-            "verify_over_one": round(verify / one, 3), "window": window, "kernels_per_replay": kernels}
+    return result
 
 
 def top_kernels(graph, replays: int = 20, top: int = 12) -> list[dict]:
@@ -131,6 +143,7 @@ def main() -> None:
     parser.add_argument("--acceptance", help="bench/speculative.py's result file: project the speed-up")
     parser.add_argument("--costs", help="an earlier run's result file: project from its costs, measure nothing")
     parser.add_argument("--captured", action="store_true", help="time the fast path's captured steps instead")
+    parser.add_argument("--verify_attention", default="flex,cudnn", help="with --captured: flex, cudnn or both")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.costs:
@@ -142,8 +155,10 @@ def main() -> None:
     if args.captured:
         result["what"] = __doc__.split("\n\n")[2]
         for name in args.shapes.split(","):
-            result["shapes"][name] = captured_steps(name, args.most)
-            print(name, result["shapes"][name], flush=True)
+            for flex in (kind == "flex" for kind in args.verify_attention.split(",")):
+                row = f"{name}, verify attention {'flex' if flex else 'cuDNN'}"
+                result["shapes"][row] = captured_steps(name, args.most, flex)
+                print(row, {k: v for k, v in result["shapes"][row].items() if k != "kernels_per_replay"}, flush=True)
     for name in [] if args.costs or args.captured else args.shapes.split(","):
         weights = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) for inp, out in linear_shapes(SHAPES[name])]
         one = step_ms(weights, 1)

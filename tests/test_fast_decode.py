@@ -326,3 +326,50 @@ def test_a_failed_answer_leaves_nothing_to_reuse(tiny_llama, monkeypatch):
     with pytest.raises(RuntimeError, match="broken step"):
         conversation(model, TURNS[:1], system="Be brief.")
     assert model.fast.cached == []
+
+
+def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
+    """The compiled verify step's attention (several queries past the cache's start, grouped key/value heads, a
+    causal mask, a sliding window) equals SDPA's; one query, or an eager call, goes to SDPA itself."""
+    import types
+
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from quantchat.loaders.hf import attention
+    torch.manual_seed(0)
+    module = types.SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    keys = torch.randn(1, 2, 512, 16), torch.randn(1, 2, 512, 16)
+    positions = torch.arange(300, 309)[:, None]
+    causal = torch.arange(512)[None, :] <= positions
+    sliding = causal & (torch.arange(512)[None, :] > positions - 64)
+    flex = attention._flex
+    calls = []
+    for mask in (causal, sliding):
+        query = torch.randn(1, 8, 9, 16)
+        expected, _ = sdpa_attention_forward(module, query, *keys, mask[None, None], scaling=0.25)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            m.setattr(attention, "_flex", lambda *args: calls.append(1) or flex(*args))
+            got, _ = attention.sdpa_or_flex(module, query, *keys, mask[None, None], scaling=0.25)
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert len(calls) == 2
+    assert attention._flex_takes(query, keys[0], causal[None, None], 0.0, {})
+    assert not attention._flex_takes(query[:, :, :1], keys[0], causal[None, None, :1], 0.0, {})  # one query
+    assert not attention._flex_takes(query, keys[0][:, :, :500], causal[None, None, :, :500], 0.0, {})  # part block
+    assert not attention._flex_takes(query, keys[0], causal[None, None], 0.0, {"softcap": 30.0})
+    assert not attention._flex_takes(query, keys[0], None, 0.0, {})  # SDPA's own causal rule
+
+
+def test_a_model_switched_to_flex_verify_steps_answers_as_before(tiny_llama):
+    """The switch names the model's attention anew; everything that runs eagerly still goes through SDPA."""
+    from quantchat.loaders.hf.attention import NAME, use_flex_for_verify_steps
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=False")))
+    try:
+        before = "".join(model.stream("The quick brown fox", GenParams(max_new_tokens=24), threading.Event()))
+        assert use_flex_for_verify_steps(model.model) and model.model.config._attn_implementation == NAME
+        after = "".join(model.stream("The quick brown fox", GenParams(max_new_tokens=24), threading.Event()))
+        assert after == before
+        assert not use_flex_for_verify_steps(model.model)  # (already switched: not SDPA by name any more)
+    finally:
+        model.close()

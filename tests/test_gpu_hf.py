@@ -154,12 +154,14 @@ def test_fast_decode_equals_generate_on_a_7b_shape():
 
 
 def test_the_captured_verify_step_keeps_generates_tokens(tiny_llama):
-    """--speculative on CUDA: guesses are checked by a captured step of one width in every window, and the answers
-    stay generate's (fp32: random weights near-tie where bf16 kernels round differently)."""
+    """--speculative on CUDA: guesses are checked by a captured step of one width in every window, its attention
+    through flex attention, and the answers stay generate's (fp32: random weights near-tie where bf16 kernels round
+    differently)."""
     model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True", "--load_half=False",
                                                "--max_seq_len=1024")))
     try:
         assert model.wait_for_fast_decode() and set(model.fast.verify_graphs) == set(model.fast.graphs)
+        assert model.fast.flex_verify and "flex attention in verify steps" in model.info.decode, model.info.decode
         prompt = "one two three four five six seven " * 20
         reports: list[GenerationReport] = []
         tokens = greedy_tokens(model, prompt, 400, reports)  # (windows 256, 512 and 1024)

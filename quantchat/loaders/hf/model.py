@@ -268,7 +268,8 @@ class HFModel:
                   file=sys.stderr)
             self.info.decode = f"generate (fast decoding failed: {why})"
             return None
-        self.info.decode = "static cache + CUDA graphs" if fast.graphs else "static cache"
+        self.info.decode = ("static cache + CUDA graphs" if fast.graphs else "static cache") + \
+            (", flex attention in verify steps" if fast.flex_verify else "")
         return fast
 
     def count_tokens(self, text: str) -> int:
