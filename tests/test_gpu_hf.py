@@ -105,16 +105,24 @@ def greedy_tokens(model, prompt: str, n: int, reports: list[GenerationReport] | 
 def assert_equal_up_to_a_rounding_tie(fast, slow, prompt: str, n: int) -> None:
     """Greedy tokens of both paths equal, or parting only where the eager model's two candidates are within two
     bf16 steps of each other (1/64 of the logit): there the fused kernels' rounding decides, not a bug."""
+    assert_parting_only_at_a_tie(slow, prompt, greedy_tokens(fast, prompt, n), greedy_tokens(slow, prompt, n), 1 / 64)
+
+
+def assert_parting_only_at_a_tie(model, prompt: str, got: list[int], expected: list[int], within: float) -> None:
+    """`got` equals `expected`, or parts from it only where the eager model's two candidates lie within `within`
+    of the logit: there the kernels' rounding decides (flex attention sums in another order than SDPA), not a bug."""
     import torch
-    a, b = greedy_tokens(fast, prompt, n), greedy_tokens(slow, prompt, n)
-    if a == b:
+    if got == expected:
         return
-    i = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-    ids = torch.cat([slow._encode(prompt), torch.tensor([b[:i]], device=slow.device)], dim=1)
+    i = next(i for i, (x, y) in enumerate(zip(got, expected, strict=False)) if x != y)
+    ids = torch.cat([model._encode(prompt), torch.tensor([expected[:i]], device=model.device)], dim=1)
     with torch.inference_mode():
-        logits = slow.model(input_ids=ids).logits[0, -1].float()
-    gap = abs(float(logits[a[i]] - logits[b[i]]))
-    assert gap <= abs(float(logits[b[i]])) / 64, f"parted at token {i} of {n}: logit gap {gap:.3f}"
+        logits = model.model(input_ids=ids).logits[0, -1].float()
+    gap = abs(float(logits[got[i]] - logits[expected[i]]))
+    assert gap <= abs(float(logits[expected[i]])) * within, f"parted at token {i} of {len(got)}: logit gap {gap:.3g}"
+
+
+FP32_TIE = 1e-4  # fp32 paths through other attention kernels: a tie to about 1,000 float steps
 
 
 @pytest.mark.parametrize("flags", [[], ["--load_4bit"]])
@@ -148,27 +156,27 @@ def test_fast_decode_equals_generate_on_a_7b_shape():
         assert fast.wait_for_fast_decode() and fast.fast.graphs, fast.info.decode
         fast_tokens = greedy_tokens(fast, "The quick brown fox", 256)
         fast.fast = None  # the same weights, through generate
-        assert greedy_tokens(fast, "The quick brown fox", 256) == fast_tokens
+        assert_parting_only_at_a_tie(fast, "The quick brown fox", fast_tokens,
+                                     greedy_tokens(fast, "The quick brown fox", 256), FP32_TIE)
     finally:
         fast.close()
 
 
 def test_the_captured_verify_step_keeps_generates_tokens(tiny_llama):
     """--speculative on CUDA: guesses are checked by a captured step of one width in every window, its attention
-    through flex attention, and the answers stay generate's (fp32: random weights near-tie where bf16 kernels round
-    differently)."""
+    through flex attention; the answers stay generate's up to a rounding tie (fp32)."""
     model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True", "--load_half=False",
                                                "--max_seq_len=1024")))
     try:
         assert model.wait_for_fast_decode() and set(model.fast.verify_graphs) == set(model.fast.graphs)
-        assert model.fast.flex_verify and "flex attention in verify steps" in model.info.decode, model.info.decode
+        assert model.fast.flex_attention and "flex attention" in model.info.decode, model.info.decode
         prompt = "one two three four five six seven " * 20
         reports: list[GenerationReport] = []
         tokens = greedy_tokens(model, prompt, 400, reports)  # (windows 256, 512 and 1024)
         spec = reports[0].speculation
         assert spec.accepted > spec.steps > 0, spec
         model.fast = None
-        assert greedy_tokens(model, prompt, 400) == tokens
+        assert_parting_only_at_a_tie(model, prompt, tokens, greedy_tokens(model, prompt, 400), FP32_TIE)
     finally:
         model.close()
 
@@ -184,7 +192,8 @@ def test_a_draft_models_captured_steps_keep_generates_tokens(tiny_llama):
         tokens = greedy_tokens(model, "The quick brown fox", 300, reports)
         assert reports[0].speculation.accepted > reports[0].speculation.steps > 0, reports[0].speculation
         model.fast = None
-        assert greedy_tokens(model, "The quick brown fox", 300) == tokens
+        assert_parting_only_at_a_tie(model, "The quick brown fox", tokens,
+                                     greedy_tokens(model, "The quick brown fox", 300), FP32_TIE)
     finally:
         model.close()
 
@@ -206,7 +215,8 @@ def test_a_step_broken_into_pieces_is_captured_whole(tiny_llama):
         model.fast = fast
         tokens = greedy_tokens(model, "The quick brown fox", 64)
         model.fast = None
-        assert tokens == greedy_tokens(model, "The quick brown fox", 64)
+        assert_parting_only_at_a_tie(model, "The quick brown fox", tokens,
+                                     greedy_tokens(model, "The quick brown fox", 64), FP32_TIE)
     finally:
         hook.remove()
         model.close()
