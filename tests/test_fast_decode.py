@@ -339,26 +339,28 @@ def test_flex_attention_in_a_compiled_step_computes_what_sdpa_does(monkeypatch):
     from quantchat.loaders.hf import attention
     torch.manual_seed(0)
     module = types.SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
-    keys = torch.randn(1, 2, 512, 16), torch.randn(1, 2, 512, 16)
+    keys = torch.randn(1, 2, 512, 16, dtype=torch.bfloat16), torch.randn(1, 2, 512, 16, dtype=torch.bfloat16)
     positions = torch.arange(300, 309)[:, None]
     causal = torch.arange(512)[None, :] <= positions
     sliding = causal & (torch.arange(512)[None, :] > positions - 64)
     flex = attention._flex
     calls = []
     for mask in (causal, sliding):
-        query = torch.randn(1, 8, 9, 16)
+        query = torch.randn(1, 8, 9, 16, dtype=torch.bfloat16)
         expected, _ = sdpa_attention_forward(module, query, *keys, mask[None, None], scaling=0.25)
         with monkeypatch.context() as m:
             m.setattr(torch.compiler, "is_compiling", lambda: True)
             m.setattr(attention, "_flex", lambda *args: calls.append(1) or flex(*args))
             got, _ = attention.sdpa_or_flex(module, query, *keys, mask[None, None], scaling=0.25)
-        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+        assert got.shape == expected.shape and torch.allclose(got.float(), expected.float(), atol=2e-2), \
+            (got - expected).abs().max()
     assert len(calls) == 2
     assert attention._flex_takes(query, keys[0], causal[None, None], 0.0, {})
     assert attention._flex_takes(query[:, :, :1], keys[0], causal[None, None, :1], 0.0, {})  # one query
     assert not attention._flex_takes(query, keys[0][:, :, :500], causal[None, None, :, :500], 0.0, {})  # part block
     assert not attention._flex_takes(query, keys[0], causal[None, None], 0.0, {"softcap": 30.0})
     assert not attention._flex_takes(query, keys[0], None, 0.0, {})  # SDPA's own causal rule
+    assert not attention._flex_takes(query.float(), keys[0].float(), causal[None, None], 0.0, {})  # fp32
 
 
 def test_a_model_switched_to_flex_in_compiled_steps_answers_as_before(tiny_llama):

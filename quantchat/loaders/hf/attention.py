@@ -17,6 +17,9 @@ from __future__ import annotations
 NAME = "quantchat_sdpa_flex_compiled"
 BLOCK = 128  # flex attention's key/value block: the windows the fast path hands attention are multiples of it
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes flex's kernels are known to take on every GPU; others stay on SDPA
+# torch 2.11's Inductor failed to compile the fused one-query flex kernel for fp32 on an H200 ("XBLOCK is not
+# defined"), which took the fast path down with it: fp32 stays on SDPA
+DTYPES = ("torch.bfloat16", "torch.float16")
 
 
 def use_flex_in_compiled_steps(model) -> bool:
@@ -43,15 +46,15 @@ def sdpa_or_flex(module, query, key, value, attention_mask, dropout: float = 0.0
 
 
 def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
-    """One sequence over a cache window of whole blocks, a boolean mask (no mask would mean SDPA's own causal rule,
-    which counts from the cache's start), and nothing that flex's plain call would drop (a soft cap, attention
-    sinks, a position bias, dropout)."""
+    """One sequence in half precision over a cache window of whole blocks, a boolean mask (no mask would mean
+    SDPA's own causal rule, which counts from the cache's start), and nothing that flex's plain call would drop (a
+    soft cap, attention sinks, a position bias, dropout)."""
     import torch
     plain = not dropout and all(extra.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias"))
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
     return (plain and mask_fits and query.shape[0] == 1 and key.shape[2] % BLOCK == 0
-            and query.shape[-1] in HEAD_DIMS)
+            and query.shape[-1] in HEAD_DIMS and str(query.dtype) in DTYPES)
 
 
 def _flex(query, key, value, attention_mask, scaling: float | None):
