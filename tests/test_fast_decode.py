@@ -328,9 +328,9 @@ def test_a_failed_answer_leaves_nothing_to_reuse(tiny_llama, monkeypatch):
     assert model.fast.cached == []
 
 
-def test_flex_attention_in_a_compiled_step_computes_what_sdpa_does(monkeypatch):
-    """A compiled step's attention (queries past the cache's start, grouped key/value heads, a causal mask, a
-    sliding window) through flex attention equals SDPA's; what flex would compute otherwise goes to SDPA."""
+def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
+    """The compiled verify step's attention (several queries past the cache's start, grouped key/value heads, a
+    causal mask, a sliding window) through flex attention equals SDPA's; what flex does not take goes to SDPA."""
     import types
 
     import torch
@@ -356,22 +356,22 @@ def test_flex_attention_in_a_compiled_step_computes_what_sdpa_does(monkeypatch):
             (got - expected).abs().max()
     assert len(calls) == 2
     assert attention._flex_takes(query, keys[0], causal[None, None], 0.0, {})
-    assert attention._flex_takes(query[:, :, :1], keys[0], causal[None, None, :1], 0.0, {})  # one query
+    assert not attention._flex_takes(query[:, :, :1], keys[0], causal[None, None, :1], 0.0, {})  # one query
     assert not attention._flex_takes(query, keys[0][:, :, :500], causal[None, None, :, :500], 0.0, {})  # part block
     assert not attention._flex_takes(query, keys[0], causal[None, None], 0.0, {"softcap": 30.0})
     assert not attention._flex_takes(query, keys[0], None, 0.0, {})  # SDPA's own causal rule
     assert not attention._flex_takes(query.float(), keys[0].float(), causal[None, None], 0.0, {})  # fp32
 
 
-def test_a_model_switched_to_flex_in_compiled_steps_answers_as_before(tiny_llama):
+def test_a_model_switched_to_flex_in_verify_steps_answers_as_before(tiny_llama):
     """The switch names the model's attention anew; everything that runs eagerly still goes through SDPA."""
-    from quantchat.loaders.hf.attention import NAME, use_flex_in_compiled_steps
+    from quantchat.loaders.hf.attention import NAME, use_flex_in_verify_steps
     model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=False")))
     try:
         before = "".join(model.stream("The quick brown fox", GenParams(max_new_tokens=24), threading.Event()))
-        assert use_flex_in_compiled_steps(model.model) and model.model.config._attn_implementation == NAME
+        assert use_flex_in_verify_steps(model.model) and model.model.config._attn_implementation == NAME
         after = "".join(model.stream("The quick brown fox", GenParams(max_new_tokens=24), threading.Event()))
         assert after == before
-        assert not use_flex_in_compiled_steps(model.model)  # (already switched: not SDPA by name any more)
+        assert not use_flex_in_verify_steps(model.model)  # (already switched: not SDPA by name any more)
     finally:
         model.close()

@@ -1,20 +1,27 @@
-"""The fast path's attention on CUDA: flex attention inside the compiled steps, PyTorch's SDPA everywhere else.
+"""The fast path's attention on CUDA: flex attention in the compiled verify step, PyTorch's SDPA everywhere else.
 
-Measured on an H200 (bench/results/kernels-h200.json, one layer of the Llama-3-8B shape): for the few queries of a
-speculative verify step SDPA runs cuDNN's prefill kernel, 51.5 µs for 9 queries over 2,048 cached positions and
-173.6 µs over 8,192, where flex attention's decoding kernel takes 19.1 and 34.9; for one query flex is ahead too
-(10.3 against 13.3 µs at 2,048). Inside a compiled step transformers' SDPA call also copies the keys and values once
-per query head group (repeat_kv: SDPA takes grouped heads only without a mask), which flex reads as they are.
-Flex attention is fast only compiled, so everything that runs eagerly (prefill, generate) stays on SDPA.
+A verify step of speculative decoding asks attention for several queries (the token and its guesses) over the
+cache. SDPA sends that to cuDNN's prefill kernel, which is slow for a handful of queries: one layer of the
+Llama-3-8B shape on an H200 took 51.5 µs for 9 queries over 2,048 cached positions and 173.6 µs over 8,192, where
+flex attention's decoding kernel took 19.1 and 34.9 (bench/results/kernels-h200.json). Inside a compiled step
+transformers' SDPA call also copies the keys and values once per query head group (SDPA takes grouped heads only
+without a mask), which flex reads as they are.
 
-The model runs under its own attention name, registered with transformers: every call that is not inside a
-compiled step goes to transformers' SDPA function with SDPA's masks, unchanged. The flex call applies the same
-boolean mask that SDPA would get (causal, and a sliding window where the model has one), so both compute the same
-attention, summed in another order.
+Where flex is not used, and why:
+- the one-token step: torch 2.11's Inductor failed to compile the one-query flex kernel fused into the 8B shape's
+  step on an H200 ("XBLOCK is not defined"), which took the fast path down with it;
+- fp32: flex multiplies fp32 in TF32 unless matmuls are set to full precision, and the answers parted from
+  SDPA's at logit gaps of 5e-4 to 1.6e-3 on the H200;
+- everything that runs eagerly (prefill, generate): flex attention is fast only compiled.
+
+The model runs under its own attention name, registered with transformers: every call that flex does not take
+goes to transformers' SDPA function with SDPA's masks, unchanged. The flex call applies the same boolean mask that
+SDPA would get (causal, and a sliding window where the model has one), so both compute the same attention, summed
+in another order.
 """
 from __future__ import annotations
 
-NAME = "quantchat_sdpa_flex_compiled"
+NAME = "quantchat_sdpa_flex_verify"
 BLOCK = 128  # flex attention's key/value block: the windows the fast path hands attention are multiples of it
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes flex's kernels are known to take on every GPU; others stay on SDPA
 # torch 2.11's Inductor failed to compile the fused one-query flex kernel for fp32 on an H200 ("XBLOCK is not
@@ -22,7 +29,7 @@ HEAD_DIMS = (16, 32, 64, 128)  # head sizes flex's kernels are known to take on 
 DTYPES = ("torch.bfloat16", "torch.float16")
 
 
-def use_flex_in_compiled_steps(model) -> bool:
+def use_flex_in_verify_steps(model) -> bool:
     """Switch a model that runs SDPA to SDPA-or-flex (above); False where it runs another attention or cannot
     switch."""
     from transformers import AttentionInterface
@@ -46,14 +53,14 @@ def sdpa_or_flex(module, query, key, value, attention_mask, dropout: float = 0.0
 
 
 def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
-    """One sequence in half precision over a cache window of whole blocks, a boolean mask (no mask would mean
+    """Several queries of one sequence in half precision over a cache window of whole blocks, a boolean mask (no mask would mean
     SDPA's own causal rule, which counts from the cache's start), and nothing that flex's plain call would drop (a
     soft cap, attention sinks, a position bias, dropout)."""
     import torch
     plain = not dropout and all(extra.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias"))
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
-    return (plain and mask_fits and query.shape[0] == 1 and key.shape[2] % BLOCK == 0
+    return (plain and mask_fits and query.shape[0] == 1 and query.shape[2] > 1 and key.shape[2] % BLOCK == 0
             and query.shape[-1] in HEAD_DIMS and str(query.dtype) in DTYPES)
 
 

@@ -269,7 +269,7 @@ class HFModel:
             self.info.decode = f"generate (fast decoding failed: {why})"
             return None
         self.info.decode = ("static cache + CUDA graphs" if fast.graphs else "static cache") + \
-            (", flex attention" if fast.flex_attention else "")
+            (", flex attention in verify steps" if fast.flex_verify else "")
         return fast
 
     def count_tokens(self, text: str) -> int:
