@@ -42,6 +42,21 @@ def test_backend_follows_the_checkpoint(tiny_llama, tmp_path, method, flags, bac
     assert found.NAME == backend and method in why
 
 
+def test_the_plan_names_the_4bit_kernel_on_cuda(tiny_llama, tmp_path):
+    """GPTQ on a GPU runs on Marlin (the fastest measured), and the plan says so; a kernel the user names, AWQ, and
+    the CPU are left to gptqmodel."""
+    from quantchat.machine import GPU, Machine
+    gpu = Machine(gpus=(GPU(0, "a GPU", 80 * 2**30, 70 * 2**30, True),))
+    gptq = with_quantization(tiny_llama, tmp_path / "gptq", "gptq")
+    p = loaders.plan(settings(f"--base_model={gptq}"), gpu)
+    assert p.options.gptq_dict == {"backend": "marlin"} and any("Marlin kernel" in n for n in p.notes), p.notes
+    named = loaders.plan(settings(f"--base_model={gptq}", "--gptq_dict={'backend': 'triton'}"), gpu)
+    assert named.options.gptq_dict == {"backend": "triton"} and not any("Marlin" in n for n in named.notes)
+    assert "backend" not in loaders.plan(settings(f"--base_model={gptq}"), Machine(gpus=())).options.gptq_dict
+    awq = with_quantization(tiny_llama, tmp_path / "awq", "awq")
+    assert "backend" not in loaders.plan(settings(f"--base_model={awq}"), gpu).options.gptq_dict
+
+
 @pytest.mark.parametrize("method, flags, message", [
     ("gptq", ["--load_awq=model"], "expects a AWQ checkpoint, and .* quantized with gptq"),
     ("awq", ["--load_exllama"], "--load_exllama loads GPTQ, EXL2 and EXL3 folders"),

@@ -90,7 +90,7 @@ def load_weights(p: LoadPlan[HFOptions]):
 
 def _quantized_kwargs(p: LoadPlan[HFOptions]) -> tuple[str, dict]:
     """(folder to load, from_pretrained arguments) for a GPTQ or AWQ checkpoint: gptqmodel must be installed, the
-    named weight file is presented as model.safetensors, and a kernel named in gptq_dict is passed on."""
+    named weight file is presented as model.safetensors, and the kernel in the plan's gptq_dict is passed on."""
     o = p.options
     saved = o.quantization
     method = saved["quant_method"]
@@ -106,11 +106,7 @@ def _quantized_kwargs(p: LoadPlan[HFOptions]) -> tuple[str, dict]:
     path = p.model
     if folder.is_dir():
         path = str(checkpoint.weight_view(folder, o.weight_basename or "model", saved))
-    loading = {k: v for k, v in o.gptq_dict.items() if k in ("backend", "max_input_length")}
-    if method == "gptq" and "backend" not in loading and p.devices.startswith("cuda"):
-        # gptqmodel's own choice on Hopper, Machete, fetches CUTLASS sources from the internet on first use;
-        # Marlin compiles offline (about 20 s, once) and runs on Ampere and newer
-        loading["backend"] = "marlin"
+    loading = {k: v for k, v in o.gptq_dict.items() if k in ("backend", "max_input_length")}  # (the plan's kernel)
     if not loading:
         return path, {}
     from transformers import AwqConfig, GPTQConfig

@@ -76,8 +76,10 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     config = text_config(ckpt.config)
     saved = ckpt.quantization
     quant = bnb.description if bnb else describe(saved) if saved else "none"
+    gptq_dict = s.gptq_dict
     if saved:
         notes += _gptq_notes(s)
+        gptq_dict = _kernel_choice(saved, s.gptq_dict, devices, notes)
     if s.lora_weights:
         quant += f" + LoRA {Path(s.lora_weights).expanduser().name}"
     rope = _rope(config, s)
@@ -118,7 +120,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         # a hub id whose config could not be read: the flag says what the checkpoint is
         quantization=saved or ({"quant_method": "gptq"} if s.load_gptq else
                                {"quant_method": "awq"} if s.load_awq else None),
-        weight_basename=s.load_gptq or s.load_awq, gptq_dict=s.gptq_dict,
+        weight_basename=s.load_gptq or s.load_awq, gptq_dict=gptq_dict,
         fast_decode=fast_decode,
         prefix_cache=s.prefix_cache, speculative_tokens=s.num_speculative_tokens if s.speculative else 0,
         draft=draft)
@@ -278,6 +280,19 @@ def _spread_over_gpus(need: memory.MemoryEstimate, machine: Machine, notes: list
                  f"{human_bytes(sum(for_weights.values()))}: the rest stays on the CPU (much slower; --load_4bit=True "
                  "would keep it on the GPUs)")
     return placed, {**for_weights, "cpu": 2**50}
+
+
+def _kernel_choice(saved: dict, gptq_dict: dict, devices: str, notes: list[str]) -> dict:
+    """--gptq_dict with the 4-bit kernel this plan runs GPTQ on: gptqmodel's Marlin on CUDA unless the user named
+    one. Measured on an H200 at batch 1 (bench/results/kernels-h200*.json): Marlin's matmuls take 1.95 ms a
+    Llama-2-7B token against 2.03 for PyTorch's int4 kernel and 2.40 for GemLite's, and a verify step of 9 tokens
+    costs 1.12x one token on it against 2.2x on the others. gptqmodel's own choice on Hopper, Machete, fetches
+    CUTLASS sources from the internet on first use."""
+    if saved.get("quant_method") != "gptq" or "backend" in gptq_dict or not devices.startswith("cuda"):
+        return gptq_dict
+    notes.append("GPTQ layers run on gptqmodel's Marlin kernel, the fastest measured at batch 1 and for speculative "
+                 "verify steps (docs/benchmarks.md); --gptq_dict=\"{'backend': NAME}\" picks another")
+    return {**gptq_dict, "backend": "marlin"}
 
 
 def _gptq_notes(s: Settings) -> list[str]:
