@@ -30,7 +30,7 @@ build() {  # folder, requirements...: source-only packages, built with Python 3.
     mkdir -p "$folder"
     "$PY312" -m pip wheel -q --no-deps -w "$folder" "$@"
 }
-set -- "${@:-conv tf bnb130 q1 ex2 ex pyd llama}"
+set -- "${@:-conv tf bnb130 q1 ex2 ex pyd gl llama}"
 set -- $*
 for part in "$@"; do
     case "$part" in
@@ -42,6 +42,7 @@ for part in "$@"; do
         ex2)    download .whl/ex2 exllamav2==0.3.2 fastparquet cramjam websockets ;;
         ex)     download .whl/ex exllamav2==0.3.2 "exllamav3>=1.6" "llguidance>=1.7" marisa_trie fastparquet cramjam \
                     websockets ;;
+        gl)     build .whl/gl gemlite==0.6.0.post2 ;;
         pyd)    download .whl/pyd pydantic pydantic-core annotated-types typing-inspection ;;
         llama)  mkdir -p .gpu /tmp/llsrc && rm -rf /tmp/llsrc/*
                 python3 -m pip download -q --no-deps --no-binary=:all: -d /tmp/llsrc "llama-cpp-python>=0.3.8"
@@ -51,7 +52,7 @@ for part in "$@"; do
                     "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/.github" "$src/vendor/llama.cpp/media" \
                     "$src/vendor/llama.cpp/.devops"
                 tar czf .gpu/llama_src.tar.gz -C /tmp/llsrc "$(basename "$src")" ;;
-        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd llama)" >&2; exit 2 ;;
+        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd gl llama)" >&2; exit 2 ;;
     esac
     echo "$part: $(du -sh ".whl/$part" ".gpu/llama_src.tar.gz" 2>/dev/null | head -1 | cut -f1)"
 done
