@@ -7,6 +7,7 @@
 #   .whl/q1      gptqmodel 7.6.0, its source-only dependencies built here, optimum, torchao
 #   .whl/ex2     exllamav2 0.3.2 and what it imports
 #   .whl/ex      exllamav3 and what it imports;  .whl/pyd  pydantic (exllamav3 imports it)
+#   .whl/gl      GemLite, a candidate in bench/kernels.py (pure Python and Triton)
 #   .gpu/llama_src.tar.gz  llama-cpp-python's source without its models, docs and git history (12 MB of 76)
 # Usage: bash bench/fetch_wheels.sh [folder ...]   (default: all). Python 3.12 must be on PATH as python3.12 or
 # under pyenv: the source-only packages are built with it.
