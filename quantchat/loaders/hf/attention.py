@@ -8,8 +8,9 @@ transformers' SDPA call also copies the keys and values once per query head grou
 without a mask), which flex reads as they are.
 
 Where flex is not used, and why:
-- the one-token step: torch 2.11's Inductor failed to compile the one-query flex kernel fused into the 8B shape's
-  step on an H200 ("XBLOCK is not defined"), which took the fast path down with it;
+- the one-token step: torch 2.11's Inductor failed to compile the one-query flex kernel fused into the step on an
+  H200 (the 8B shape in bf16; the tiny test Llama in fp32: "XBLOCK is not defined"), which took the fast path
+  down with it;
 - fp32: flex multiplies fp32 in TF32 unless matmuls are set to full precision, and the answers parted from
   SDPA's at logit gaps of 5e-4 to 1.6e-3 on the H200;
 - everything that runs eagerly (prefill, generate): flex attention is fast only compiled.
@@ -24,9 +25,7 @@ from __future__ import annotations
 NAME = "quantchat_sdpa_flex_verify"
 BLOCK = 128  # flex attention's key/value block: the windows the fast path hands attention are multiples of it
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes flex's kernels are known to take on every GPU; others stay on SDPA
-# torch 2.11's Inductor failed to compile the fused one-query flex kernel for fp32 on an H200 ("XBLOCK is not
-# defined"), which took the fast path down with it: fp32 stays on SDPA
-DTYPES = ("torch.bfloat16", "torch.float16")
+DTYPES = ("torch.bfloat16", "torch.float16")  # fp32 stays on SDPA (above: flex would multiply it in TF32)
 
 
 def use_flex_in_verify_steps(model) -> bool:
@@ -53,9 +52,9 @@ def sdpa_or_flex(module, query, key, value, attention_mask, dropout: float = 0.0
 
 
 def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
-    """Several queries of one sequence in half precision over a cache window of whole blocks, a boolean mask (no mask would mean
-    SDPA's own causal rule, which counts from the cache's start), and nothing that flex's plain call would drop (a
-    soft cap, attention sinks, a position bias, dropout)."""
+    """Several queries of one sequence in half precision over a cache window of whole blocks, a boolean mask (no
+    mask would mean SDPA's own causal rule, which counts from the cache's start), and nothing that flex's plain call
+    would drop (a soft cap, attention sinks, a position bias, dropout)."""
     import torch
     plain = not dropout and all(extra.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias"))
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
