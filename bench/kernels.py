@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode import SHAPES, measured_bandwidth, nominal_bandwidth  # noqa: E402
+from bench.decode import SHAPES, installed, measured_bandwidth, nominal_bandwidth  # noqa: E402
 
 GROUP, LAYERS = 128, 32
 MODELS = ("llama2-7b", "llama3-8b")
@@ -213,18 +213,11 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--attention", action="store_true", help="also time decode attention")
     args = parser.parse_args()
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
     bandwidth = measured_bandwidth()
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "versions": {p: installed(p) for p in ("gptqmodel", "gemlite", "bitsandbytes", "triton")},
               "layers": LAYERS, "group_size": GROUP, "copy_gb_s": round(bandwidth / 1e9),
-              "nominal_gb_s": round((nominal_bandwidth() or 0) / 1e9), "matmuls": {}}
+              "nominal_gb_s": (nominal := nominal_bandwidth()) and round(nominal / 1e9), "matmuls": {}}
     for kernel in args.kernels.split(","):
         for model in args.models.split(","):
             try:

@@ -15,11 +15,11 @@ import platform
 import subprocess
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.decode import installed  # noqa: E402
 from quantchat import loaders  # noqa: E402
 from quantchat.assembly import build_engine  # noqa: E402
 from quantchat.cli import parse_flags  # noqa: E402
@@ -27,13 +27,6 @@ from quantchat.settings import from_flags  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 NEW_TOKENS = 128
-
-
-def installed(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def nvidia_smi(field: str) -> str:

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 NAME = "quantchat_sdpa_flex_verify"
 BLOCK = 128  # flex attention's key/value block: the windows the fast path hands attention are multiples of it
-HEAD_DIMS = (16, 32, 64, 128)  # head sizes flex's kernels are known to take on every GPU; others stay on SDPA
-DTYPES = ("torch.bfloat16", "torch.float16")  # fp32 stays on SDPA (above: flex would multiply it in TF32)
+# head sizes flex's kernels take at the sizes of a decode step (16 and 128 ran on an H200); 256 (Gemma 3) was not
+# tried and stays on SDPA
+HEAD_DIMS = (16, 32, 64, 128)
 
 
 def use_flex_in_verify_steps(model) -> bool:
@@ -60,7 +61,7 @@ def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
     return (plain and mask_fits and query.shape[0] == 1 and query.shape[2] > 1 and key.shape[2] % BLOCK == 0
-            and query.shape[-1] in HEAD_DIMS and str(query.dtype) in DTYPES)
+            and query.shape[-1] in HEAD_DIMS and query.dtype in (torch.bfloat16, torch.float16))  # (not fp32: above)
 
 
 def _flex(query, key, value, attention_mask, scaling: float | None):
