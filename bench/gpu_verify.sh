@@ -1,13 +1,23 @@
 #!/bin/bash
-# The fast path's attention on the GPU machine (carry .whl/tf .whl/conv .whl/llg .whl/pyd): its GPU tests, then the captured
-# steps of the Llama-3-8B shape with their attention through flex attention or cuDNN
-# (ATTENTION=flex|cudnn|flex,cudnn; TESTS=0 skips the tests). Results in $OUT.
+# The fast path's attention on the GPU machine (carry .whl/tf .whl/conv .whl/llg .whl/pyd), in three parts that a call
+# picks (each 1 or 0):
+#   TESTS=1  its GPU tests (the verify step, the draft model, constrained output, a step in pieces)
+#   STUDY=1  bench/kernels.py --grouped: grouped queries packed against keys and values copied, per call
+#   STEPS=1  the captured steps of the Llama-3-8B shape, one load per row: the verify step's attention through
+#            ATTENTION=flex|cudnn|flex,cudnn, grouped queries GROUPED=packed|copied|packed,copied
+# Results in $OUT.
 . bench/gpu_common.sh
 install_carried_wheels 2>&1 | tail -2
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 if [ "${TESTS:-1}" = 1 ]; then
     python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces" \
-        2>&1 | grep -E "^E |FAILED|passed|failed|Error" | tee "$OUT/gpu-tests-verify-attention-$GPU_NAME.log"
+        --durations=6 2>&1 | grep -E "^E |FAILED|passed|failed|Error|s call" | tee "$OUT/gpu-tests-verify-attention-$GPU_NAME.log"
 fi
-python3 bench/verify_step.py --captured --shapes=llama3-8b --attention="${ATTENTION:-flex}" \
-    --out="$OUT/verify-captured-$GPU_NAME-${ATTENTION:-flex}.json" 2>&1 | grep -E "^llama|Error|error" | cut -c1-700
+if [ "${STUDY:-0}" = 1 ]; then
+    python3 bench/kernels.py --kernels= --grouped --out="$OUT/attention-grouped-$GPU_NAME.json" 2>&1 |
+        grep -v Warning | cut -c1-400
+fi
+if [ "${STEPS:-1}" = 1 ]; then
+    python3 bench/verify_step.py --captured --shapes=llama3-8b --attention="${ATTENTION:-flex}" \
+        --grouped="${GROUPED:-packed}" --out="$OUT/verify-captured-$GPU_NAME.json" 2>&1 | grep -E "^llama|Error|error" | cut -c1-700
+fi

@@ -14,11 +14,14 @@ speculative verify step. Candidates, all 4-bit with group size 128 and bf16 acti
   bf16      the unquantized matmul, for scale
 GB/s counts the bytes each kernel must read: packed weights plus its scales and zeros. Attention: one layer of the
 8B shape (32 query heads, 8 key/value heads) over 512-8,192 cached positions, per backend of PyTorch's SDPA and
-flex attention.
+flex attention; `--grouped`: grouped heads with a mask (quantchat/loaders/hf/attention.py) taken by SDPA itself,
+packed into the query rows, or keys and values copied per group as transformers' SDPA function does, from one query
+to a 2,048-token prefill, with cuDNN allowed (the captured steps) and left out (eager prefill).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -206,19 +209,57 @@ def measure_attention() -> dict:
     return result
 
 
+def measure_grouped_attention() -> dict:
+    """One layer of the 8B shape's attention over its cache with a mask, microseconds per call: grouped heads taken
+    by SDPA, packed, or copied per group, for 1 to 64 queries at 512-8,192 cached positions and a 2,048-token
+    prefill, with cuDNN allowed and not."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from quantchat.loaders.hf.attention import _grouped_sdpa, _packed_sdpa
+    s = SHAPES["llama3-8b"]
+    heads, kv_heads = s["num_attention_heads"], s["num_key_value_heads"]
+    dim = s["hidden_size"] // heads
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    cases = [(context, queries) for context in CONTEXTS for queries in (1, 9, 16, 64)] + [(2048, 2048)]
+    result = {}
+    for context, queries in cases:
+        q = torch.randn(1, heads, queries, dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = (torch.arange(context, device="cuda")[None, :]
+                <= torch.arange(context - queries, context, device="cuda")[:, None])[None, None]
+        row = {}
+        for cudnn in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+            for name, call in (("taken", functools.partial(_grouped_sdpa, q, k, v, mask, None)),
+                               ("packed", functools.partial(_packed_sdpa, q, k, v, mask, None)),
+                               ("copied", functools.partial(sdpa_attention_forward, module, q, k, v, mask))):
+                try:
+                    us = round(graph_ms(call, replays=200) * 1e3, 1)
+                except RuntimeError as e:  # no kernel takes these inputs
+                    us = str(e).splitlines()[0][:100]
+                row[f"{name}{', cuDNN allowed' if cudnn else ''}"] = us
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        result[f"{context} cached, {queries} queries"] = row
+        print(context, queries, row, flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--attention", action="store_true", help="also time decode attention")
+    parser.add_argument("--grouped", action="store_true", help="also time grouped queries packed against copied")
     args = parser.parse_args()
     bandwidth = measured_bandwidth()
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "versions": {p: installed(p) for p in ("gptqmodel", "gemlite", "bitsandbytes", "triton")},
               "layers": LAYERS, "group_size": GROUP, "copy_gb_s": round(bandwidth / 1e9),
               "nominal_gb_s": (nominal := nominal_bandwidth()) and round(nominal / 1e9), "matmuls": {}}
-    for kernel in args.kernels.split(","):
+    for kernel in filter(None, args.kernels.split(",")):
         for model in args.models.split(","):
             try:
                 row = measure_matmuls(kernel, model, bandwidth)
@@ -232,6 +273,8 @@ def main() -> None:
         GemLiteLinear.cache_config(str(Path(args.out).with_suffix(".gemlite-config.json")))
     if args.attention:
         result["attention_us"] = measure_attention()
+    if args.grouped:
+        result["grouped_attention_us"] = measure_grouped_attention()
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

@@ -10,8 +10,10 @@ per step over the step's cost relative to one token (a projection, labelled so).
 `--captured` measures the fast path's own captured steps instead, for random weights of each shape in bf16: the
 one-token graph against the verify graph (the token and --num_speculative_tokens guesses), both replayed at
 positions 1,000 and 7,000 of an 8,192-token cache, attention and everything else included, with each graph's
-costliest kernels (torch.profiler) at the first; the verify step's attention through flex attention (the default)
-and through cuDNN, in two loads. `--shapes` may name a model folder too.
+costliest kernels (torch.profiler) at the first. One load per row: the verify step's attention through flex
+attention (the default) or cuDNN (`--attention`), and grouped heads taken by SDPA (the default), packed into the
+query rows, or keys and values copied per group as transformers' SDPA function does (`--grouped`). `--shapes` may
+name a model folder too.
 
   python bench/verify_step.py --shapes=llama2-7b,llama3-8b --out=bench/results/verify-step-h200.json   (on the GPU)
   python bench/verify_step.py --captured --shapes=llama3-8b --out=bench/results/verify-captured-h200.json (the GPU)
@@ -21,6 +23,7 @@ and through cuDNN, in two loads. `--shapes` may name a model folder too.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -70,26 +73,29 @@ def replay_ms(graph, replays: int) -> float:
     return start.elapsed_time(end) / replays
 
 
-def captured_steps(name: str, guesses: int, flex: bool, positions=(1000, 7000), replays: int = 200) -> dict:
+def captured_steps(name: str, guesses: int, flex: bool, grouped: str, positions=(1000, 7000),
+                   replays: int = 200) -> dict:
     """Milliseconds of one replay of the fast path's one-token graph and of its verify graph (1 + `guesses` tokens)
     at each of `positions` of an 8,192-token cache, for random weights of shape `name` (or the model folder
     `name`), bf16, and the kernels that take the time at the first position. `flex`: the verify step's attention
-    through flex attention (the fast path's default), else cuDNN's as in the one-token step."""
+    through flex attention (the fast path's default), else cuDNN's as in the one-token step; `grouped`: how
+    attention meets grouped heads (quantchat/loaders/hf/attention.GROUPED_HEADS)."""
     import torch
 
     from bench.decode import write_random_model
     from quantchat import loaders
     from quantchat.cli import parse_flags
-    from quantchat.loaders.hf.fast_decode import FastDecoder
+    from quantchat.loaders.hf import attention
     from quantchat.settings import from_flags
     folder = Path(name) if Path(name).is_dir() else write_random_model(name, Path(f"/tmp/bench-models/{name}"))
     settings = from_flags(parse_flags([f"--base_model={folder}", "--fast_decode=True", "--max_seq_len=8192",
                                        f"--num_speculative_tokens={guesses}"]))
-    FastDecoder.FLEX_VERIFY_ATTENTION = flex
+    attention.FLEX_IN_VERIFY_STEPS, attention.GROUPED_HEADS = flex, grouped
     model = loaders.load(loaders.plan(settings))
     model.wait_for_fast_decode()
     fast = model.fast
-    result = {"verify_attention": "flex" if fast.flex_verify else "cuDNN", "tokens_checked": fast.verify_width}
+    result = {"verify_attention": "flex" if fast.flex_verify else "cuDNN", "grouped_heads": grouped,
+              "tokens_checked": fast.verify_width}
     for position in positions:
         window = fast._window_for(position + fast.verify_width)
         with torch.inference_mode():  # (the graphs' input buffers were made under it)
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--costs", help="an earlier run's result file: project from its costs, measure nothing")
     parser.add_argument("--captured", action="store_true", help="time the fast path's captured steps instead")
     parser.add_argument("--attention", default="flex,cudnn", help="with --captured: the verify step's, flex, cudnn or both")
+    parser.add_argument("--grouped", default="taken", help="with --captured: grouped heads taken, packed, copied")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.costs:
@@ -155,9 +162,10 @@ def main() -> None:
     if args.captured:
         result["what"] = __doc__.split("\n\n")[2]
         for name in args.shapes.split(","):
-            for flex in (kind == "flex" for kind in args.attention.split(",")):
-                row = f"{name}, verify attention {'flex' if flex else 'cuDNN'}"
-                result["shapes"][row] = captured_steps(name, args.most, flex)
+            for flex, grouped in itertools.product((kind == "flex" for kind in args.attention.split(",")),
+                                                   args.grouped.split(",")):
+                row = f"{name}, verify attention {'flex' if flex else 'cuDNN'}, grouped heads {grouped}"
+                result["shapes"][row] = captured_steps(name, args.most, flex, grouped)
                 print(row, {k: v for k, v in result["shapes"][row].items() if k != "kernels_per_replay"}, flush=True)
     for name in [] if args.costs or args.captured else args.shapes.split(","):
         weights = [torch.randn(out, inp, device="cuda", dtype=torch.bfloat16) for inp, out in linear_shapes(SHAPES[name])]

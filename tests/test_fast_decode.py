@@ -349,9 +349,8 @@ def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
         query = torch.randn(1, 8, 9, 16, dtype=torch.bfloat16)
         expected, _ = sdpa_attention_forward(module, query, *keys, mask[None, None], scaling=0.25)
         with monkeypatch.context() as m:
-            m.setattr(torch.compiler, "is_compiling", lambda: True)
             m.setattr(attention, "_flex", lambda *args: calls.append(1) or flex(*args))
-            got, _ = attention.sdpa_or_flex(module, query, *keys, mask[None, None], scaling=0.25)
+            got, _ = attention.attend(module, query, *keys, mask[None, None], True, scaling=0.25)
         assert got.shape == expected.shape and torch.allclose(got.float(), expected.float(), atol=2e-2), \
             (got - expected).abs().max()
     assert len(calls) == 2
@@ -363,15 +362,69 @@ def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
     assert not attention._flex_takes(query.float(), keys[0].float(), causal[None, None], 0.0, {})  # fp32
 
 
-def test_a_model_switched_to_flex_in_verify_steps_answers_as_before(tiny_llama):
-    """The switch names the model's attention anew; everything that runs eagerly still goes through SDPA."""
-    from quantchat.loaders.hf.attention import NAME, use_flex_in_verify_steps
+def test_grouped_heads_taken_or_packed_compute_what_sdpa_does_with_copied_keys(monkeypatch):
+    """One query or a few per head, grouped key/value heads, a causal mask or a sliding window: SDPA taking the groups
+    (compiled steps) and the groups packed into the query rows (eager calls) equal transformers' SDPA function,
+    which copies keys and values per group; what neither takes goes there."""
+    import types
+
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from quantchat.loaders.hf import attention
+    torch.manual_seed(0)
+    module = types.SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    keys = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    ways = {"taken": "_grouped_sdpa", "packed": "_packed_sdpa"}  # (taken by SDPA in compiled steps)
+    for queries in (1, 9):
+        positions = torch.arange(250, 250 + queries)[:, None]
+        causal = torch.arange(300)[None, :] <= positions
+        for mask in (causal, causal & (torch.arange(300)[None, :] > positions - 64)):
+            query = torch.randn(2, 8, queries, 16)
+            # (the reference copies keys and values per group, as transformers does wherever it is given a mask)
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                query, *(repeat_kv(t, 4) for t in keys), attn_mask=mask[None, None], scale=0.25).transpose(1, 2)
+            assert attention._grouped(query, keys[0], mask[None, None], 0.0, {})
+            for way, function in ways.items():
+                calls, call = [], getattr(attention, function)
+                with monkeypatch.context() as m:
+                    m.setattr(attention, "_cudnn_fits", lambda q: True)  # (cuDNN's dtypes: the GPU tests)
+                    m.setattr(attention, function, lambda *a, calls=calls, call=call: calls.append(1) or call(*a))
+                    got, _ = attention.attend(module, query, *keys, mask[None, None], way == "taken", scaling=0.25)
+                assert calls == [1] and got.shape == expected.shape
+                assert torch.allclose(got, expected, atol=1e-6), (way, (got - expected).abs().max())
+    query = torch.randn(2, 8, 9, 16)
+    assert not attention._grouped(query, keys[0], None, 0.0, {})  # no mask: transformers lets SDPA take the groups
+    assert not attention._grouped(query, torch.cat(keys, 1).repeat(1, 4, 1, 1), causal[None, None], 0.0, {})  # no groups
+    assert not attention._grouped(query, keys[0], causal[None, None], 0.1, {})  # dropout
+    assert not attention._cudnn_fits(query) and attention._cudnn_fits(query.bfloat16())
+    long_prompt = torch.randn(2, 8, 65, 16)  # 260 rows packed: transformers' function
+    calls = []
+    monkeypatch.setattr(attention, "_packed_sdpa", lambda *a: calls.append(1))
+    attention.attend(module, long_prompt, *keys, torch.ones(1, 1, 65, 300, dtype=torch.bool), False)
+    assert not calls
+
+
+def test_a_model_switched_to_the_fast_paths_attention_answers_as_before(tiny_llama, monkeypatch):
+    """The switch names the model's attention anew; generate and the compiled one-token step (grouped queries
+    packed; compiled here on the CPU) give the tokens they gave under SDPA."""
+    import torch
+
+    from quantchat.loaders.hf import attention
+    from quantchat.loaders.hf.attention import NAME, use_fast_path_attention
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    packed, pack = [], attention._packed_sdpa  # (fp32 on the CPU: cuDNN's way is the GPU tests')
+    monkeypatch.setattr(attention, "_packed_sdpa", lambda *a: packed.append(torch.compiler.is_compiling()) or pack(*a))
     model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=False")))
     try:
-        before = "".join(model.stream("The quick brown fox", GenParams(max_new_tokens=24), threading.Event()))
-        assert use_flex_in_verify_steps(model.model) and model.model.config._attn_implementation == NAME
-        after = "".join(model.stream("The quick brown fox", GenParams(max_new_tokens=24), threading.Event()))
-        assert after == before
-        assert not use_flex_in_verify_steps(model.model)  # (already switched: not SDPA by name any more)
+        ids = model._encode("The quick brown fox")
+        params = GenParams(max_new_tokens=24, min_new_tokens=24, repetition_penalty=1.0)
+        before = list(model._generate(ids, params, threading.Event()))
+        assert use_fast_path_attention(model.model) and model.model.config._attn_implementation == NAME
+        assert list(model._generate(ids, params, threading.Event())) == before
+        fast = FastDecoder(model.model, model.eos_ids, 64, compile=True)
+        assert list(fast.tokens(ids, params, threading.Event())) == before
+        assert True in packed  # (traced into the compiled step)
+        assert not use_fast_path_attention(model.model)  # (already switched: not SDPA by name any more)
     finally:
         model.close()

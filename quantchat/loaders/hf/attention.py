@@ -1,11 +1,21 @@
-"""The fast path's attention on CUDA: flex attention in the compiled verify step, PyTorch's SDPA everywhere else.
+"""The fast path's attention on CUDA: grouped heads without copies, and flex attention in the compiled verify step.
+
+Grouped-query models (Llama 3, Qwen, Gemma: several query heads share one key/value head) meet SDPA with a mask
+wherever the fast path attends over its cache window. Given a mask, transformers' SDPA function copies the keys and
+values once per query head group (it lets SDPA take the groups only without a mask, and packs them itself only for
+one query outside the compiler): in the captured one-token step of the Llama-3-8B shape on an H200 those copies took
+489 µs a step at a 1,024-position window, and grow with it. Instead, per call (one layer of the 8B shape on an H200,
+bench/results/attention-grouped-h200.json and kernels-h200.json):
+- in the compiled steps (half precision, captured with cuDNN allowed), SDPA takes the groups itself with the mask
+  (`enable_gqa`), which cuDNN runs: 13.3-17.9 µs for one query over 512-8,192 positions, no copy;
+- elsewhere (an eager prefill that continues the cache; cuDNN is left out there), the query heads of a group become
+  rows of one query ("packed"), which SDPA's efficient kernel takes with the mask: for 9-64 queries 96-104 µs over
+  2,048 positions against 134-145 copied. A long prompt (more than PACKED_ROWS_MOST rows) stays with transformers:
+  a 2,048-token prefill took 649 µs packed against 605 copied.
 
 A verify step of speculative decoding asks attention for several queries (the token and its guesses) over the
-cache. SDPA sends that to cuDNN's prefill kernel, which is slow for a handful of queries: one layer of the
-Llama-3-8B shape on an H200 took 51.5 µs for 9 queries over 2,048 cached positions and 173.6 µs over 8,192, where
-flex attention's decoding kernel took 19.1 and 34.9 (bench/results/kernels-h200.json). Inside a compiled step
-transformers' SDPA call also copies the keys and values once per query head group (SDPA takes grouped heads only
-without a mask), which flex reads as they are.
+cache. SDPA sends that to cuDNN's prefill kernel, which is slow for a handful of queries: 51.5 µs for 9 queries
+over 2,048 cached positions and 173.6 µs over 8,192, where flex attention's decoding kernel took 19.1 and 34.9.
 
 Where flex is not used, and why:
 - the one-token step: torch 2.11's Inductor failed to compile the one-query flex kernel fused into the step on an
@@ -15,53 +25,115 @@ Where flex is not used, and why:
   SDPA's at logit gaps of 5e-4 to 1.6e-3 on the H200;
 - everything that runs eagerly (prefill, generate): flex attention is fast only compiled.
 
-The model runs under its own attention name, registered with transformers: every call that flex does not take
-goes to transformers' SDPA function with SDPA's masks, unchanged. The flex call applies the same boolean mask that
-SDPA would get (causal, and a sliding window where the model has one), so both compute the same attention, summed
-in another order.
+The model runs under its own attention name, registered with transformers: every call that none of these takes
+goes to transformers' SDPA function with SDPA's masks, unchanged. All apply the boolean mask SDPA would get (causal,
+and a sliding window where the model has one), so all compute the same attention, summed in another order.
 """
 from __future__ import annotations
 
-NAME = "quantchat_sdpa_flex_verify"
+NAME = "quantchat_fast_path"
+# what the registered attention does (bench/verify_step.py times the others): the verify step's attention through
+# flex attention, and grouped heads "taken" by SDPA in compiled steps and packed elsewhere, or "packed" everywhere, or
+# "copied" per group as transformers does
+FLEX_IN_VERIFY_STEPS = True
+GROUPED_HEADS = "taken"
+PACKED_ROWS_MOST = 256  # a group's heads times the queries; measured better packed up to 4 x 64 (above)
 BLOCK = 128  # flex attention's key/value block: the windows the fast path hands attention are multiples of it
 # head sizes flex's kernels take at the sizes of a decode step (16 and 128 ran on an H200); 256 (Gemma 3) was not
 # tried and stays on SDPA
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def use_flex_in_verify_steps(model) -> bool:
-    """Switch a model that runs SDPA to SDPA-or-flex (above); False where it runs another attention or cannot
-    switch."""
+def use_fast_path_attention(model) -> bool:
+    """Switch a model that runs SDPA to the fast path's attention (above); False where it runs another attention or
+    cannot switch."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     if model.config._attn_implementation != "sdpa" or not model._can_set_attn_implementation():
         return False
-    AttentionInterface.register(NAME, sdpa_or_flex)
+    AttentionInterface.register(NAME, fast_path_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
     return model.config._attn_implementation == NAME
 
 
-def sdpa_or_flex(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                 **kwargs):
+def fast_path_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                        scaling: float | None = None, **kwargs):
     import torch
+    return attend(module, query, key, value, attention_mask, torch.compiler.is_compiling(), dropout, scaling, **kwargs)
+
+
+def attend(module, query, key, value, attention_mask, compiling: bool, dropout: float = 0.0,
+           scaling: float | None = None, **kwargs):
+    """The attention of one layer's call (the module's rules above), in SDPA's function's layout and return."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if torch.compiler.is_compiling() and _flex_takes(query, key, attention_mask, dropout, kwargs):
+    if FLEX_IN_VERIFY_STEPS and compiling and _flex_takes(query, key, attention_mask, dropout, kwargs):
         return _flex(query, key, value, attention_mask, scaling), None
+    if GROUPED_HEADS != "copied" and _grouped(query, key, attention_mask, dropout, kwargs):
+        if GROUPED_HEADS == "taken" and compiling and _cudnn_fits(query):
+            return _grouped_sdpa(query, key, value, attention_mask, scaling), None
+        if query.shape[1] // key.shape[1] * query.shape[2] <= PACKED_ROWS_MOST:
+            return _packed_sdpa(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
 
-def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
-    """Several queries of one sequence in half precision over a cache window of whole blocks, a boolean mask (no
-    mask would mean SDPA's own causal rule, which counts from the cache's start), and nothing that flex's plain call
-    would drop (a soft cap, attention sinks, a position bias, dropout)."""
+def _plain(dropout: float, extra: dict) -> bool:
+    """Nothing that a plain attention call would drop: a soft cap, attention sinks, a position bias, dropout."""
+    return not dropout and all(extra.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias"))
+
+
+def _grouped(query, key, attention_mask, dropout: float, extra: dict) -> bool:
+    """Grouped heads with one mask for every head (without a mask transformers lets SDPA take the groups itself)."""
+    return (_plain(dropout, extra) and attention_mask is not None and attention_mask.shape[1] == 1
+            and query.shape[1] != key.shape[1] and query.shape[1] % key.shape[1] == 0)
+
+
+def _cudnn_fits(query) -> bool:
+    """cuDNN's attention takes it: half precision (it has no fp32 kernel, and without it SDPA would fall back to its
+    math, which copies the groups again); head sizes up to 128 (256, Gemma 3's, was not measured)."""
     import torch
-    plain = not dropout and all(extra.get(name) is None for name in ("softcap", "s_aux", "sinks", "position_bias"))
+    return query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 128
+
+
+def _grouped_sdpa(query, key, value, attention_mask, scaling: float | None):
+    """SDPA taking the groups itself, in SDPA's function's layout [batch, queries, heads, dim]."""
+    import torch
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask[:, :, :, :key.shape[2]], scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
+
+
+def _packed_sdpa(query, key, value, attention_mask, scaling: float | None):
+    """SDPA over [batch, key/value heads, group x queries, dim]: query head h = key/value head h // group (as
+    transformers' repeat_kv pairs them), its rows after those of the heads before it in the group. Returns
+    SDPA's function's layout, [batch, queries, heads, dim]."""
+    import torch
+    batch, heads, queries, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    mask = attention_mask[:, :, :, :keys]
+    if queries > 1:  # each head of a group repeats the queries' rows of the mask
+        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * queries, keys)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, kv_heads, groups * queries, dim), key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous()
+
+
+def flex_fits(head_dim: int, dtype) -> bool:
+    """Flex attention's verify step serves this head size and precision (not fp32: above)."""
+    import torch
+    return head_dim in HEAD_DIMS and dtype in (torch.bfloat16, torch.float16)
+
+
+def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
+    """Several queries of one sequence over a cache window of whole blocks, a boolean mask (no mask would mean SDPA's
+    own causal rule, which counts from the cache's start), and nothing a plain call drops."""
+    import torch
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
-    return (plain and mask_fits and query.shape[0] == 1 and query.shape[2] > 1 and key.shape[2] % BLOCK == 0
-            and query.shape[-1] in HEAD_DIMS and query.dtype in (torch.bfloat16, torch.float16))  # (not fp32: above)
+    return (_plain(dropout, extra) and mask_fits and query.shape[0] == 1 and query.shape[2] > 1
+            and key.shape[2] % BLOCK == 0 and flex_fits(query.shape[-1], query.dtype))
 
 
 def _flex(query, key, value, attention_mask, scaling: float | None):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from ...constraints import TokenGuide
 from ...speculative import DraftControl, PromptLookup
 from ..base import Either, GenerationReport, GenParams, reusable_prefix, shared_prefix
-from .attention import use_flex_in_verify_steps
+from . import attention
 from .sampling import choose_token, seen_after_each
 from .static_cache import full_attention_config, window_lengths, windowed_static_cache
 
@@ -85,9 +85,6 @@ class FastDecoder:
     # the captured steps' attention: cuDNN (torch's first choice on Hopper), whose per-shape plan each window's
     # graph builds once at warm-up, where the rest of the process leaves it out (hf.attention_without_shape_plans)
     CUDNN_DECODE_ATTENTION = True
-    # the compiled verify step's attention on CUDA: flex attention's decoding kernel, 2.7-5x faster than cuDNN's
-    # for a few queries on an H200 (attention.py)
-    FLEX_VERIFY_ATTENTION = True
 
     def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool, prefix_cache: bool = True,
                  speculative_tokens: int = 0, draft: FastDecoder | None = None):
@@ -115,8 +112,13 @@ class FastDecoder:
         self._logits_out: dict = {}
         # --speculative: the step over the chosen token and up to `verify_width - 1` guesses, one graph per window
         self.verify_width = speculative_tokens + 1 if speculative_tokens else 0
-        self.flex_verify = bool(self.verify_width) and compile and self.device.type == "cuda" and \
-            self.FLEX_VERIFY_ATTENTION and use_flex_in_verify_steps(model)
+        # compiled on CUDA: grouped queries packed instead of copying keys and values, and the verify step's attention
+        # through flex attention's decoding kernel, 2.7-5x faster than cuDNN's for a few queries (attention.py)
+        own_attention = compile and self.device.type == "cuda" and attention.use_fast_path_attention(model)
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.flex_verify = bool(self.verify_width) and own_attention and attention.FLEX_IN_VERIFY_STEPS and \
+            attention.flex_fits(head_dim, model.dtype)
         self.draft = draft  # --draft_model's own decoder, whose greedy tokens are the guesses (else prompt lookup)
         self._verify = self._compiled(self._forward_many)
         self.verify_graphs: dict = {}
