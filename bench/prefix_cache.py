@@ -83,27 +83,33 @@ def ask(engine, history: list[dict]) -> tuple[str, object]:
     return reply.finish(), reply.stats
 
 
-def turns(name: str, history_tokens: int) -> list[dict]:
+def turns(name: str, history_tokens: int, grouped: list[str]) -> list[dict]:
     """TTFT per turn over a system message of `history_tokens`, with and without the cache; with the cache, then a
-    16-token prompt (turn 0) as the yardstick for a follow-up turn."""
+    16-token prompt (turn 0) as the yardstick for a follow-up turn. `grouped`: on a GPU, the cached runs again with
+    each other way for the eager prefill's attention to meet grouped heads (quantchat/loaders/hf/attention.py)."""
+    from quantchat.loaders.hf import attention
     rows = []
     engine, model = engine_for(name, True, 24)  # loaded (and on a GPU compiled) once; the cache turned off, then on
     reference = reference_of(model, history_tokens)
-    for cache in (False, True):
+    runs = [(False, attention.GROUPED_HEADS)] + [(True, way) for way in grouped or [attention.GROUPED_HEADS]]
+    for run, (cache, way) in enumerate(runs):
+        attention.GROUPED_HEADS = way
         use_prefix_cache(model, cache)
-        # the runs' system messages differ in their first words: the second run's first turn is as cold as the first's
-        opening = "Use this text to answer." if cache else "Answer from this text."
+        # the runs' system messages differ in their first words: each run's first turn is as cold as the first's
+        opening = f"Answer from text {run} below." if run else "Answer from this text."
         history = [{"role": "system", "content": f"{opening}\n\n{reference}"}]
         for i, question in enumerate(QUESTIONS, start=1):
             history.append({"role": "user", "content": question})
             text, stats = ask(engine, history)
             history.append({"role": "assistant", "content": text})
-            rows.append({"model": name, "prefix_cache": cache, "turn": i, "prompt_tokens": stats.prompt_tokens,
+            rows.append({"model": name, "prefix_cache": cache, "grouped_heads": attention.GROUPED_HEADS, "turn": i,
+                         "prompt_tokens": stats.prompt_tokens,
                          "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
             print(json.dumps(rows[-1]), flush=True)
         if cache:
             _, stats = ask(engine, [{"role": "user", "content": SHORT}])
-            rows.append({"model": name, "prefix_cache": cache, "turn": 0, "prompt_tokens": stats.prompt_tokens,
+            rows.append({"model": name, "prefix_cache": cache, "grouped_heads": attention.GROUPED_HEADS, "turn": 0,
+                         "prompt_tokens": stats.prompt_tokens,
                          "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
             print(json.dumps(rows[-1]), flush=True)
     model.close()
@@ -169,6 +175,7 @@ def main() -> None:
     parser.add_argument("--models", default="builtin,gemma")
     parser.add_argument("--conversations", type=int, default=50, help="0: no greedy comparison")
     parser.add_argument("--history_tokens", type=int, default=2000)
+    parser.add_argument("--grouped", default="", help="the cached runs with each of: taken, packed, copied")
     parser.add_argument("--out")
     parser.add_argument("--table")
     args = parser.parse_args()
@@ -178,7 +185,7 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
               "date": time.strftime("%Y-%m-%d"), "turns": [], "greedy": []}
     for name in args.models.split(","):
-        result["turns"] += turns(name, args.history_tokens)
+        result["turns"] += turns(name, args.history_tokens, list(filter(None, args.grouped.split(","))))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         if args.conversations:
