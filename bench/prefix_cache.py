@@ -16,6 +16,10 @@ On a GPU, the Hugging Face fast path (random weights of Llama-3-8B's shape, 8,19
 The history is then about 7,000 tokens, and each model also answers a 16-token prompt: the follow-up turns' time
 to first token is compared with that. (Random weights have too many near ties to count greedy agreement: the CPU
 rows measure that on real models.)
+
+Tokenizing the prompt on the host, alone (the Hugging Face and ExLlama backends' PromptEncoder, which remembers
+the history's pieces), against a fresh encoding of each turn, with a Hugging Face tokenizer folder:
+  python bench/prefix_cache.py --tokenizer=DIR --history_tokens=7000 --out=bench/results/prefix-tokenize-cpu.json
 """
 from __future__ import annotations
 
@@ -152,6 +156,44 @@ def greedy(name: str, conversations: int) -> dict:
     return result
 
 
+def tokenize_turns(tokenizer_dir: str, history_tokens: int, runs: int = 5) -> list[dict]:
+    """Milliseconds to encode each turn's prompt (best of `runs`) with one PromptEncoder kept across the turns, as a
+    loaded model keeps it, and with a fresh one (every piece tokenized); both must give the same ids."""
+    from transformers import AutoTokenizer
+
+    from quantchat.loaders.tokens import PromptEncoder
+    from quantchat.prompter import make_prompter
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompter = make_prompter(None, None, None, "", tok.chat_template, tok.bos_token, tok.eos_token)
+    text = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()
+    while len(tok(text).input_ids) < history_tokens:
+        text += "\n\n" + text
+    text = text[:int(len(text) * history_tokens / len(tok(text).input_ids))]
+    history, kept, rows = [{"role": "system", "content": f"Answer from this text.\n\n{text}"}], PromptEncoder(tok), []
+    for turn, question in enumerate(QUESTIONS, start=1):
+        history.append({"role": "user", "content": question})
+        prompt = prompter.render(history)
+        # (turn 1 is a fresh encoding for both; the kept encoder then remembers its pieces)
+        ids, remembered_ms = encoded(lambda: kept, prompt, runs if turn > 1 else 1)
+        fresh_ids, fresh_ms = encoded(lambda: PromptEncoder(tok), prompt, runs)
+        assert ids == fresh_ids, "a remembered piece changed the ids"
+        rows.append({"turn": turn, "prompt_tokens": len(ids), "remembered_ms": remembered_ms, "fresh_ms": fresh_ms})
+        print(json.dumps(rows[-1]), flush=True)
+        history.append({"role": "assistant", "content": "It describes the launcher and its parts."})
+    return rows
+
+
+def encoded(encoder, prompt: str, runs: int) -> tuple[list[int], float]:
+    """The prompt's ids, and the best of `runs` milliseconds to encode it with encoder()."""
+    best = float("inf")
+    for _ in range(runs):
+        one = encoder()
+        started = time.perf_counter()
+        ids = one.ids(prompt)
+        best = min(best, time.perf_counter() - started)
+    return ids, round(best * 1000, 2)
+
+
 def table(path: str) -> str:
     data = json.loads(Path(path).read_text())
     lines = ["| model | turn | prompt tokens | TTFT without reuse ms | TTFT with reuse ms | tokens reused |",
@@ -176,6 +218,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=50, help="0: no greedy comparison")
     parser.add_argument("--history_tokens", type=int, default=2000)
     parser.add_argument("--grouped", default="", help="the cached runs with each of: taken, packed, copied")
+    parser.add_argument("--tokenizer", help="a Hugging Face tokenizer folder: time encoding the turns' prompts only")
     parser.add_argument("--out")
     parser.add_argument("--table")
     args = parser.parse_args()
@@ -184,6 +227,11 @@ def main() -> None:
         return
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
               "date": time.strftime("%Y-%m-%d"), "turns": [], "greedy": []}
+    if args.tokenizer:
+        result = {**result, "tokenizer": args.tokenizer, "encode": tokenize_turns(args.tokenizer, args.history_tokens)}
+        del result["turns"], result["greedy"]
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n") if args.out else print(json.dumps(result))
+        return
     for name in args.models.split(","):
         result["turns"] += turns(name, args.history_tokens, list(filter(None, args.grouped.split(","))))
         if args.out:

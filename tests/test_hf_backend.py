@@ -207,15 +207,42 @@ def test_weights_by_device_sums_each_devices_share(tiny_llama):
     assert shown == f"cpu {(total - moved) / 2**20:.1f} MiB, meta {moved / 2**20:.1f} MiB", shown
 
 
+def test_a_follow_up_turn_tokenizes_only_what_is_new(tiny_llama, monkeypatch):
+    """The history's long pieces are looked up, not tokenized again, and the ids are those of a fresh encoding; what
+    is remembered stays within its bound, the least recently used forgotten first."""
+    from transformers import AutoTokenizer
+
+    from quantchat.loaders.tokens import PromptEncoder
+    from quantchat.prompter import make_prompter
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompter = make_prompter(None, None, None, "", tok.chat_template, tok.bos_token, tok.eos_token)
+    reference = "The quick brown fox jumps over the lazy dog. " * 40
+    history = [{"role": "system", "content": reference}, {"role": "user", "content": "What jumps? " * 30}]
+    encoder, tokenized = PromptEncoder(tok), []
+    tokenize = encoder._tokenize
+    monkeypatch.setattr(encoder, "_tokenize", lambda text, markup: tokenized.append(text) or tokenize(text, markup))
+    first = encoder.ids(prompter.render(history))
+    assert reference in tokenized
+    history += [{"role": "assistant", "content": "The fox."}, {"role": "user", "content": "And then? " * 30}]
+    tokenized.clear()
+    prompt = prompter.render(history)
+    ids = encoder.ids(prompt)
+    assert ids == PromptEncoder(tok).ids(prompt) and ids[:len(first) - 8] == first[:len(first) - 8]
+    assert reference not in tokenized and "And then? " * 30 in tokenized and "What jumps? " * 30 not in tokenized
+    encoder.MOST_TOKENS = len(encoder._known[(reference, False)]) + 10  # room for the reference and little else
+    encoder.ids(prompter.render([{"role": "user", "content": "Something else entirely. " * 20}]))
+    assert encoder._tokens <= encoder.MOST_TOKENS and (reference, False) not in encoder._known
+
+
 def test_control_tokens_typed_into_a_message_stay_text_for_transformers(tiny_llama):
     from transformers import AutoTokenizer
 
-    from quantchat.loaders.tokens import encode_prompt
+    from quantchat.loaders.tokens import PromptEncoder
     from quantchat.prompter import make_prompter
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     start = tok.convert_tokens_to_ids("<|im_start|>")
     prompter = make_prompter(None, None, None, "", tok.chat_template, tok.bos_token, tok.eos_token)
     prompt = prompter.render([{"role": "user", "content": "Hi<|im_start|>assistant"}])
-    ids = encode_prompt(tok, prompt)[0].tolist()
+    ids = PromptEncoder(tok).ids(prompt)
     assert ids[0] == tok.bos_token_id and ids.count(start) == prompt.count("<|im_start|>") - 1
-    assert encode_prompt(tok, "raw <|im_start|>")[0].tolist().count(start) == 1   # a raw prompt: all markup
+    assert PromptEncoder(tok).ids("raw <|im_start|>").count(start) == 1   # a raw prompt: all markup

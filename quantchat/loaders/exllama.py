@@ -23,7 +23,7 @@ from ..settings import Settings, gpu_split
 from . import checkpoint
 from .base import GenParams, LoadPlan, ModelInfo
 from .checkpoint import Checkpoint
-from .tokens import Detokenizer, count_tokens, encode_prompt, eos_ids
+from .tokens import Detokenizer, PromptEncoder, eos_ids
 
 NAME = "exllama"
 USES_TORCH = False  # the plan reads files only; the libraries bring torch at load
@@ -128,6 +128,7 @@ class ExLlamaModel:
             from huggingface_hub import snapshot_download
             folder = snapshot_download(p.model, revision=o.revision)
         self.tokenizer = AutoTokenizer.from_pretrained(o.tokenizer, trust_remote_code=o.trust_remote_code)
+        self.prompts = PromptEncoder(self.tokenizer)
         self.torch = torch
         self.library = library
         self.lock = threading.Lock()
@@ -214,12 +215,12 @@ class ExLlamaModel:
         return ExLlamaV2DynamicJob(gen_settings=settings, **common)
 
     def count_tokens(self, text: str) -> int:
-        return count_tokens(self.tokenizer, text)
+        return len(self.prompts.ids(text))
 
     def stream(self, prompt: str, params: GenParams, cancel: threading.Event) -> Iterator[str]:
         if params.num_beams > 1:
             raise UserError("beam search (num_beams > 1) runs on the Hugging Face backend only; use num_beams=1")
-        ids = encode_prompt(self.tokenizer, prompt)
+        ids = self.prompts.tensor(prompt)
         detok = Detokenizer(self.tokenizer)
         deadline = time.monotonic() + params.max_time
         with self.lock:

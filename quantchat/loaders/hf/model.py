@@ -18,7 +18,7 @@ from ...constraints import TokenGuide
 from ...errors import UserError, missing_package
 from .. import checkpoint
 from ..base import Either, GenParams, LoadPlan, ModelInfo, human_bytes, reusable_prefix
-from ..tokens import Detokenizer, count_tokens, encode_prompt, eos_ids
+from ..tokens import Detokenizer, PromptEncoder, eos_ids
 from .plan import HFOptions
 
 
@@ -179,6 +179,7 @@ class HFModel:
         self.torch = torch
         attention_without_shape_plans(torch)
         self.model, self.tokenizer = load_weights(p)
+        self.prompts = PromptEncoder(self.tokenizer)
         self.draft = self._load_draft(o.draft) if o.draft else None  # --draft_model's weights
         tok = self.tokenizer
         self.eos_ids = eos_ids(self.model.generation_config.eos_token_id, tok.eos_token_id)
@@ -269,10 +270,10 @@ class HFModel:
         return fast
 
     def count_tokens(self, text: str) -> int:
-        return count_tokens(self.tokenizer, text)
+        return len(self.prompts.ids(text))
 
     def _encode(self, prompt: str):
-        return encode_prompt(self.tokenizer, prompt).to(self.device)
+        return self.prompts.tensor(prompt).to(self.device)
 
     @functools.cached_property
     def lltokenizer(self):
