@@ -218,6 +218,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=50, help="0: no greedy comparison")
     parser.add_argument("--history_tokens", type=int, default=2000)
     parser.add_argument("--grouped", default="", help="the cached runs with each of: taken, packed, copied")
+    parser.add_argument("--prompt_step", type=int, default=0,
+                        help="the fast path's captured prompt step of this width (FastDecoder.PROMPT_STEP_TOKENS)")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer folder: time encoding the turns' prompts only")
     parser.add_argument("--out")
     parser.add_argument("--table")
@@ -225,8 +227,11 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
+    if args.prompt_step:
+        from quantchat.loaders.hf.fast_decode import FastDecoder
+        FastDecoder.PROMPT_STEP_TOKENS = args.prompt_step
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
-              "date": time.strftime("%Y-%m-%d"), "turns": [], "greedy": []}
+              "date": time.strftime("%Y-%m-%d"), "prompt_step": args.prompt_step, "turns": [], "greedy": []}
     if args.tokenizer:
         result = {**result, "tokenizer": args.tokenizer, "encode": tokenize_turns(args.tokenizer, args.history_tokens)}
         del result["turns"], result["greedy"]

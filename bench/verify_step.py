@@ -100,7 +100,7 @@ def captured_steps(name: str, guesses: int, flex: bool, grouped: str, positions=
         window = fast._window_for(position + fast.verify_width)
         with torch.inference_mode():  # (the graphs' input buffers were made under it)
             fast._position_in.fill_(position)
-            fast._verify_positions_in.copy_(torch.arange(position, position + fast.verify_width))
+            fast._verify_in[1].copy_(torch.arange(position, position + fast.verify_width))
         one, verify = replay_ms(fast.graphs[window], replays), replay_ms(fast.verify_graphs[window], replays)
         row = {"one_token_ms": round(one, 3), "verify_ms": round(verify, 3), "verify_over_one": round(verify / one, 3),
                "window": window}

@@ -294,16 +294,26 @@ def conversation(model, turns: list[str], system: str = WATER, **flags) -> tuple
 TURNS = ["What is water made of?", "Why is it wet?", "Say it in five words."]
 
 
-def test_the_fast_path_continues_a_conversation_from_its_cache(gemma_hf):
+@pytest.mark.parametrize("prompt_step", [0, 48])
+def test_the_fast_path_continues_a_conversation_from_its_cache(gemma_hf, prompt_step, monkeypatch):
     """--prefix_cache: a follow-up turn prefills only what the static cache does not hold, with the same answers
-    (Gemma 3's real weights, fp32 on the CPU; the positions past the reused prefix are cleared, not left over)."""
+    (Gemma 3's real weights, fp32 on the CPU; the positions past the reused prefix are cleared, not left over). The
+    rest goes eagerly, or (as on CUDA) through the prompt step, padded to its width."""
+    from quantchat.loaders.hf.fast_decode import FastDecoder
     fresh = load(gemma_hf, "--fast_decode=True", "--prefix_cache=False")
     answers, reused = conversation(fresh, TURNS, prompt_type="gemma")
     fresh.close()
     cached = load(gemma_hf, "--fast_decode=True")
+    cached.fast = FastDecoder(cached.model, cached.eos_ids, cached.fast.cache_tokens, compile=False,
+                              prompt_step_tokens=prompt_step)
+    stepped, step = [], cached.fast._prompt_logits
+    monkeypatch.setattr(cached.fast, "_prompt_logits", lambda tokens, at, **kw: stepped.append(len(tokens)) or
+                        step(tokens, at, **kw))
     again, reused_again = conversation(cached, TURNS, prompt_type="gemma")
     assert again == answers and reused == [0, 0, 0]
     assert reused_again[0] == 0 and all(n > 150 for n in reused_again[1:]), reused_again
+    # the first turn's prompt is longer than the step; each follow-up's rest is not
+    assert len(stepped) == (2 if prompt_step else 0) and all(n <= prompt_step for n in stepped), stepped
     other, other_reused = conversation(cached, ["Hello"], system="Be brief.", prompt_type="gemma")
     assert other_reused[0] < 8     # another conversation shares only the template's opening tokens
     cached.close()
@@ -406,8 +416,8 @@ def test_grouped_heads_taken_or_packed_compute_what_sdpa_does_with_copied_keys(m
 
 
 def test_a_model_switched_to_the_fast_paths_attention_answers_as_before(tiny_llama, monkeypatch):
-    """The switch names the model's attention anew; generate and the compiled one-token step (grouped queries
-    packed; compiled here on the CPU) give the tokens they gave under SDPA."""
+    """The switch names the model's attention anew; generate and the compiled prompt and one-token steps (grouped
+    heads packed; compiled here on the CPU) give the tokens they gave under SDPA."""
     import torch
 
     from quantchat.loaders.hf import attention
@@ -422,9 +432,10 @@ def test_a_model_switched_to_the_fast_paths_attention_answers_as_before(tiny_lla
         before = list(model._generate(ids, params, threading.Event()))
         assert use_fast_path_attention(model.model) and model.model.config._attn_implementation == NAME
         assert list(model._generate(ids, params, threading.Event())) == before
-        fast = FastDecoder(model.model, model.eos_ids, 64, compile=True)
+        # (the prompt through the compiled prompt step, as on CUDA)
+        fast = FastDecoder(model.model, model.eos_ids, 64, compile=True, prompt_step_tokens=16)
         assert list(fast.tokens(ids, params, threading.Event())) == before
-        assert True in packed  # (traced into the compiled step)
+        assert True in packed  # (traced into the compiled steps)
         assert not use_fast_path_attention(model.model)  # (already switched: not SDPA by name any more)
     finally:
         model.close()

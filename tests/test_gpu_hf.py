@@ -183,6 +183,27 @@ def test_the_captured_verify_step_keeps_generates_tokens(tiny_llama, half):
         model.close()
 
 
+def test_short_prompts_and_follow_ups_go_through_the_captured_prompt_step(tiny_llama, monkeypatch):
+    """A prompt, or the rest of one that continues the cache, of up to 64 tokens prefilled by a captured step, padded
+    to that width (FastDecoder.PROMPT_STEP_TOKENS, off by default until this has run): generate's tokens exactly
+    (fp32), for a short prompt, a long one (prefilled eagerly) and its follow-up."""
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    monkeypatch.setattr(FastDecoder, "PROMPT_STEP_TOKENS", 64)
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True",
+                                               "--load_half=False", "--max_seq_len=1024")))
+    try:
+        assert model.wait_for_fast_decode() and set(model.fast.prompt_graphs) == set(model.fast.graphs)
+        long = "one two three four five six seven " * 20
+        prompts = ["The quick brown fox", long, long + " eight nine ten"]
+        reports: list[GenerationReport] = []
+        fast = [greedy_tokens(model, prompt, 40, reports) for prompt in prompts]
+        assert [r.reused_tokens for r in reports][2] > 100, [r.reused_tokens for r in reports]
+        model.fast = None
+        assert [greedy_tokens(model, prompt, 40) for prompt in prompts] == fast
+    finally:
+        model.close()
+
+
 def test_a_draft_models_captured_steps_keep_generates_tokens(tiny_llama):
     """--draft_model on CUDA: the draft's own captured steps chain its guesses on the device; the answers stay
     generate's (fp32; the tiny Llama drafting for itself)."""

@@ -4,8 +4,9 @@ A static KV cache (fixed addresses, so the step can be replayed), the one-token 
 (Inductor's fused kernels) and then captured whole in a CUDA graph, the next token chosen on the GPU
 (repetition penalty, temperature, top-k, top-p), and one host wait per token, for the token id that streaming
 needs, while the GPU already runs the next step. The prompt is prefilled eagerly (its length changes every
-request). Attention reads the cache only up to the smallest window (256, 512, ... positions) that holds the
-sequence so far, with one captured graph per window. Compiling takes minutes for a 7B model, so the Hugging Face
+request; PROMPT_STEP_TOKENS can send a short one through a captured step instead). Attention reads the cache only
+up to the smallest window (256, 512, ... positions) that holds the sequence so far, with one captured graph per
+window. Compiling takes minutes for a 7B model, so the Hugging Face
 backend warms this path up in the background and answers with generate until it is ready (loaders/hf.py).
 
 The graph is captured by hand (torch.cuda.CUDAGraph) rather than by mode="reduce-overhead", which records one
@@ -85,9 +86,15 @@ class FastDecoder:
     # the captured steps' attention: cuDNN (torch's first choice on Hopper), whose per-shape plan each window's
     # graph builds once at warm-up, where the rest of the process leaves it out (hf.attention_without_shape_plans)
     CUDNN_DECODE_ATTENTION = True
+    # a prompt of at most this many tokens (or the rest of one that continues the cache: a chat's next turn) can go
+    # through a captured step of this width, padded, instead of an eager prefill, which at batch 1 is bound by its
+    # launches: a 23-token prompt of the Llama-3-8B shape waited 38 ms for its first token on an H200, about what
+    # six captured one-token steps take (bench/results/prefix-cache-h200-grouped.json). 0 (off) until it has run on
+    # a GPU: tests/test_gpu_hf.py and `bench/prefix_cache.py --prompt_step=64` turn it on there
+    PROMPT_STEP_TOKENS = 0
 
     def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool, prefix_cache: bool = True,
-                 speculative_tokens: int = 0, draft: FastDecoder | None = None):
+                 speculative_tokens: int = 0, draft: FastDecoder | None = None, prompt_step_tokens: int | None = None):
         import torch
         self.torch, self.model, self.eos_ids = torch, model, sorted(eos_ids)
         self.cache_tokens = cache_tokens
@@ -112,7 +119,7 @@ class FastDecoder:
         self._logits_out: dict = {}
         # --speculative: the step over the chosen token and up to `verify_width - 1` guesses, one graph per window
         self.verify_width = speculative_tokens + 1 if speculative_tokens else 0
-        # compiled on CUDA: grouped queries packed instead of copying keys and values, and the verify step's attention
+        # compiled on CUDA: grouped heads without copies of the keys and values, and the verify step's attention
         # through flex attention's decoding kernel, 2.7-5x faster than cuDNN's for a few queries (attention.py)
         own_attention = compile and self.device.type == "cuda" and attention.use_fast_path_attention(model)
         text = model.config.get_text_config(decoder=True)
@@ -122,20 +129,29 @@ class FastDecoder:
         self.draft = draft  # --draft_model's own decoder, whose greedy tokens are the guesses (else prompt lookup)
         self._verify = self._compiled(self._forward_many)
         self.verify_graphs: dict = {}
-        self._verify_tokens_in = self._verify_positions_in = None
+        self._verify_in: tuple = ()
         self._verify_out: dict = {}
+        # short prompts through a captured step: compiled on CUDA (elsewhere when asked for, as the CPU tests do: on a
+        # CPU a padded step costs its width in compute)
+        if prompt_step_tokens is None:
+            prompt_step_tokens = self.PROMPT_STEP_TOKENS if compile and self.device.type == "cuda" else 0
+        self.prompt_width = min(prompt_step_tokens, cache_tokens)
+        self._prompt = self._compiled(self._forward_prompt)
+        self.prompt_graphs: dict = {}
+        self._prompt_in: tuple = ()
+        self._prompt_out: dict = {}
 
     def _compiled(self, forward):
         return self.torch.compile(forward, fullgraph=False, options=self.COMPILE_OPTIONS) if self.compiled else forward
 
     # --- runs in the worker thread
-    def _forward(self, tokens, positions, last: bool = False):
-        """Logits [n, vocab] of `tokens` [1, n] at `positions` [n] (of the last one only: [1, vocab]), their keys and
-        values written at those positions."""
+    def _forward(self, tokens, positions, keep=0):
+        """Logits [n, vocab] of `tokens` [1, n] at `positions` [n] (keep: of the last `keep` only, or of the rows
+        a tensor names), their keys and values written at those positions."""
         for layer in self.cache.layers:
             layer.positions = positions
         out = self.model(input_ids=tokens, position_ids=positions.view(1, -1), cache_position=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1 if last else 0)
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         return out.logits[0].float()
 
     # two functions, so that the compiler keeps one specialised graph for each width instead of one generic graph
@@ -144,6 +160,9 @@ class FastDecoder:
 
     def _forward_many(self, tokens, positions):
         return self._forward(tokens, positions)
+
+    def _forward_prompt(self, tokens, positions, last):
+        return self._forward(tokens, positions, keep=last)
 
     def _window_for(self, tokens: int) -> int:
         """The smallest attention window that holds `tokens` positions."""
@@ -164,9 +183,11 @@ class FastDecoder:
         self.cached = []  # (until this answer is done: one that fails leaves nothing to reuse)
         if not reuse:
             self.cache.reset()
+        if len(tokens) - reuse <= self.prompt_width and reuse + self.prompt_width <= self.cache_tokens:
+            return self._prompt_logits(tokens[reuse:], reuse)
         self._use_window(self._window_for(ids.shape[1]))
         positions = torch.arange(reuse, ids.shape[1], device=self.device)
-        return self._forward(ids[:, reuse:], positions, last=True)
+        return self._forward(ids[:, reuse:], positions, keep=1)
 
     def _next_logits(self, token, position, tokens: int):
         """The step's logits for token at position (`tokens` long with it): a captured graph's replay if any."""
@@ -180,23 +201,40 @@ class FastDecoder:
         graph.replay()
         return self._logits_out[window]  # read before the next replay, which overwrites it (same stream, in order)
 
-    def _verify_logits(self, tokens: list[int], position: int):
+    def _verify_logits(self, tokens: list[int], position: int, captured: bool = True):
         """Logits [n, vocab] of `tokens` (the token just chosen and guesses after it) at `position` on. A compiled
-        step pads them to its one width (n = verify_width): the padding's keys and values land past the sequence,
-        where attention masks them until later tokens overwrite them."""
-        torch = self.torch
+        step pads them to its one width (n = verify_width)."""
         width = self.verify_width if self.compiled else len(tokens)
+        inputs, positions, window = self._padded(tokens, position, width)
+        return self._run(self._verify, self.verify_graphs if captured else {}, self._verify_in, self._verify_out,
+                         (inputs, positions), window)
+
+    def _prompt_logits(self, tokens: list[int], position: int, captured: bool = True):
+        """Logits [1, vocab] of the last of `tokens` (a prompt, or the rest of one), their keys and values written
+        from `position` on, through the prompt step (padded to its width)."""
+        inputs, positions, window = self._padded(tokens, position, self.prompt_width)
+        return self._run(self._prompt, self.prompt_graphs if captured else {}, self._prompt_in, self._prompt_out,
+                         (inputs, positions, self.torch.tensor([len(tokens) - 1])), window)
+
+    def _padded(self, tokens: list[int], position: int, width: int):
+        """A step's inputs for `tokens` at `position` on, padded to `width` with the last token, and its window. The
+        padding's keys and values land past the sequence, where attention masks them until later tokens overwrite
+        them."""
+        torch = self.torch
         inputs = torch.tensor([tokens + tokens[-1:] * (width - len(tokens))])
-        positions = torch.arange(position, position + width)
-        window = self._window_for(position + width)
-        graph = self.verify_graphs.get(window)
+        return inputs, torch.arange(position, position + width), self._window_for(position + width)
+
+    def _run(self, step, graphs: dict, buffers: tuple, outputs: dict, values: tuple, window: int):
+        """A step's output for `values` (host tensors) in `window`: its captured graph replayed from `buffers`, or
+        the (compiled) step itself where no graph is captured."""
+        graph = graphs.get(window)
         if graph is None:
             self._use_window(window)
-            return self._verify(inputs.to(self.device), positions.to(self.device))
-        self._verify_tokens_in.copy_(inputs, non_blocking=True)
-        self._verify_positions_in.copy_(positions, non_blocking=True)
+            return step(*(value.to(self.device) for value in values))
+        for buffer, value in zip(buffers, values, strict=True):
+            buffer.copy_(value, non_blocking=True)
         graph.replay()
-        return self._verify_out[window]
+        return outputs[window]
 
     def _capture(self) -> None:
         """Record the (already compiled) steps into CUDA graphs, one per window and width. Any host sync inside a
@@ -208,13 +246,19 @@ class FastDecoder:
             self._position_in = torch.zeros(1, dtype=torch.long, device=self.device)
             steps = [(self._step, (self._token_in, self._position_in), self.graphs, self._logits_out)]
             if self.verify_width:
-                self._verify_tokens_in = torch.zeros((1, self.verify_width), dtype=torch.long, device=self.device)
-                self._verify_positions_in = torch.arange(self.verify_width, device=self.device)
-                steps.append((self._verify, (self._verify_tokens_in, self._verify_positions_in), self.verify_graphs,
-                              self._verify_out))
+                self._verify_in = (torch.zeros((1, self.verify_width), dtype=torch.long, device=self.device),
+                                   torch.arange(self.verify_width, device=self.device))
+                steps.append((self._verify, self._verify_in, self.verify_graphs, self._verify_out))
+            if self.prompt_width:
+                self._prompt_in = (torch.zeros((1, self.prompt_width), dtype=torch.long, device=self.device),
+                                   torch.arange(self.prompt_width, device=self.device),
+                                   torch.zeros(1, dtype=torch.long, device=self.device))
+                steps.append((self._prompt, self._prompt_in, self.prompt_graphs, self._prompt_out))
             for window in self.windows:
                 self._use_window(window)
                 for step, inputs, graphs, outputs in steps:
+                    if inputs[0].shape[1] > window:  # (a step wider than the window never runs in it)
+                        continue
                     side = torch.cuda.Stream()  # torch asks for a few runs on a side stream before capturing
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side):
@@ -378,8 +422,8 @@ class FastDecoder:
         params = GenParams(max_new_tokens=8, repetition_penalty=1.0)
         with self._decode_attention():  # the steps compile here, with the attention they are then captured with
             plain = list(self.tokens(ids, params, threading.Event()))
-            if self.verify_width:
-                _in_worker(self._verify_choices)  # (whether or not the answer above had guesses to check)
+            if self.verify_width:  # (whether or not the answer above had guesses to check)
+                _in_worker(lambda: self._choices(self._verify_logits))
             if not (self.compiled and self.device.type == "cuda"):
                 return
             # compared once compiled and tuned, and with the prompt's attention alike on both sides: with random
@@ -390,33 +434,32 @@ class FastDecoder:
         if replayed != plain:
             self.graphs.clear()
             raise RuntimeError(f"the captured CUDA graph gave other tokens ({replayed}) than the step ({plain})")
-        if self.verify_width:
-            self._check_verify_graphs()
+        self._check_wide_graphs()
         if self.prefix_cache:  # a prompt that continues the cache: its attention kernels load now, not on a user's
             # first follow-up turn (which took 111 ms for a 7,133-token chat on an H200, then 65-80)
             list(self.tokens(self.torch.tensor([[*self.cached, 4, 5]], device=self.device), params, threading.Event()))
 
-    def _verify_choices(self, captured: bool = False):
-        """The greedy tokens of a verify step over a fixed input after the warm-up's prompt (compiling it first). It
-        overwrites cached positions: nothing in the cache is reused after it."""
+    def _choices(self, logits_of, captured: bool = False) -> list[int]:
+        """The greedy tokens of a verify or prompt step (`logits_of`) over a fixed input after the warm-up's prompt
+        (compiling it first). It overwrites cached positions: nothing in the cache is reused after it."""
         self.cached = []
-        graphs, self.verify_graphs = self.verify_graphs, self.verify_graphs if captured else {}
-        try:
-            with self.torch.inference_mode():
-                return self._verify_logits([0, 1, 2], 4).argmax(dim=-1).tolist()
-        finally:
-            self.verify_graphs = graphs
+        with self.torch.inference_mode():
+            return logits_of([0, 1, 2], 4, captured=captured).argmax(dim=-1).tolist()
 
-    def _check_verify_graphs(self) -> None:
-        """The captured verify step must choose what the uncaptured one does over the same cache, or speculation
-        is turned off (the one-token path stays)."""
-        result: list = []
-        _in_worker(lambda: result.extend([self._verify_choices(), self._verify_choices(captured=True)]))
-        if result[0] != result[1]:
-            self.verify_graphs.clear()
-            self.verify_width = 0
-            print(f"warning: the captured verify step chose {result[1]} where the step chose {result[0]}: "
-                  "speculative decoding is off for this model", file=sys.stderr)
+    def _check_wide_graphs(self) -> None:
+        """The captured verify and prompt steps must choose what the uncaptured ones do over the same cache, or
+        that step is not used (speculative decoding is off; short prompts are prefilled eagerly)."""
+        for logits_of, graphs, width, off in (
+                (self._verify_logits, self.verify_graphs, "verify_width", "speculative decoding is off"),
+                (self._prompt_logits, self.prompt_graphs, "prompt_width", "prompts are prefilled eagerly")):
+            if not graphs:
+                continue
+            plain, replayed = _in_worker(lambda f=logits_of: (self._choices(f), self._choices(f, captured=True)))
+            if plain != replayed:
+                graphs.clear()
+                setattr(self, width, 0)
+                print(f"warning: the captured {width.split('_')[0]} step chose {replayed} where the step chose "
+                      f"{plain}: {off} for this model", file=sys.stderr)
 
     @contextlib.contextmanager
     def _decode_attention(self):
@@ -495,17 +538,18 @@ class AllowedTokens:
         return self.mask(logits)
 
 
-def _in_worker(function: Callable[[], None]) -> None:
-    """Run function in the decode thread and wait for it; its exception is raised here."""
+def _in_worker(function: Callable[[], object]):
+    """Run function in the decode thread and wait for it; its result is returned, its exception raised here."""
     done: queue.Queue = queue.Queue()
 
     def job():
         try:
-            function()
-            done.put(None)
+            done.put((function(), None))
         except BaseException as e:
-            done.put(e)
+            done.put((None, e))
 
     _decode_thread().put(job)
-    if (error := done.get()) is not None:
+    result, error = done.get()
+    if error is not None:
         raise error
+    return result
