@@ -89,7 +89,7 @@ class FastDecoder:
     # a prompt of at most this many tokens (or the rest of one that continues the cache: a chat's next turn) can go
     # through a captured step of this width, padded, instead of an eager prefill, which at batch 1 is bound by its
     # launches: a 23-token prompt of the Llama-3-8B shape waited 38 ms for its first token on an H200, about what
-    # six captured one-token steps take (bench/results/prefix-cache-h200-grouped.json). 0 (off) until it has run on
+    # seven captured one-token steps take (bench/results/prefix-cache-h200-grouped.json). 0 (off) until it has run on
     # a GPU: tests/test_gpu_hf.py and `bench/prefix_cache.py --prompt_step=64` turn it on there
     PROMPT_STEP_TOKENS = 0
 
