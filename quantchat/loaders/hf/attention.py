@@ -4,8 +4,9 @@ Grouped-query models (Llama 3, Qwen, Gemma: several query heads share one key/va
 wherever the fast path attends over its cache window. Given a mask, transformers' SDPA function copies the keys and
 values once per query head group (it lets SDPA take the groups only without a mask, and packs them itself only for
 one query outside the compiler): in the captured one-token step of the Llama-3-8B shape on an H200 those copies took
-489 µs a step at a 1,024-position window, and grow with it. Instead, per call (one layer of the 8B shape on an H200,
-bench/results/attention-grouped-h200.json and kernels-h200.json):
+260-489 µs a step at a 1,024-position window (two runs), and grow with it: at 7,000 positions the step took 7.74 ms
+with them and 5.75 without (bench/results/verify-captured-h200-grouped.json). Instead, per call (one layer of the 8B
+shape on an H200, bench/results/attention-grouped-h200.json and kernels-h200.json):
 - in the compiled steps (half precision, captured with cuDNN allowed), SDPA takes the groups itself with the mask
   (`enable_gqa`), which cuDNN runs: 13.3-17.9 µs for one query over 512-8,192 positions, no copy;
 - elsewhere (an eager prefill that continues the cache; cuDNN is left out there), the query heads of a group become
