@@ -17,6 +17,11 @@ The history is then about 7,000 tokens, and each model also answers a 16-token p
 to first token is compared with that. (Random weights have too many near ties to count greedy agreement: the CPU
 rows measure that on real models.)
 
+Documents Q&A (--documents): an eight-question chat where each question brings three passages of docs/ in front of
+it, as the engine puts them (only into the last message: earlier questions stay in the history without theirs, so
+that the history stays a reusable prefix); time to first token with the cache and without it:
+  python bench/prefix_cache.py --models=builtin --documents --out=bench/results/prefix-cache-documents-cpu.json
+
 Tokenizing the prompt on the host, alone (the Hugging Face and ExLlama backends' PromptEncoder, which remembers
 the history's pieces), against a fresh encoding of each turn, with a Hugging Face tokenizer folder:
   python bench/prefix_cache.py --tokenizer=DIR --history_tokens=7000 --out=bench/results/prefix-tokenize-cpu.json
@@ -120,6 +125,45 @@ def turns(name: str, history_tokens: int, grouped: list[str]) -> list[dict]:
     return rows
 
 
+DOCUMENT_QUESTIONS = [*QUESTIONS, "Say that again in one sentence.", "Which numbers does it give?",
+                      "What would you ask next?", "Sum it all up briefly."]
+
+
+class DocsPassages:
+    """Stands in for a collection: three different paragraphs of docs/ for each question (which passages a search
+    finds is not what is measured; that they change with every question is)."""
+    name = "docs"
+
+    def __init__(self):
+        from bench.speculative import paragraphs
+        self.blocks, self.asked = paragraphs(3 * len(DOCUMENT_QUESTIONS)), 0
+
+    def search(self, question: str, k: int) -> list:
+        from quantchat.documents.passages import Passage
+        chosen = self.blocks[3 * self.asked:3 * self.asked + min(k, 3)]
+        self.asked += 1
+        return [Passage(text, source, first=1, last=text.count("\n") + 1) for source, text in chosen]
+
+
+def documents_turns(name: str) -> list[dict]:
+    """TTFT per turn of a documents Q&A chat (DocsPassages), without the cache and with it, one load each (so that
+    the second run cannot find the first one's states)."""
+    rows = []
+    for cache in (False, True):
+        engine, model = engine_for(name, cache, 24)
+        history, docs = [], DocsPassages()
+        for i, question in enumerate(DOCUMENT_QUESTIONS, start=1):
+            history.append({"role": "user", "content": question})
+            reply = engine.chat(history, documents=docs)
+            history.append({"role": "assistant", "content": reply.finish()})
+            stats = reply.stats
+            rows.append({"model": name, "prefix_cache": cache, "turn": i, "prompt_tokens": stats.prompt_tokens,
+                         "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+        model.close()
+    return rows
+
+
 def use_prefix_cache(model, on: bool) -> None:
     """--prefix_cache for a loaded model (what the flag sets at load), so that one load serves both rows."""
     model.prefix_cache = on
@@ -218,6 +262,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=50, help="0: no greedy comparison")
     parser.add_argument("--history_tokens", type=int, default=2000)
     parser.add_argument("--grouped", default="", help="the cached runs with each of: taken, packed, copied")
+    parser.add_argument("--documents", action="store_true", help="a documents Q&A chat instead")
     parser.add_argument("--prompt_step", type=int, default=0,
                         help="the fast path's captured prompt step of this width (FastDecoder.PROMPT_STEP_TOKENS)")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer folder: time encoding the turns' prompts only")
@@ -238,13 +283,14 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n") if args.out else print(json.dumps(result))
         return
     for name in args.models.split(","):
-        result["turns"] += turns(name, args.history_tokens, list(filter(None, args.grouped.split(","))))
-        if args.out:
+        result["turns"] += documents_turns(name) if args.documents else \
+            turns(name, args.history_tokens, list(filter(None, args.grouped.split(","))))
+        if args.out:  # (saved before the long greedy comparison)
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        if args.conversations:
+        if args.conversations and not args.documents:
             result["greedy"].append(greedy(name, args.conversations))
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(table(args.out) if args.out else json.dumps(result))
 
 
