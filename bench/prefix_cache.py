@@ -22,6 +22,10 @@ it, as the engine puts them (only into the last message: earlier questions stay 
 that the history stays a reusable prefix); time to first token with the cache and without it:
   python bench/prefix_cache.py --models=builtin --documents --out=bench/results/prefix-cache-documents-cpu.json
 
+Saving a llama.cpp context's state (what every conversation left behind costs), llama-cpp-python's save_state()
+against quantchat's (without the score rows), the built-in model:
+  python bench/prefix_cache.py --state_save --out=bench/results/prefix-state-save-cpu.json
+
 Tokenizing the prompt on the host, alone (the Hugging Face and ExLlama backends' PromptEncoder, which remembers
 the history's pieces), against a fresh encoding of each turn, with a Hugging Face tokenizer folder:
   python bench/prefix_cache.py --tokenizer=DIR --history_tokens=7000 --out=bench/results/prefix-tokenize-cpu.json
@@ -164,6 +168,32 @@ def documents_turns(name: str) -> list[dict]:
     return rows
 
 
+def state_saves(contexts=(600, 1500), runs: int = 3) -> list[dict]:
+    """Milliseconds to save the built-in model's context of each length, the first time and the best of `runs`:
+    llama-cpp-python's save_state() and the loader's own save; both must hold the same KV cache bytes."""
+    model = engine_for("builtin", True, 1)[1]
+    llm = model.llm
+    text = (ROOT / "quantchat" / "data" / "calibration.txt").read_text().encode()
+    rows = []
+    for length in contexts:
+        llm.reset()
+        llm.eval(llm.tokenize(text)[:length])
+        row, states = {"context_tokens": length}, {}
+        for name, save in (("llama_cpp_python", llm.save_state), ("quantchat", model._saved_state)):
+            took = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                states[name] = save()
+                took.append(time.perf_counter() - started)
+            row[f"{name}_first_ms"], row[f"{name}_best_ms"] = round(took[0] * 1000, 1), round(min(took) * 1000, 1)
+        assert states["quantchat"].llama_state == states["llama_cpp_python"].llama_state
+        rows.append({**row, "score_rows_mb": round(states["llama_cpp_python"].scores.nbytes / 1e6, 1),
+                     "kv_state_mb": round(states["quantchat"].llama_state_size / 1e6, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    model.close()
+    return rows
+
+
 def use_prefix_cache(model, on: bool) -> None:
     """--prefix_cache for a loaded model (what the flag sets at load), so that one load serves both rows."""
     model.prefix_cache = on
@@ -263,6 +293,7 @@ def main() -> None:
     parser.add_argument("--history_tokens", type=int, default=2000)
     parser.add_argument("--grouped", default="", help="the cached runs with each of: taken, packed, copied")
     parser.add_argument("--documents", action="store_true", help="a documents Q&A chat instead")
+    parser.add_argument("--state_save", action="store_true", help="time saving a llama.cpp state instead")
     parser.add_argument("--prompt_step", type=int, default=0,
                         help="the fast path's captured prompt step of this width (FastDecoder.PROMPT_STEP_TOKENS)")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer folder: time encoding the turns' prompts only")
@@ -277,8 +308,9 @@ def main() -> None:
         FastDecoder.PROMPT_STEP_TOKENS = args.prompt_step
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
               "date": time.strftime("%Y-%m-%d"), "prompt_step": args.prompt_step, "turns": [], "greedy": []}
-    if args.tokenizer:
-        result = {**result, "tokenizer": args.tokenizer, "encode": tokenize_turns(args.tokenizer, args.history_tokens)}
+    if args.tokenizer or args.state_save:
+        result = {**result, "tokenizer": args.tokenizer, "encode": tokenize_turns(args.tokenizer, args.history_tokens)} \
+            if args.tokenizer else {**result, "state_save": state_saves()}
         del result["turns"], result["greedy"]
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n") if args.out else print(json.dumps(result))
         return

@@ -434,9 +434,10 @@ class LlamaCppModel:
         """The context's state (its KV cache), as llama-cpp-python's save_state() makes it but without its copy of
         the score rows: those are up to n_batch x the vocabulary (622 MB for Qwen2.5's 151,936 tokens), uncounted by
         its cache's size limit, and not needed: generate() evaluates the last prompt token again after a state is
-        loaded. Copying them took 1.1 s for a 600-token context of the built-in model on two CPU cores, whose KV
-        cache was 7.4 MB: a second a turn wherever a conversation leaves the live context behind (documents Q&A,
-        users taking turns)."""
+        loaded. With them, saving a 600-token context of the built-in model on two CPU cores took 0.92 s the first
+        time and 0.21 s at best, without them 4-6 ms; the KV cache was 7.4 MB, the rows 365 MB
+        (bench/results/prefix-state-save-cpu.json). A save happens wherever a conversation leaves the live context
+        behind (documents Q&A, users taking turns)."""
         import ctypes
 
         import llama_cpp
