@@ -67,7 +67,7 @@ def _looks_like_a_path(value: str) -> bool:
 
 
 class Metrics:
-    def __init__(self, queue_depth):
+    def __init__(self, queue_depth, prefix_cache_bytes):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("quantchat_requests", "API requests", ["endpoint", "status"], registry=r)
@@ -84,6 +84,8 @@ class Metrics:
         self.speed = Histogram("quantchat_decode_tokens_per_second", "decode speed per answer", registry=r,
                                buckets=(1, 5, 10, 25, 50, 100, 200, 400, 800, 1600))
         Gauge("quantchat_queue_depth", "requests waiting for the model", registry=r).set_function(queue_depth)
+        Gauge("quantchat_prefix_cache_bytes", "memory held by saved conversation states for reuse (llama.cpp's, in "
+              "host memory)", registry=r).set_function(prefix_cache_bytes)
 
     def answered(self, reply: Reply) -> None:
         s = reply.stats
@@ -107,8 +109,13 @@ class OpenAIServer:
         self.engine: ChatEngine | None = None
         self.library = None  # documents Q&A
         self.api_keys = set(api_keys or [])
-        self.metrics = Metrics(lambda: self.engine.queue_depth if self.engine else 0)
+        self.metrics = Metrics(lambda: self.engine.queue_depth if self.engine else 0, self._prefix_cache_bytes)
         self.app = self._build()
+
+    def _prefix_cache_bytes(self) -> int:
+        """The backend's saved conversation states, where it keeps any (llama.cpp)."""
+        keeps = getattr(self.engine.model, "prefix_cache_bytes", None) if self.engine else None
+        return keeps() if keeps else 0
 
     def ready(self, engine: ChatEngine, library=None) -> None:
         self.library = library

@@ -154,7 +154,9 @@ REFERENCE = " ".join(f"Fact {i}: the ferry number {i} leaves pier {i % 7} at {i 
 
 def test_a_follow_up_turn_continues_from_the_cached_history(gemma_gguf):
     """The second turn evaluates only what is new; a second conversation in between is swapped out and back in
-    (its state saved in host memory) rather than evaluated again."""
+    (its state saved in host memory) rather than evaluated again; /metrics shows the saved states' bytes."""
+    import httpx
+    from test_api import start
     model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=2048")))
     try:
         engine = build_engine(settings("--max_new_tokens=8", "--prompt_type=gemma"), model)
@@ -177,6 +179,13 @@ def test_a_follow_up_turn_continues_from_the_cached_history(gemma_gguf):
         assert back.stats.reused_tokens > 0.9 * follow_up.stats.prompt_tokens  # its saved state came back
         # a saved state is its KV cache: no copy of the vocabulary-wide score rows (622 MB each for Qwen2.5)
         assert model.states.cache_state and all(s.scores.shape[0] == 1 for s in model.states.cache_state.values())
+        server, url = start(engine)  # /metrics shows what the saved states hold
+        try:
+            shown = next(float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                         if line.startswith("quantchat_prefix_cache_bytes "))
+            assert shown == sum(s.llama_state_size for s in model.states.cache_state.values()) > 0
+        finally:
+            server.uvicorn.should_exit = True
     finally:
         model.close()
 

@@ -278,6 +278,7 @@ class LlamaCppModel:
         self._lock = threading.Lock()
         self.prefix_cache = p.options.prefix_cache
         self.states = llama_cpp.LlamaRAMCache(STATE_CACHE_BYTES) if self.prefix_cache else None
+        self.saved_bytes = 0  # what the saved states hold (/metrics reads it from another thread)
         self.speculative_tokens = p.options.speculative_tokens
 
     def _load_draft(self, llama_cpp, p: LoadPlan[Options]):
@@ -418,6 +419,7 @@ class LlamaCppModel:
         live = Llama.longest_token_prefix(live_ids, tokens)
         if live < len(live_ids) and len(live_ids) >= MIN_SAVED_TOKENS:
             self.states[live_ids] = self._saved_state()  # another conversation: keep this one for its next turn
+            self.saved_bytes = self.states.cache_size
         try:
             saved = self.states[tokens]
         except KeyError:
@@ -429,6 +431,10 @@ class LlamaCppModel:
             self.llm.reset()
             return 0
         return reused  # generate() keeps this prefix and evaluates the rest
+
+    def prefix_cache_bytes(self) -> int:
+        """Host memory held by the saved conversation states (--prefix_cache)."""
+        return self.saved_bytes
 
     def _saved_state(self):
         """The context's state (its KV cache), as llama-cpp-python's save_state() makes it but without its copy of
