@@ -10,9 +10,9 @@ shape on an H200, bench/results/attention-grouped-h200.json and kernels-h200.jso
 - in the compiled steps (half precision, captured with cuDNN allowed), SDPA takes the groups itself with the mask
   (`enable_gqa`), which cuDNN runs: 13.3-17.9 µs for one query over 512-8,192 positions, no copy;
 - elsewhere (an eager prefill that continues the cache; cuDNN is left out there), the query heads of a group become
-  rows of one query ("packed"), which SDPA's efficient kernel takes with the mask: for 9-64 queries 96-104 µs over
-  2,048 positions against 134-145 copied. A long prompt (more than PACKED_ROWS_MOST rows) stays with transformers:
-  a 2,048-token prefill took 649 µs packed against 605 copied.
+  rows of one query ("packed"), which SDPA's efficient kernel takes with the mask: for 9-64 queries 97-105 µs over
+  2,048 positions against 132-143 copied. A long prompt (more than PACKED_ROWS_MOST rows) stays with transformers:
+  a 2,048-token prefill took 648 µs packed against 604 copied.
 
 A verify step of speculative decoding asks attention for several queries (the token and its guesses) over the
 cache. SDPA sends that to cuDNN's prefill kernel, which is slow for a handful of queries: 51.5 µs for 9 queries
