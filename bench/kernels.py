@@ -159,15 +159,33 @@ def measure_matmuls(kernel: str, model: str, bandwidth: float) -> dict:
     return result
 
 
-def attention_row(flex, q, k, v) -> dict:
-    """Microseconds per call of each attention backend; the queries are the last positions, each seeing the cache
-    up to itself."""
+def attention_inputs(queries: int, context: int):
+    """One layer of the 8B shape's attention in bf16 (32 query heads, 8 key/value heads): queries at the last of
+    `context` cached positions, and the boolean mask that lets each see the cache up to itself."""
+    s = SHAPES["llama3-8b"]
+    heads, kv_heads = s["num_attention_heads"], s["num_key_value_heads"]
+    dim = s["hidden_size"] // heads
+    q = torch.randn(1, heads, queries, dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = (torch.arange(context, device="cuda")[None, :]
+            <= torch.arange(context - queries, context, device="cuda")[:, None])[None, None]
+    return q, k, v, mask
+
+
+def call_us(call) -> float | str:
+    """Microseconds per call of `call` captured in a CUDA graph, or why no kernel took its inputs."""
+    try:
+        return round(graph_ms(call, replays=200) * 1e3, 1)
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:100]
+
+
+def attention_row(flex, q, k, v, mask) -> dict:
+    """Microseconds per call of each attention backend (attention_inputs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask
     queries, context = q.shape[2], k.shape[2]
     offset = context - queries
-    mask = (torch.arange(context, device="cuda")[None, :]
-            <= torch.arange(offset, context, device="cuda")[:, None])[None, None]
     backends = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa cudnn": SDPBackend.CUDNN_ATTENTION,
                 "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa math": SDPBackend.MATH}
     row = {}
@@ -177,10 +195,7 @@ def attention_row(flex, q, k, v) -> dict:
                 with sdpa_kernel(backend):
                     torch.nn.functional.scaled_dot_product_attention(
                         q, k, v, attn_mask=mask if masked else None, enable_gqa=True)
-            try:
-                row[f"{name}{' masked' if masked else ''}"] = round(graph_ms(call, replays=200) * 1e3, 1)
-            except RuntimeError as e:  # this backend does not take these inputs
-                row[f"{name}{' masked' if masked else ''}"] = str(e).splitlines()[0][:100]
+            row[f"{name}{' masked' if masked else ''}"] = call_us(call)
     block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi + offset, None, None, queries, context)
     try:
         flex(q, k, v, block_mask=block_mask, enable_gqa=True)
@@ -194,16 +209,11 @@ def attention_row(flex, q, k, v) -> dict:
 def measure_attention() -> dict:
     """One layer of the 8B shape's decode attention, microseconds per call, per backend and context length."""
     from torch.nn.attention.flex_attention import flex_attention
-    s = SHAPES["llama3-8b"]
-    heads, kv_heads = s["num_attention_heads"], s["num_key_value_heads"]
-    dim = s["hidden_size"] // heads
     flex = torch.compile(flex_attention, dynamic=False)
     result = {}
     for context in CONTEXTS:
         for queries in (1, 9):
-            q = torch.randn(1, heads, queries, dim, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(1, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-            row = attention_row(flex, q, k, v)
+            row = attention_row(flex, *attention_inputs(queries, context))
             result[f"{context} cached, {queries} queries"] = row
             print(context, queries, row, flush=True)
     return result
@@ -218,28 +228,18 @@ def measure_grouped_attention() -> dict:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from quantchat.loaders.hf.attention import _grouped_sdpa, _packed_sdpa
-    s = SHAPES["llama3-8b"]
-    heads, kv_heads = s["num_attention_heads"], s["num_key_value_heads"]
-    dim = s["hidden_size"] // heads
-    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
     cases = [(context, queries) for context in CONTEXTS for queries in (1, 9, 16, 64)] + [(2048, 2048)]
     result = {}
     for context, queries in cases:
-        q = torch.randn(1, heads, queries, dim, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        mask = (torch.arange(context, device="cuda")[None, :]
-                <= torch.arange(context - queries, context, device="cuda")[:, None])[None, None]
+        q, k, v, mask = attention_inputs(queries, context)
+        module = types.SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True, training=False)
         row = {}
         for cudnn in (True, False):
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
             for name, call in (("taken", functools.partial(_grouped_sdpa, q, k, v, mask, None)),
                                ("packed", functools.partial(_packed_sdpa, q, k, v, mask, None)),
                                ("copied", functools.partial(sdpa_attention_forward, module, q, k, v, mask))):
-                try:
-                    us = round(graph_ms(call, replays=200) * 1e3, 1)
-                except RuntimeError as e:  # no kernel takes these inputs
-                    us = str(e).splitlines()[0][:100]
-                row[f"{name}{', cuDNN allowed' if cudnn else ''}"] = us
+                row[f"{name}{', cuDNN allowed' if cudnn else ''}"] = call_us(call)
         torch.backends.cuda.enable_cudnn_sdp(True)
         result[f"{context} cached, {queries} queries"] = row
         print(context, queries, row, flush=True)

@@ -83,12 +83,20 @@ def engine_for(name: str, cache: bool, new_tokens: int):
     return build_engine(settings, model), model
 
 
-def reference_of(model, tokens: int) -> str:
-    """Reference text of about `tokens` tokens for this model's tokenizer (the calibration text, repeated)."""
+def reference_of(count_tokens, tokens: int) -> str:
+    """Reference text of about `tokens` tokens as `count_tokens` counts them (the calibration text, repeated)."""
     text = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()
-    while model.count_tokens(text) < tokens:
+    while count_tokens(text) < tokens:
         text += "\n\n" + text
-    return text[:int(len(text) * tokens / model.count_tokens(text))]
+    return text[:int(len(text) * tokens / count_tokens(text))]
+
+
+def turn_row(name: str, cache: bool, turn: int, stats, **more) -> dict:
+    """One answer's row of a result file (turn 0: the short prompt), printed as it comes."""
+    row = {"model": name, "prefix_cache": cache, **more, "turn": turn, "prompt_tokens": stats.prompt_tokens,
+           "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def ask(engine, history: list[dict]) -> tuple[str, object]:
@@ -103,7 +111,7 @@ def turns(name: str, history_tokens: int, grouped: list[str]) -> list[dict]:
     from quantchat.loaders.hf import attention
     rows = []
     engine, model = engine_for(name, True, 24)  # loaded (and on a GPU compiled) once; the cache turned off, then on
-    reference = reference_of(model, history_tokens)
+    reference = reference_of(model.count_tokens, history_tokens)
     runs = [(False, attention.GROUPED_HEADS)] + [(True, way) for way in grouped or [attention.GROUPED_HEADS]]
     for run, (cache, way) in enumerate(runs):
         attention.GROUPED_HEADS = way
@@ -115,16 +123,10 @@ def turns(name: str, history_tokens: int, grouped: list[str]) -> list[dict]:
             history.append({"role": "user", "content": question})
             text, stats = ask(engine, history)
             history.append({"role": "assistant", "content": text})
-            rows.append({"model": name, "prefix_cache": cache, "grouped_heads": attention.GROUPED_HEADS, "turn": i,
-                         "prompt_tokens": stats.prompt_tokens,
-                         "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(turn_row(name, cache, i, stats, grouped_heads=way))
         if cache:
             _, stats = ask(engine, [{"role": "user", "content": SHORT}])
-            rows.append({"model": name, "prefix_cache": cache, "grouped_heads": attention.GROUPED_HEADS, "turn": 0,
-                         "prompt_tokens": stats.prompt_tokens,
-                         "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(turn_row(name, cache, 0, stats, grouped_heads=way))
     model.close()
     return rows
 
@@ -160,10 +162,7 @@ def documents_turns(name: str) -> list[dict]:
             history.append({"role": "user", "content": question})
             reply = engine.chat(history, documents=docs)
             history.append({"role": "assistant", "content": reply.finish()})
-            stats = reply.stats
-            rows.append({"model": name, "prefix_cache": cache, "turn": i, "prompt_tokens": stats.prompt_tokens,
-                         "reused_tokens": stats.reused_tokens or 0, "ttft_ms": round(stats.ttft_s * 1000, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(turn_row(name, cache, i, reply.stats))
         model.close()
     return rows
 
@@ -239,10 +238,7 @@ def tokenize_turns(tokenizer_dir: str, history_tokens: int, runs: int = 5) -> li
     from quantchat.prompter import make_prompter
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     prompter = make_prompter(None, None, None, "", tok.chat_template, tok.bos_token, tok.eos_token)
-    text = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()
-    while len(tok(text).input_ids) < history_tokens:
-        text += "\n\n" + text
-    text = text[:int(len(text) * history_tokens / len(tok(text).input_ids))]
+    text = reference_of(lambda text: len(tok(text).input_ids), history_tokens)
     history, kept, rows = [{"role": "system", "content": f"Answer from this text.\n\n{text}"}], PromptEncoder(tok), []
     for turn, question in enumerate(QUESTIONS, start=1):
         history.append({"role": "user", "content": question})
@@ -308,11 +304,16 @@ def main() -> None:
         FastDecoder.PROMPT_STEP_TOKENS = args.prompt_step
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
               "date": time.strftime("%Y-%m-%d"), "prompt_step": args.prompt_step, "turns": [], "greedy": []}
-    if args.tokenizer or args.state_save:
-        result = {**result, "tokenizer": args.tokenizer, "encode": tokenize_turns(args.tokenizer, args.history_tokens)} \
-            if args.tokenizer else {**result, "state_save": state_saves()}
+    if args.tokenizer or args.state_save:  # (host-side measurements, no turns)
         del result["turns"], result["greedy"]
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n") if args.out else print(json.dumps(result))
+        if args.tokenizer:
+            result.update(tokenizer=args.tokenizer, encode=tokenize_turns(args.tokenizer, args.history_tokens))
+        else:
+            result["state_save"] = state_saves()
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        else:
+            print(json.dumps(result))
         return
     for name in args.models.split(","):
         result["turns"] += documents_turns(name) if args.documents else \

@@ -105,9 +105,10 @@ class FastDecoder:
         self.cached: list[int] = []
         self.device = model.get_input_embeddings().weight.device
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        text = full_attention_config(model.config)  # (the text model's config, every layer full-length)
         # one position more than the largest window: a slice of the whole cache would be contiguous, which the
         # compiler specialises on (a second compilation)
-        self.cache = windowed_static_cache(full_attention_config(model.config), cache_tokens + 1)
+        self.cache = windowed_static_cache(text, cache_tokens + 1)
         # attention reads the cache only up to the smallest window that holds the sequence so far, not all of it
         self.windows = {n: torch.empty(n, dtype=torch.int8, device=self.device) for n in window_lengths(cache_tokens)}
         for marker in self.windows.values():
@@ -122,7 +123,6 @@ class FastDecoder:
         # compiled on CUDA: grouped heads without copies of the keys and values, and the verify step's attention
         # through flex attention's decoding kernel, 2.7-5x faster than cuDNN's for a few queries (attention.py)
         own_attention = compile and self.device.type == "cuda" and attention.use_fast_path_attention(model)
-        text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.flex_verify = bool(self.verify_width) and own_attention and attention.FLEX_IN_VERIFY_STEPS and \
             attention.flex_fits(head_dim, model.dtype)
@@ -449,17 +449,17 @@ class FastDecoder:
     def _check_wide_graphs(self) -> None:
         """The captured verify and prompt steps must choose what the uncaptured ones do over the same cache, or
         that step is not used (speculative decoding is off; short prompts are prefilled eagerly)."""
-        for logits_of, graphs, width, off in (
-                (self._verify_logits, self.verify_graphs, "verify_width", "speculative decoding is off"),
-                (self._prompt_logits, self.prompt_graphs, "prompt_width", "prompts are prefilled eagerly")):
+        for step, logits_of, graphs, off in (
+                ("verify", self._verify_logits, self.verify_graphs, "speculative decoding is off"),
+                ("prompt", self._prompt_logits, self.prompt_graphs, "prompts are prefilled eagerly")):
             if not graphs:
                 continue
             plain, replayed = _in_worker(lambda f=logits_of: (self._choices(f), self._choices(f, captured=True)))
             if plain != replayed:
                 graphs.clear()
-                setattr(self, width, 0)
-                print(f"warning: the captured {width.split('_')[0]} step chose {replayed} where the step chose "
-                      f"{plain}: {off} for this model", file=sys.stderr)
+                setattr(self, f"{step}_width", 0)  # (verify_width, prompt_width)
+                print(f"warning: the captured {step} step chose {replayed} where the step chose {plain}: {off} for "
+                      "this model", file=sys.stderr)
 
     @contextlib.contextmanager
     def _decode_attention(self):
