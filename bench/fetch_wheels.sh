@@ -7,6 +7,7 @@
 #   .whl/q1      gptqmodel 7.6.0, its source-only dependencies built here, optimum, torchao
 #   .whl/ex2     exllamav2 0.3.2 and what it imports
 #   .whl/ex      exllamav3 and what it imports;  .whl/pyd  pydantic (exllamav3 imports it)
+#   .whl/llg     llguidance                               (constrained output; the GPU tests of it)
 #   .whl/gl      GemLite, a candidate in bench/kernels.py (pure Python and Triton)
 #   .gpu/llama_src.tar.gz  llama-cpp-python's source without its models, docs and git history (12 MB of 76)
 # Usage: bash bench/fetch_wheels.sh [folder ...]   (default: all). Python 3.12 must be on PATH as python3.12 or
@@ -31,7 +32,7 @@ build() {  # folder, requirements...: source-only packages, built with Python 3.
     mkdir -p "$folder"
     "$PY312" -m pip wheel -q --no-deps -w "$folder" "$@"
 }
-set -- "${@:-conv tf bnb130 q1 ex2 ex pyd gl llama}"
+set -- "${@:-conv tf bnb130 q1 ex2 ex pyd llg gl llama}"
 set -- $*
 for part in "$@"; do
     case "$part" in
@@ -43,6 +44,7 @@ for part in "$@"; do
         ex2)    download .whl/ex2 exllamav2==0.3.2 fastparquet cramjam websockets ;;
         ex)     download .whl/ex exllamav2==0.3.2 "exllamav3>=1.6" "llguidance>=1.7" marisa_trie fastparquet cramjam \
                     websockets ;;
+        llg)    download .whl/llg "llguidance>=1.7" ;;
         gl)     build .whl/gl gemlite==0.6.0.post2 ;;
         pyd)    download .whl/pyd pydantic pydantic-core annotated-types typing-inspection ;;
         llama)  mkdir -p .gpu /tmp/llsrc && rm -rf /tmp/llsrc/*
@@ -53,7 +55,7 @@ for part in "$@"; do
                     "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/.github" "$src/vendor/llama.cpp/media" \
                     "$src/vendor/llama.cpp/.devops"
                 tar czf .gpu/llama_src.tar.gz -C /tmp/llsrc "$(basename "$src")" ;;
-        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd gl llama)" >&2; exit 2 ;;
+        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd llg gl llama)" >&2; exit 2 ;;
     esac
     echo "$part: $(du -sh ".whl/$part" ".gpu/llama_src.tar.gz" 2>/dev/null | head -1 | cut -f1)"
 done

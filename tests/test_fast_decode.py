@@ -366,6 +366,8 @@ def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
     assert len(calls) == 2
     assert attention._flex_takes(query, keys[0], causal[None, None], 0.0, {})
     assert not attention._flex_takes(query[:, :, :1], keys[0], causal[None, None, :1], 0.0, {})  # one query
+    wide = torch.randn(1, 8, attention.FLEX_QUERIES_MOST + 1, 16, dtype=torch.bfloat16)  # (a prompt step)
+    assert not attention._flex_takes(wide, keys[0], torch.ones(1, 1, wide.shape[2], 512, dtype=torch.bool), 0.0, {})
     assert not attention._flex_takes(query, keys[0][:, :, :500], causal[None, None, :, :500], 0.0, {})  # part block
     assert not attention._flex_takes(query, keys[0], causal[None, None], 0.0, {"softcap": 30.0})
     assert not attention._flex_takes(query, keys[0], None, 0.0, {})  # SDPA's own causal rule

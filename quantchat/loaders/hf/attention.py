@@ -43,6 +43,10 @@ BLOCK = 128  # flex attention's key/value block: the windows the fast path hands
 # head sizes flex's kernels take at the sizes of a decode step (16 and 128 ran on an H200); 256 (Gemma 3) was not
 # tried and stays on SDPA
 HEAD_DIMS = (16, 32, 64, 128)
+# the most queries flex serves: a verify step's width (9 measured). 64 (the captured prompt step of the Llama-3-8B
+# shape, bf16) failed to compile on an H200 with torch 2.11 (Inductor: "NoValidChoicesError: No choices to select"
+# for the flex kernel) and took the fast path down; steps that wide go to SDPA, which takes the groups itself
+FLEX_QUERIES_MOST = 16
 
 
 def use_fast_path_attention(model) -> bool:
@@ -128,12 +132,12 @@ def flex_fits(head_dim: int, dtype) -> bool:
 
 
 def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
-    """Several queries of one sequence over a cache window of whole blocks, a boolean mask (no mask would mean SDPA's
-    own causal rule, which counts from the cache's start), and nothing a plain call drops."""
+    """Several queries (up to FLEX_QUERIES_MOST) of one sequence over a cache window of whole blocks, a boolean mask
+    (no mask would mean SDPA's own causal rule, which counts from the cache's start), and nothing a plain call drops."""
     import torch
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
-    return (_plain(dropout, extra) and mask_fits and query.shape[0] == 1 and query.shape[2] > 1
+    return (_plain(dropout, extra) and mask_fits and query.shape[0] == 1 and 1 < query.shape[2] <= FLEX_QUERIES_MOST
             and key.shape[2] % BLOCK == 0 and flex_fits(query.shape[-1], query.dtype))
 
 
