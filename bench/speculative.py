@@ -113,6 +113,7 @@ def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str])
                     "text": text, "tokens": s.completion_tokens, "tokens_per_s": s.tokens_per_s, "ttft_s": s.ttft_s,
                     "decode_s": s.total_s - s.ttft_s, "steps": spec.steps if spec else 0,
                     "guessed": spec.drafted if spec else 0, "kept": spec.accepted if spec else 0,
+                    "guess_steps_s": spec.seconds if spec else 0.0,
                     "switched_off": bool(spec and spec.switched_off)})
                 print(workload, speculative, s.line(), flush=True)
     for model in models:
@@ -130,6 +131,10 @@ def summary(plain: list[dict], guessed: list[dict]) -> dict:
             "guessed": sum(r["guessed"] for r in guessed), "kept": kept,
             "acceptance": round(kept / max(1, sum(r["guessed"] for r in guessed)), 3),
             "tokens_per_step": round((steps + kept) / steps, 2) if steps else None,
+            # a step with guesses (guessing, the step, reading its choices) against a token decoded without guesses
+            "ms_per_step_with_guesses": round(1000 * sum(r.get("guess_steps_s", 0) for r in guessed) / steps, 3)
+            if steps else None,
+            "ms_per_token_without": round(1000 / rate(plain), 3),
             "switched_off": sum(r["switched_off"] for r in guessed),
             "same_answers": sum(a["text"] == b["text"] for a, b in zip(plain, guessed, strict=True))}
 

@@ -328,6 +328,30 @@ def test_generate_continues_a_conversation_from_its_cache(tiny_llama):
     assert again == answers and reused == [0, 0, 0] and all(n > 100 for n in reused_again[1:]), reused_again
 
 
+@pytest.mark.parametrize("step", ["verify", "prompt"])
+def test_a_wide_step_the_compiler_fails_on_is_turned_off_and_the_fast_path_stays(tiny_llama, step, monkeypatch,
+                                                                                 capsys):
+    """A verify or prompt step that fails to compile (as a 64-wide prompt step once did on an H200) turns itself
+    off at warm-up with a warning; the one-token step stays, with generate's tokens."""
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+
+    def fails(self, *args):
+        raise RuntimeError("NoValidChoicesError: No choices to select")
+    monkeypatch.setattr(FastDecoder, f"_forward_{'many' if step == 'verify' else step}", fails)
+    model = load(tiny_llama, "--fast_decode=False")
+    try:
+        fast = FastDecoder(model.model, model.eos_ids, 256, compile=False, speculative_tokens=4, prompt_step_tokens=16)
+        fast.warm_up()
+        assert getattr(fast, f"{step}_width") == 0
+        assert f"the {step} step failed to compile (RuntimeError: NoValidChoicesError" in capsys.readouterr().err
+        ids = model._encode("one two three four five six seven " * 4)
+        params = GenParams(max_new_tokens=40, repetition_penalty=1.0)
+        assert list(fast.tokens(ids, params, threading.Event())) == list(model._generate(ids, params,
+                                                                                         threading.Event()))
+    finally:
+        model.close()
+
+
 def test_a_failed_answer_leaves_nothing_to_reuse(tiny_llama, monkeypatch):
     model = load(tiny_llama, "--fast_decode=True")
     conversation(model, TURNS[:1], system="Be brief.")

@@ -185,7 +185,7 @@ def test_the_captured_verify_step_keeps_generates_tokens(tiny_llama, half):
 
 def test_short_prompts_and_follow_ups_go_through_the_captured_prompt_step(tiny_llama, monkeypatch):
     """A prompt, or the rest of one that continues the cache, of up to 64 tokens prefilled by a captured step, padded
-    to that width (FastDecoder.PROMPT_STEP_TOKENS, off by default until this has run): generate's tokens exactly
+    to that width (FastDecoder.PROMPT_STEP_TOKENS, 64 by default on CUDA): generate's tokens exactly
     (fp32), for a short prompt, a long one (prefilled eagerly) and its follow-up."""
     from quantchat.loaders.hf.fast_decode import FastDecoder
     monkeypatch.setattr(FastDecoder, "PROMPT_STEP_TOKENS", 64)

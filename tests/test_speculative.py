@@ -26,6 +26,64 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert PromptLookup([5, 5]).draft(4) == []             # too short for a 3-token match
 
 
+def test_a_lookup_follows_the_next_prompt_as_if_indexed_afresh():
+    """A chat's next turn continues the last answer's lookup: cut back to the prefix the new prompt shares with it
+    (an answer the template renders otherwise), extended by the rest, its index that of a fresh lookup."""
+    import random
+    rng = random.Random(0)
+    history = [rng.randrange(6) for _ in range(300)]  # (a small vocabulary: n-grams recur)
+    for next_prompt in (history + [1, 2, 3, 4],                  # the history continued
+                        history[:250] + [5, 0, 5, 1, 2, 3] * 9,   # its last 50 tokens rendered otherwise
+                        history[:-1]):                           # shorter
+        lookup = PromptLookup(history)
+        followed = lookup.follow(next_prompt)
+        fresh = PromptLookup(next_prompt)
+        assert followed is lookup and followed.tokens == fresh.tokens and followed.last_end == fresh.last_end
+        assert followed.draft(5) == fresh.draft(5)
+    other = PromptLookup.over([0] * 400, PromptLookup(history))  # another conversation: indexed afresh
+    assert other.tokens == [0] * 400 and other.last_end == PromptLookup([0] * 400).last_end
+    assert PromptLookup.over(history, None).last_end == PromptLookup(history).last_end
+
+
+def test_a_conversations_next_turn_continues_its_lookup(tiny_llama, pair, monkeypatch):
+    """On the fast path and on llama.cpp, the next turn's lookup is the last answer's, followed on: the history is
+    not indexed again (a new lookup only for a new conversation)."""
+    made = []
+    init = PromptLookup.__init__
+    monkeypatch.setattr(PromptLookup, "__init__", lambda self, *a, **k: made.append(1) or init(self, *a, **k))
+    fast = load(tiny_llama, "--fast_decode=True")
+    try:
+        made.clear()  # (the warm-up's answers)
+        first = "one two three four five six seven " * 12
+        reply = answer(fast, first, max_new_tokens=20)
+        prompt = fast._encode(first)[0].tolist()
+        indexed = fast.fast.lookup.tokens  # the prompt and the answer (less its last token, never looked up from)
+        assert len(made) == 1 and indexed[:len(prompt)] == prompt and len(indexed) == len(prompt) + 19
+        kept = fast.fast.lookup
+        answer(fast, first + reply + " eight nine", max_new_tokens=20)
+        assert len(made) == 1 and fast.fast.lookup is kept
+        answer(fast, "Something else entirely.", max_new_tokens=5)
+        assert len(made) == 2
+    finally:
+        fast.close()
+    engine = pair[True]
+    history = [{"role": "user", "content": REWRITE}]
+    history.append({"role": "assistant", "content": engine.chat(history).finish()})
+    assert len(made) == 3
+    history.append({"role": "user", "content": "Again, shorter."})
+    engine.chat(history).finish()
+    assert len(made) == 3, "the second turn indexed its history again"
+
+
+def test_shared_prefix_finds_the_first_difference():
+    from quantchat.loaders.base import shared_prefix
+    a = list(range(1000))
+    for at in (0, 1, 2, 511, 512, 998, 999):
+        assert shared_prefix(a, a[:at] + [-1] + a[at + 1:]) == at
+    assert shared_prefix(a, a) == 1000 and shared_prefix(a, a[:700]) == shared_prefix(a[:700], a) == 700
+    assert shared_prefix([], a) == shared_prefix([5], [6]) == 0
+
+
 def test_the_draft_length_follows_acceptance_and_the_switch_follows_the_clock():
     control = DraftControl(most=8, patience=2)
     control.step_done(drafted=2, accepted=2, seconds=0.01)

@@ -62,8 +62,18 @@ def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    """How many leading tokens `a` and `b` have in common, found by halving with slice comparisons (C loops): a
+    6,000-token history's comparison took 0.8 ms token by token in Python."""
+    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low]; the first difference is before `high`, if any
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 class Either:

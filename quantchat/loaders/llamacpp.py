@@ -279,6 +279,8 @@ class LlamaCppModel:
         self.prefix_cache = p.options.prefix_cache
         self.states = llama_cpp.LlamaRAMCache(STATE_CACHE_BYTES) if self.prefix_cache else None
         self.saved_bytes = 0  # what the saved states hold (/metrics reads it from another thread)
+        # --speculative: the last answer's prompt lookup, which the conversation's next turn continues
+        self.lookup: PromptLookup | None = None
         self.speculative_tokens = p.options.speculative_tokens
 
     def _load_draft(self, llama_cpp, p: LoadPlan[Options]):
@@ -356,29 +358,33 @@ class LlamaCppModel:
                                     repeat_penalty=params.repetition_penalty)
         control = DraftControl(most=self.speculative_tokens, probe_plain_steps=self.draft is not None)
         params.report.speculation = control.stats
-        lookup = DraftModel(self.draft, tokens) if self.draft else PromptLookup(tokens)
+        lookup, self.lookup = self.lookup, None  # (until this answer is done)
+        lookup = DraftModel(self.draft, tokens) if self.draft else PromptLookup.over(tokens, lookup)
         token = sampler.sample(llm._ctx, -1)
-        while True:
-            yield token
-            lookup.extend([token])
-            started = time.perf_counter()
-            room = llm.n_ctx() - llm.n_tokens - 1
-            batch = [token, *(lookup.draft(min(control.length, room)) if control.guessing and room > 0 else [])]
-            at = llm.n_tokens
-            llm._batch.set_batch(batch=batch, n_past=at, logits_all=True)  # logits at every position: each checks
-            llm._ctx.decode(llm._batch)
-            llm.input_ids[at:at + len(batch)] = batch
-            chosen = []
-            for i in range(len(batch)):  # the token chosen after batch[i]; the guess batch[i + 1] stands if equal
-                chosen.append(sampler.sample(llm._ctx, i))
-                if i + 1 == len(batch) or chosen[-1] != batch[i + 1]:
-                    break
-            llm.n_tokens = at + len(chosen)  # the cache keeps the tokens whose next token was chosen
-            llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
-            control.step_done(len(batch) - 1, len(chosen) - 1, time.perf_counter() - started)
-            *kept, token = chosen
-            yield from kept
-            lookup.extend(kept)
+        try:
+            while True:
+                yield token
+                lookup.extend([token])
+                started = time.perf_counter()
+                room = llm.n_ctx() - llm.n_tokens - 1
+                batch = [token, *(lookup.draft(min(control.length, room)) if control.guessing and room > 0 else [])]
+                at = llm.n_tokens
+                llm._batch.set_batch(batch=batch, n_past=at, logits_all=True)  # logits at every position: each checks
+                llm._ctx.decode(llm._batch)
+                llm.input_ids[at:at + len(batch)] = batch
+                chosen = []
+                for i in range(len(batch)):  # the token chosen after batch[i]; the guess batch[i + 1] stands if equal
+                    chosen.append(sampler.sample(llm._ctx, i))
+                    if i + 1 == len(batch) or chosen[-1] != batch[i + 1]:
+                        break
+                llm.n_tokens = at + len(chosen)  # the cache keeps the tokens whose next token was chosen
+                llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+                control.step_done(len(batch) - 1, len(chosen) - 1, time.perf_counter() - started)
+                *kept, token = chosen
+                yield from kept
+                lookup.extend(kept)
+        finally:  # (the consumer closes this generator when the answer is done)
+            self.lookup = lookup if isinstance(lookup, PromptLookup) else None
 
     @functools.cached_property
     def lltokenizer(self):

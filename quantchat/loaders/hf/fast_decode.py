@@ -3,8 +3,9 @@
 A static KV cache (fixed addresses, so the step can be replayed), the one-token step compiled by torch.compile
 (Inductor's fused kernels) and then captured whole in a CUDA graph, the next token chosen on the GPU
 (repetition penalty, temperature, top-k, top-p), and one host wait per token, for the token id that streaming
-needs, while the GPU already runs the next step. The prompt is prefilled eagerly (its length changes every
-request; PROMPT_STEP_TOKENS can send a short one through a captured step instead). Attention reads the cache only
+needs, while the GPU already runs the next step. A prompt of up to PROMPT_STEP_TOKENS (or what a chat's next turn
+adds to the cached history) goes through a captured step of that width, padded; a longer one is prefilled eagerly
+(its length changes every request). Attention reads the cache only
 up to the smallest window (256, 512, ... positions) that holds the sequence so far, with one captured graph per
 window. Compiling takes minutes for a 7B model, so the Hugging Face
 backend warms this path up in the background and answers with generate until it is ready (loaders/hf.py).
@@ -86,12 +87,14 @@ class FastDecoder:
     # the captured steps' attention: cuDNN (torch's first choice on Hopper), whose per-shape plan each window's
     # graph builds once at warm-up, where the rest of the process leaves it out (hf.attention_without_shape_plans)
     CUDNN_DECODE_ATTENTION = True
-    # a prompt of at most this many tokens (or the rest of one that continues the cache: a chat's next turn) can go
+    # a prompt of at most this many tokens (or the rest of one that continues the cache: a chat's next turn) goes
     # through a captured step of this width, padded, instead of an eager prefill, which at batch 1 is bound by its
-    # launches: a 23-token prompt of the Llama-3-8B shape waited 38 ms for its first token on an H200, about what
-    # seven captured one-token steps take (bench/results/prefix-cache-h200-grouped.json). 0 (off) until it has run on
-    # a GPU: tests/test_gpu_hf.py and `bench/prefix_cache.py --prompt_step=64` turn it on there
-    PROMPT_STEP_TOKENS = 0
+    # launches. Llama-3-8B shape, bf16, an H200, one run each way (bench/results/prefix-cache-h200-step0.json and
+    # -step64.json): a 24-token prompt's first token after 8.1 ms instead of 56.7, a follow-up turn over a 7,100-token
+    # chat after 20.8-21.8 ms instead of 64.9-123.3. CUDA and compiled only: on a CPU a padded step costs its width
+    PROMPT_STEP_TOKENS = 64
+    # the steps over several tokens, which warm-up compiles and checks on their own, and what is off without each
+    _WIDE_STEPS = (("verify", "speculative decoding is off"), ("prompt", "prompts are prefilled eagerly"))
 
     def __init__(self, model, eos_ids: set[int], cache_tokens: int, compile: bool, prefix_cache: bool = True,
                  speculative_tokens: int = 0, draft: FastDecoder | None = None, prompt_step_tokens: int | None = None):
@@ -103,6 +106,9 @@ class FastDecoder:
         # the cache's memory is allocated once, for one sequence.
         self.prefix_cache = prefix_cache
         self.cached: list[int] = []
+        # --speculative: the last answer's prompt lookup (its prompt and answer indexed), which the next turn of the
+        # conversation continues instead of indexing the history again
+        self.lookup: PromptLookup | None = None
         self.device = model.get_input_embeddings().weight.device
         self.vocab = model.get_output_embeddings().weight.shape[0]
         text = full_attention_config(model.config)  # (the text model's config, every layer full-length)
@@ -279,11 +285,12 @@ class FastDecoder:
             seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
             seen[ids[0]] = True
             speculating = bool(self.verify_width) and not guide
+            lookup, self.lookup = self.lookup, None  # (until this answer is done)
             a = _Answer(ids.shape[1], params, cancel, emit, seen,
                         torch.tensor(self.eos_ids, device=self.device, dtype=torch.long),
                         AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None,
-                        (DraftModel(self.draft, ids[0].tolist()) if self.draft else PromptLookup(ids[0].tolist()))
-                        if speculating else None,
+                        (DraftModel(self.draft, ids[0].tolist()) if self.draft else
+                         PromptLookup.over(ids[0].tolist(), lookup)) if speculating else None,
                         DraftControl(most=self.verify_width - 1, probe_plain_steps=self.draft is not None)
                         if speculating else None)
             params.report.speculation = a.control.stats if speculating else None
@@ -295,6 +302,7 @@ class FastDecoder:
                 if token is not None:  # (prompt lookup has guesses)
                     token, i = self._speculate(a, int(token), i)
             self.cached = ids[0].tolist() + a.fed
+            self.lookup = a.lookup if isinstance(a.lookup, PromptLookup) else None
 
     def _one_token_a_step(self, a: _Answer, token, start: int):
         """From the answer's token `start` on, one token a step. One step ahead: step i+1 is queued on the GPU before
@@ -418,12 +426,13 @@ class FastDecoder:
     def warm_up(self) -> None:
         """Compile the steps now, so the first user does not wait for them, and on CUDA capture them; the captured
         graphs must then give the tokens the uncaptured steps gave, or they are not used."""
-        ids = self.torch.tensor([[0, 1, 2, 3]], device=self.device)
+        # a prompt longer than the prompt step: prefilled eagerly, which allocates the cache before a compiled step
+        # would trace its allocation (and compile again once it is allocated)
+        ids = (self.torch.arange(self.prompt_width + 4, device=self.device) % self.vocab).view(1, -1)
         params = GenParams(max_new_tokens=8, repetition_penalty=1.0)
         with self._decode_attention():  # the steps compile here, with the attention they are then captured with
             plain = list(self.tokens(ids, params, threading.Event()))
-            if self.verify_width:  # (whether or not the answer above had guesses to check)
-                _in_worker(lambda: self._choices(self._verify_logits))
+            self._compile_wide_steps()
             if not (self.compiled and self.device.type == "cuda"):
                 return
             # compared once compiled and tuned, and with the prompt's attention alike on both sides: with random
@@ -446,20 +455,34 @@ class FastDecoder:
         with self.torch.inference_mode():
             return logits_of([0, 1, 2], 4, captured=captured).argmax(dim=-1).tolist()
 
+    def _compile_wide_steps(self) -> None:
+        """Compile the verify and prompt steps first, each on its own: one the compiler fails on is turned off, and
+        the rest of the fast path stays (a 64-wide prompt step through flex attention failed to compile on an H200
+        and, compiled with the rest, took the whole fast path down)."""
+        for step, off in self._WIDE_STEPS:
+            if getattr(self, f"{step}_width"):
+                logits_of = getattr(self, f"_{step}_logits")
+                try:
+                    _in_worker(lambda f=logits_of: self._choices(f))
+                except Exception as e:
+                    self._turn_off(step, f"failed to compile ({type(e).__name__}: {str(e).strip()[:160]})", off)
+
     def _check_wide_graphs(self) -> None:
         """The captured verify and prompt steps must choose what the uncaptured ones do over the same cache, or
-        that step is not used (speculative decoding is off; short prompts are prefilled eagerly)."""
-        for step, logits_of, graphs, off in (
-                ("verify", self._verify_logits, self.verify_graphs, "speculative decoding is off"),
-                ("prompt", self._prompt_logits, self.prompt_graphs, "prompts are prefilled eagerly")):
-            if not graphs:
+        that step is not used."""
+        for step, off in self._WIDE_STEPS:
+            if not getattr(self, f"{step}_graphs"):
                 continue
+            logits_of = getattr(self, f"_{step}_logits")
             plain, replayed = _in_worker(lambda f=logits_of: (self._choices(f), self._choices(f, captured=True)))
             if plain != replayed:
-                graphs.clear()
-                setattr(self, f"{step}_width", 0)  # (verify_width, prompt_width)
-                print(f"warning: the captured {step} step chose {replayed} where the step chose {plain}: {off} for "
-                      "this model", file=sys.stderr)
+                self._turn_off(step, f"chose {replayed} where the step chose {plain} when captured", off)
+
+    def _turn_off(self, step: str, why: str, off: str) -> None:
+        getattr(self, f"{step}_graphs").clear()
+        setattr(self, f"{step}_width", 0)  # (verify_width, prompt_width)
+        self.flex_verify = self.flex_verify and bool(self.verify_width)
+        print(f"warning: the {step} step {why}: {off} for this model", file=sys.stderr)
 
     @contextlib.contextmanager
     def _decode_attention(self):
