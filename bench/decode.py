@@ -44,6 +44,11 @@ SHAPES = {  # the public configs' shapes
     "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
                   "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
                   "rope_theta": 500000.0},
+    # the built-in model's shape (Qwen2's q/k/v biases as a Llama's attention biases): a small model's steps are
+    # bound by their launches, not by the weights
+    "qwen2.5-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+                     "rope_theta": 1000000.0, "attention_bias": True},
 }
 # name: (quantchat flags, peer, checkpoint). A peer row is transformers as shipped (torch's own attention backends),
 # loaded through quantchat for the same weights; transformers' own compiled path last (it compiles in the main thread)

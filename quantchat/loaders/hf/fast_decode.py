@@ -426,10 +426,11 @@ class FastDecoder:
     def warm_up(self) -> None:
         """Compile the steps now, so the first user does not wait for them, and on CUDA capture them; the captured
         graphs must then give the tokens the uncaptured steps gave, or they are not used."""
-        # a prompt longer than the prompt step: prefilled eagerly, which allocates the cache before a compiled step
-        # would trace its allocation (and compile again once it is allocated)
-        ids = (self.torch.arange(self.prompt_width + 4, device=self.device) % self.vocab).view(1, -1)
         params = GenParams(max_new_tokens=8, repetition_penalty=1.0)
+        # a prompt longer than the prompt step (where the cache has room): prefilled eagerly, which allocates the
+        # cache before a compiled step would trace its allocation (and compile again once it is allocated)
+        length = max(4, min(self.prompt_width + 4, self.cache_tokens - params.max_new_tokens))
+        ids = (self.torch.arange(length, device=self.device) % self.vocab).view(1, -1)
         with self._decode_attention():  # the steps compile here, with the attention they are then captured with
             plain = list(self.tokens(ids, params, threading.Event()))
             self._compile_wide_steps()
@@ -456,7 +457,7 @@ class FastDecoder:
             return logits_of([0, 1, 2], 4, captured=captured).argmax(dim=-1).tolist()
 
     def _compile_wide_steps(self) -> None:
-        """Compile the verify and prompt steps first, each on its own: one the compiler fails on is turned off, and
+        """Compile the verify and prompt steps, each on its own: one the compiler fails on is turned off, and
         the rest of the fast path stays (a 64-wide prompt step through flex attention failed to compile on an H200
         and, compiled with the rest, took the whole fast path down)."""
         for step, off in self._WIDE_STEPS:
