@@ -208,8 +208,25 @@ def test_exllama_close_to_source_and_concurrent_chats_match_solo(llama_512, meth
     try:
         assert model.info.backend.startswith(f"exllama ({library}")
         chats_match_solo(settings, model)
+        follow_up_reuses_the_history(settings, model)
     finally:
         model.close()
+
+
+def follow_up_reuses_the_history(settings, model) -> None:
+    """A chat's second turn continues from the library's cached pages, and the timing line says how many prompt
+    tokens were reused (a system message of about 300 tokens: at least one whole page of 256)."""
+    engine = build_engine(settings, model)
+    system = "one two three four five six seven "
+    while model.count_tokens(system) < 300:
+        system += "eight nine ten "
+    history = [{"role": "system", "content": system}, {"role": "user", "content": list(TAUGHT)[0]}]
+    history.append({"role": "assistant", "content": engine.chat(history, GenParams(max_new_tokens=16)).finish()})
+    history.append({"role": "user", "content": list(TAUGHT)[1]})
+    second = engine.chat(history, GenParams(max_new_tokens=16))
+    second.finish()
+    assert second.stats.reused_tokens >= 256, second.stats
+    assert f"{second.stats.reused_tokens} of {second.stats.prompt_tokens} prompt tokens reused" in second.stats.line()
 
 
 @needs("exllamav2")

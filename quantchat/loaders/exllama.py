@@ -232,6 +232,7 @@ class ExLlamaModel:
                     for result in self._generator.iterate():
                         if result.get("stage") != "streaming":
                             continue
+                        params.report.reused_tokens = self._reused(job)  # (known once the prefill has run)
                         tokens = result.get("token_ids")
                         for token in ([] if tokens is None else tokens.reshape(-1).tolist()):
                             if token not in self.eos_ids:
@@ -240,6 +241,17 @@ class ExLlamaModel:
             finally:
                 if self._generator.num_remaining_jobs():
                     self._generator.cancel(job)
+
+    def _reused(self, job) -> int:
+        """Prompt tokens the library's generator continued from its cache instead of evaluating them: whole pages
+        matched, and tokens matched within a page (both libraries' jobs count them so, and report their sum at the
+        end of the job as "cached_tokens")."""
+        if self.library == "exllamav3":
+            from exllamav3.constants import PAGE_SIZE
+            page = PAGE_SIZE
+        else:
+            page = self._generator.page_size
+        return job.cached_pages * page + job.cached_tokens
 
     def close(self) -> None:
         del self._generator
