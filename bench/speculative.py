@@ -146,12 +146,16 @@ def summary(plain: list[dict], guessed: list[dict]) -> dict:
 
 def table(path: str) -> str:
     data = json.loads(Path(path).read_text())
+    timed = any("ms_per_step_with_guesses" in s for s in data["summary"].values())  # (later result files)
     lines = ["| workload | prompts | tokens/s without | tokens/s with | speed-up | guesses kept | tokens per step "
-             "(steps with guesses) | switched off | same answers |", "|---|---|---|---|---|---|---|---|---|"]
+             "(steps with guesses) | switched off | same answers |" +
+             (" ms per step with guesses | ms per token without |" if timed else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if timed else "")]
     for workload, s in data["summary"].items():
         lines.append(f"| {workload} | {s['prompts']} | {s['tokens_per_s_plain']} | {s['tokens_per_s_speculative']} | "
                      f"{s['speedup']:.2f}x | {s['kept']} of {s['guessed']} ({s['acceptance']:.0%}) | "
-                     f"{s['tokens_per_step']} | {s['switched_off']} | {s['same_answers']} of {s['prompts']} |")
+                     f"{s['tokens_per_step']} | {s['switched_off']} | {s['same_answers']} of {s['prompts']} |" +
+                     (f" {s.get('ms_per_step_with_guesses')} | {s.get('ms_per_token_without')} |" if timed else ""))
     return "\n".join(lines)
 
 
