@@ -130,8 +130,7 @@ class FastDecoder:
         # through flex attention's decoding kernel, 2.7-5x faster than cuDNN's for a few queries (attention.py)
         own_attention = compile and self.device.type == "cuda" and attention.use_fast_path_attention(model)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.flex_verify = bool(self.verify_width) and own_attention and attention.FLEX_IN_VERIFY_STEPS and \
-            attention.flex_fits(head_dim, model.dtype)
+        self._flex_fits = own_attention and attention.FLEX_IN_VERIFY_STEPS and attention.flex_fits(head_dim, model.dtype)
         self.draft = draft  # --draft_model's own decoder, whose greedy tokens are the guesses (else prompt lookup)
         self._verify = self._compiled(self._forward_many)
         self.verify_graphs: dict = {}
@@ -146,6 +145,11 @@ class FastDecoder:
         self.prompt_graphs: dict = {}
         self._prompt_in: tuple = ()
         self._prompt_out: dict = {}
+
+    @property
+    def flex_verify(self) -> bool:
+        """Whether verify steps run (and attention.py gives them flex attention): for the model panel and benches."""
+        return bool(self.verify_width) and self._flex_fits
 
     def _compiled(self, forward):
         return self.torch.compile(forward, fullgraph=False, options=self.COMPILE_OPTIONS) if self.compiled else forward
@@ -179,12 +183,11 @@ class FastDecoder:
         for layer in self.cache.layers:
             layer.window = self.windows[window]
 
-    def _prefill(self, ids, report: GenerationReport):
-        """The last prompt token's logits, the prompt's keys and values in the cache: where the cache holds a prefix
-        of this prompt (--prefix_cache), only the rest is evaluated. An earlier answer's keys past that prefix stay
-        where they are: attention masks every position past the one being computed."""
+    def _prefill(self, ids, tokens: list[int], report: GenerationReport):
+        """The last prompt token's logits, the prompt's keys and values in the cache (`tokens`: ids as a list): where
+        the cache holds a prefix of this prompt (--prefix_cache), only the rest is evaluated. An earlier answer's keys
+        past that prefix stay where they are: attention masks every position past the one being computed."""
         torch = self.torch
-        tokens = ids[0].tolist()
         report.reused_tokens = reuse = reusable_prefix(self.cached, tokens) if self.prefix_cache else 0
         self.cached = []  # (until this answer is done: one that fails leaves nothing to reuse)
         if not reuse:
@@ -285,23 +288,24 @@ class FastDecoder:
             seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
             seen[ids[0]] = True
             speculating = bool(self.verify_width) and not guide
+            tokens = ids[0].tolist()
             lookup, self.lookup = self.lookup, None  # (until this answer is done)
             a = _Answer(ids.shape[1], params, cancel, emit, seen,
                         torch.tensor(self.eos_ids, device=self.device, dtype=torch.long),
                         AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None,
-                        (DraftModel(self.draft, ids[0].tolist()) if self.draft else
-                         PromptLookup.over(ids[0].tolist(), lookup)) if speculating else None,
+                        (DraftModel(self.draft, tokens) if self.draft else PromptLookup.over(tokens, lookup))
+                        if speculating else None,
                         DraftControl(most=self.verify_width - 1, probe_plain_steps=self.draft is not None)
                         if speculating else None)
             params.report.speculation = a.control.stats if speculating else None
-            logits = self._prefill(ids, params.report)
+            logits = self._prefill(ids, tokens, params.report)
             token = choose_token(a.allowed.mask(logits) if a.allowed else logits, seen, a.eos, params, 0)
             i = 0  # the answer's token i is chosen (token, on the device), not yet streamed or fed
             while token is not None:
                 token, i = self._one_token_a_step(a, token, i)
                 if token is not None:  # (prompt lookup has guesses)
                     token, i = self._speculate(a, int(token), i)
-            self.cached = ids[0].tolist() + a.fed
+            self.cached = tokens + a.fed
             self.lookup = a.lookup if isinstance(a.lookup, PromptLookup) else None
 
     def _one_token_a_step(self, a: _Answer, token, start: int):
@@ -482,7 +486,6 @@ class FastDecoder:
     def _turn_off(self, step: str, why: str, off: str) -> None:
         getattr(self, f"{step}_graphs").clear()
         setattr(self, f"{step}_width", 0)  # (verify_width, prompt_width)
-        self.flex_verify = self.flex_verify and bool(self.verify_width)
         print(f"warning: the {step} step {why}: {off} for this model", file=sys.stderr)
 
     @contextlib.contextmanager
@@ -520,7 +523,7 @@ class DraftModel:
             return []
         shared = min(shared_prefix(d.cached, self.tokens), n - 1)  # (the last token is fed again: its logits)
         if not shared or n - shared > self.LONGEST_CATCH_UP:
-            logits = d._prefill(torch.tensor([self.tokens], device=d.device), GenerationReport())
+            logits = d._prefill(torch.tensor([self.tokens], device=d.device), self.tokens, GenerationReport())
         else:
             for at in range(shared, n):
                 logits = d._next_logits(torch.tensor([self.tokens[at]], device=d.device),
