@@ -11,7 +11,7 @@
 install_carried_wheels 2>&1 | tail -2
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 if [ "${TESTS:-1}" = 1 ]; then
-    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces" \
+    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces or prompt_step" \
         --durations=6 2>&1 | grep -E "^E |FAILED|passed|failed|Error|s call" | tee "$OUT/gpu-tests-verify-attention-$GPU_NAME.log"
 fi
 if [ "${STUDY:-0}" = 1 ]; then
@@ -20,5 +20,5 @@ if [ "${STUDY:-0}" = 1 ]; then
 fi
 if [ "${STEPS:-1}" = 1 ]; then
     python3 bench/verify_step.py --captured --shapes="${SHAPES:-llama3-8b}" --attention="${ATTENTION:-flex}" \
-        --grouped="${GROUPED:-packed}" --out="$OUT/verify-captured-$GPU_NAME.json" 2>&1 | grep -E "^llama|Error|error" | cut -c1-700
+        --grouped="${GROUPED:-packed}" --out="$OUT/verify-captured-$GPU_NAME.json" 2>&1 | grep -E "verify attention|Error|error" | cut -c1-900
 fi

@@ -103,7 +103,7 @@ def captured_steps(name: str, guesses: int, flex: bool, grouped: str, positions=
             fast._verify_in[1].copy_(torch.arange(position, position + fast.verify_width))
         one, verify = replay_ms(fast.graphs[window], replays), replay_ms(fast.verify_graphs[window], replays)
         row = {"one_token_ms": round(one, 3), "verify_ms": round(verify, 3), "verify_over_one": round(verify / one, 3),
-               "window": window}
+               "window": window, **host_loops_ms(fast, position)}
         if position == positions[0]:  # (the projection reads the first position's figures)
             result.update(row, position=position, kernels_per_replay={
                 "one_token": top_kernels(fast.graphs[window]), "verify": top_kernels(fast.verify_graphs[window])})
@@ -111,6 +111,44 @@ def captured_steps(name: str, guesses: int, flex: bool, grouped: str, positions=
             result[f"at_{position}"] = row
     model.close()
     return result
+
+
+def host_loops_ms(fast, position: int, steps: int = 100) -> dict:
+    """Milliseconds per step of the decoding loops' own work around the graphs, greedy, nothing pipelined: a verify
+    step as `_speculate` runs one (its inputs made on the host and copied, the replay, the chosen tokens read back)
+    and a one-token step with its token read back. Against the replays alone, what the host adds to each step."""
+    import time
+
+    import torch
+
+    from quantchat.loaders.base import GenParams
+    from quantchat.loaders.hf.sampling import choose_token
+    params = GenParams(max_new_tokens=steps + 8, repetition_penalty=1.0)
+    seen = torch.zeros(fast.vocab, dtype=torch.bool, device=fast.device)
+    eos = torch.tensor(fast.eos_ids, device=fast.device, dtype=torch.long)
+    guessed = list(range(100, 100 + fast.verify_width))
+
+    def verify_step():
+        inputs = torch.tensor(guessed, device=fast.device)
+        logits = fast._verify_logits(guessed, position)[: len(guessed)]
+        choose_token(logits, seen, eos, params, 1).tolist()
+        seen.index_fill_(0, inputs, True)
+
+    def one_token_step():
+        token = torch.tensor([guessed[0]], device=fast.device)
+        logits = fast._next_logits(token, torch.tensor([position], device=fast.device), position + 1)
+        choose_token(logits, seen, eos, params, 1).item()
+
+    timed = {}
+    with torch.inference_mode():
+        for name, step in (("verify_loop_ms", verify_step), ("one_token_loop_ms", one_token_step)):
+            step()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            timed[name] = round((time.perf_counter() - started) * 1000 / steps, 3)
+    return timed
 
 
 def top_kernels(graph, replays: int = 20, top: int = 12) -> list[dict]:

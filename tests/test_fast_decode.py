@@ -379,16 +379,20 @@ def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
     sliding = causal & (torch.arange(512)[None, :] > positions - 64)
     flex = attention._flex
     calls = []
-    for mask in (causal, sliding):
-        query = torch.randn(1, 8, 9, 16, dtype=torch.bfloat16)
+    # groups of 4 and of 7 (Qwen2.5's 14 query heads over 2), whose heads flex takes packed as rows of one query
+    for mask, heads in ((causal, 8), (sliding, 8), (causal, 14)):
+        module.num_key_value_groups = heads // 2
+        query = torch.randn(1, heads, 9, 16, dtype=torch.bfloat16)
         expected, _ = sdpa_attention_forward(module, query, *keys, mask[None, None], scaling=0.25)
         with monkeypatch.context() as m:
             m.setattr(attention, "_flex", lambda *args: calls.append(1) or flex(*args))
             got, _ = attention.attend(module, query, *keys, mask[None, None], True, scaling=0.25)
         assert got.shape == expected.shape and torch.allclose(got.float(), expected.float(), atol=2e-2), \
             (got - expected).abs().max()
-    assert len(calls) == 2
+    assert len(calls) == 3
     assert attention._flex_takes(query, keys[0], causal[None, None], 0.0, {})
+    many = torch.randn(1, 16, 16, 16, dtype=torch.bfloat16)  # 8 heads a group x 16 queries: past flex's decoding kernel
+    assert not attention._flex_takes(many, keys[0], torch.ones(1, 1, 16, 512, dtype=torch.bool), 0.0, {})
     assert not attention._flex_takes(query[:, :, :1], keys[0], causal[None, None, :1], 0.0, {})  # one query
     wide = torch.randn(1, 8, attention.FLEX_QUERIES_MOST + 1, 16, dtype=torch.bfloat16)  # (a prompt step)
     assert not attention._flex_takes(wide, keys[0], torch.ones(1, 1, wide.shape[2], 512, dtype=torch.bool), 0.0, {})

@@ -17,6 +17,11 @@ shape on an H200, bench/results/attention-grouped-h200.json and kernels-h200.jso
 A verify step of speculative decoding asks attention for several queries (the token and its guesses) over the
 cache. SDPA sends that to cuDNN's prefill kernel, which is slow for a handful of queries: 51.5 µs for 9 queries
 over 2,048 cached positions and 173.6 µs over 8,192, where flex attention's decoding kernel took 19.1 and 34.9.
+The query heads of a group go to flex as rows of one query ("packed"), so that its decoding kernel takes any
+group size: Inductor gives grouped heads to that kernel only where a group is a power of two, and otherwise to its
+prefill kernel, one block per query head, which for Qwen2.5-0.5B's groups of 7 made the verify step's attention
+3.97 of its 5.29 ms at 1,000 positions and the step 25x a one-token step at 7,000 (bench/results/
+verify-captured-h200-qwen05-before.json).
 
 Where flex is not used, and why:
 - the one-token step: torch 2.11's Inductor failed to compile the one-query flex kernel fused into the step on an
@@ -47,6 +52,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 # shape, bf16) failed to compile on an H200 with torch 2.11 (Inductor: "NoValidChoicesError: No choices to select"
 # for the flex kernel) and took the fast path down; steps that wide go to SDPA, which takes the groups itself
 FLEX_QUERIES_MOST = 16
+# flex's decoding kernel serves fewer query rows than this (Inductor's rule); packed, a group's heads times the queries
+FLEX_DECODING_ROWS = 128
 
 
 def use_fast_path_attention(model) -> bool:
@@ -138,24 +145,28 @@ def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
     return (_plain(dropout, extra) and mask_fits and query.shape[0] == 1 and 1 < query.shape[2] <= FLEX_QUERIES_MOST
+            and query.shape[1] % key.shape[1] == 0 and query.shape[1] // key.shape[1] * query.shape[2] < FLEX_DECODING_ROWS
             and key.shape[2] % BLOCK == 0 and flex_fits(query.shape[-1], query.dtype))
 
 
 def _flex(query, key, value, attention_mask, scaling: float | None):
-    """Attention [1, queries, heads, dim] (SDPA's function's layout) through flex attention: every key block is
-    visited and the boolean mask applied inside each (the mask changes every step; its blocks' layout does not)."""
+    """Attention [1, queries, heads, dim] (SDPA's function's layout) through flex attention's decoding kernel, a
+    group's query heads packed as rows of one query (row = head in group x queries + query, as _packed_sdpa packs
+    them): every key block is visited and the boolean mask applied inside each (the mask changes every step; its
+    blocks' layout does not)."""
     import torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    queries, keys = query.shape[2], key.shape[2]
+    _, heads, queries, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    rows = heads // kv_heads * queries
     allowed = attention_mask[0, 0]
 
-    def mask_mod(batch, head, q, kv):
-        return allowed[q, kv]
+    def mask_mod(batch, head, row, kv):
+        return allowed[row % queries, kv]
     blocks = keys // BLOCK
     block_mask = BlockMask.from_kv_blocks(
         torch.full((1, 1, 1), blocks, dtype=torch.int32, device=query.device),
         torch.arange(blocks, dtype=torch.int32, device=query.device).view(1, 1, 1, blocks),
-        BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(queries, keys))
-    out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling,
-                         enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous()
+        BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(rows, keys))
+    out = flex_attention(query.reshape(1, kv_heads, rows, dim), key, value, block_mask=block_mask, scale=scaling)
+    return out.reshape(1, heads, queries, dim).transpose(1, 2).contiguous()
