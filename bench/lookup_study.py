@@ -72,9 +72,10 @@ def replay(prompt: list[int], answer: list[int], longest: int, shortest: int, mo
             one_token += 1
             i += 1
             continue
-        right = next((n for n, (guess, token) in enumerate(zip(guesses, answer[i + 1:])) if guess != token),
-                     len(guesses))
-        verify, guessed, kept, made_in_verify = verify + 1, guessed + len(guesses), kept + right, made_in_verify + right + 1
+        pairs = enumerate(zip(guesses, answer[i + 1:], strict=False))  # (room keeps the guesses within the answer)
+        right = next((n for n, (guess, token) in pairs if guess != token), len(guesses))
+        verify, guessed, kept = verify + 1, guessed + len(guesses), kept + right
+        made_in_verify += right + 1
         lookup.extend(answer[i + 1:i + 1 + right])
         i += right + 1
     return {"one_token_steps": one_token, "verify_steps": verify, "guessed": guessed, "kept": kept,

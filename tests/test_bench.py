@@ -60,3 +60,18 @@ def test_the_table_names_the_rows_timed_on_a_slowed_gpu():
     assert "slowed itself down" not in table({"machine": machine, "date": "2026-11-24", "rows": [row]})
     assert table({"machine": machine, "date": "2026-11-24", "rows": [hot]}).endswith(
         "The GPU slowed itself down during: quantchat fast decode (SW thermal slowdown, up to 86 °C).")
+
+
+def test_the_lookup_study_counts_the_steps_the_fast_paths_loop_takes():
+    """An answer that copies the prompt after one new token: the lookup (3-4 token n-grams) has nothing until three
+    copied tokens repeat a place in the prompt, then guesses up to `most` at a step, kept up to the first wrong one."""
+    from bench.lookup_study import replay
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    answer = [50, 1, 2, 3, 4, 5, 6, 7, 8, 60, 61]
+    steps = replay(prompt, answer, longest=4, shortest=3, most=8)
+    # 1, 2, 3 one a step (no 3-gram before them has occurred earlier); after 3, guesses 4..9 (room: 6 of the 7 tokens
+    # left, one kept for the token after them), 4..8 kept and 60 chosen in that step; then 61 one a step
+    assert steps == {"one_token_steps": 4, "verify_steps": 1, "guessed": 6, "kept": 5, "tokens_in_verify_steps": 6}
+    assert steps["one_token_steps"] + steps["tokens_in_verify_steps"] == len(answer) - 1  # (answer[0]: the prefill)
+    shorter = replay(prompt, answer, longest=4, shortest=1, most=8)  # a 1-gram after 1 already guesses
+    assert shorter["verify_steps"] >= 1 and shorter["one_token_steps"] < steps["one_token_steps"]
