@@ -139,14 +139,16 @@ def flex_fits(head_dim: int, dtype) -> bool:
 
 
 def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
-    """Several queries (up to FLEX_QUERIES_MOST) of one sequence over a cache window of whole blocks, a boolean mask
-    (no mask would mean SDPA's own causal rule, which counts from the cache's start), and nothing a plain call drops."""
+    """Several queries (up to FLEX_QUERIES_MOST) of one sequence over a cache window of whole blocks, few enough rows
+    packed for flex's decoding kernel, a boolean mask (no mask would mean SDPA's own causal rule, which counts from the
+    cache's start), and nothing a plain call drops."""
     import torch
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
-    return (_plain(dropout, extra) and mask_fits and query.shape[0] == 1 and 1 < query.shape[2] <= FLEX_QUERIES_MOST
-            and query.shape[1] % key.shape[1] == 0 and query.shape[1] // key.shape[1] * query.shape[2] < FLEX_DECODING_ROWS
-            and key.shape[2] % BLOCK == 0 and flex_fits(query.shape[-1], query.dtype))
+    heads, queries, kv_heads = query.shape[1], query.shape[2], key.shape[1]
+    packed_rows_fit = heads % kv_heads == 0 and heads // kv_heads * queries < FLEX_DECODING_ROWS
+    return (_plain(dropout, extra) and mask_fits and query.shape[0] == 1 and 1 < queries <= FLEX_QUERIES_MOST
+            and packed_rows_fit and key.shape[2] % BLOCK == 0 and flex_fits(query.shape[-1], query.dtype))
 
 
 def _flex(query, key, value, attention_mask, scaling: float | None):
