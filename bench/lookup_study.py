@@ -128,6 +128,7 @@ def main() -> None:
         result = json.loads(Path(args.replay).read_text())
     else:
         result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new_tokens,
+                  "flags": args.flags or "(the built-in model on llama.cpp)",
                   "answers": answer_ids(workloads(args.per_workload), args.new_tokens, args.flags.split())}
     costs = json.loads(Path(args.costs).read_text())["summary"] if args.costs else None
     result.update(what=__doc__.split("\n\n")[0], most=args.most, costs_from=args.costs,
