@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 from bench.speculative import machine, workloads  # noqa: E402
 from quantchat.speculative import PromptLookup  # noqa: E402
 
-# (longest, shortest) n-gram sizes; the first is the lookup's default
-LOOKUPS = [(4, 3), (4, 2), (4, 1), (3, 2), (3, 1), (2, 1), (5, 2), (6, 2)]
+# (longest, shortest) n-gram sizes, and whether a copy resumes after a replaced token; the first is the default
+LOOKUPS = [(4, 3, False), (4, 2, False), (4, 1, False), (3, 2, False), (3, 1, False), (2, 1, False), (5, 2, False),
+           (6, 2, False), (4, 3, True), (4, 2, True)]
+RESUME_AFTER = 2  # guesses kept in a step for it to count as copying (1 and 4 counted alike within 3% on code)
 
 
 def answer_ids(prompts: dict[str, list[str]], new_tokens: int, flags: list[str]) -> dict[str, list[dict]]:
@@ -58,24 +60,34 @@ def answer_ids(prompts: dict[str, list[str]], new_tokens: int, flags: list[str])
     return out
 
 
-def replay(prompt: list[int], answer: list[int], longest: int, shortest: int, most: int) -> dict:
+def replay(prompt: list[int], answer: list[int], longest: int, shortest: int, most: int, resume: bool = False) -> dict:
     """The steps the fast path's loop takes to decode `answer` after `prompt` with this lookup: the first token
     comes from the prompt's pass; after each token, a verify step over the lookup's guesses (kept up to the first
-    that differs from the answer) where it has any, else a one-token step."""
+    that differs from the answer) where it has any, else a one-token step.
+
+    `resume` (a what-if, not the product's lookup): where a step was copying (RESUME_AFTER guesses or more kept) and
+    its next token differs from the copy's (a renamed identifier, a changed word), the next step, if the n-grams find
+    nothing, guesses that the copy goes on after the replaced token."""
     lookup = PromptLookup(prompt, longest, shortest)
     one_token = verify = guessed = kept = made_in_verify = 0
+    copy_at = None  # with `resume`: where a copy that one token broke off would go on
     i = 0  # answer[i] is chosen and now emitted
     while i + 1 < len(answer):
         lookup.extend([answer[i]])
-        guesses = lookup.draft(min(most, len(answer) - i - 2))  # (room for the token after them, as the loop keeps)
+        room = min(most, len(answer) - i - 2)  # (room for the token after them, as the loop keeps)
+        at = lookup.match()
+        at = copy_at if at is None and resume else at
+        guesses = lookup.tokens[at:at + room] if at is not None and room > 0 else []
         if not guesses:
             one_token += 1
             i += 1
+            copy_at = None
             continue
         pairs = enumerate(zip(guesses, answer[i + 1:], strict=False))  # (room keeps the guesses within the answer)
         right = next((n for n, (guess, token) in pairs if guess != token), len(guesses))
         verify, guessed, kept = verify + 1, guessed + len(guesses), kept + right
         made_in_verify += right + 1
+        copy_at = at + right + 1 if RESUME_AFTER <= right < len(guesses) else None
         lookup.extend(answer[i + 1:i + 1 + right])
         i += right + 1
     return {"one_token_steps": one_token, "verify_steps": verify, "guessed": guessed, "kept": kept,
@@ -86,10 +98,10 @@ def study(answers: dict[str, list[dict]], costs: dict | None, most: int) -> dict
     """Per lookup and workload: the steps counted over every answer, and with `costs` (per workload: ms per token
     without guesses, ms per step with them) the projected decode speed-up."""
     result = {}
-    for longest, shortest in LOOKUPS:
+    for longest, shortest, resume in LOOKUPS:
         rows = {}
         for workload, pairs in answers.items():
-            counted = [replay(p["prompt"], p["answer"], longest, shortest, most) for p in pairs]
+            counted = [replay(p["prompt"], p["answer"], longest, shortest, most, resume) for p in pairs]
             total = {key: sum(c[key] for c in counted) for key in counted[0]}
             decoded = sum(max(0, len(p["answer"]) - 1) for p in pairs)  # (after the prompt's pass)
             total["share_in_verify_steps"] = round(total["tokens_in_verify_steps"] / max(1, decoded), 3)
@@ -98,7 +110,7 @@ def study(answers: dict[str, list[dict]], costs: dict | None, most: int) -> dict
                 total["projected_speedup"] = round(
                     decoded * one / (total["one_token_steps"] * one + total["verify_steps"] * step), 2)
             rows[workload] = total
-        result[f"n-grams {longest} to {shortest}"] = rows
+        result[f"n-grams {longest} to {shortest}" + (", a copy resumed" if resume else "")] = rows
     return result
 
 

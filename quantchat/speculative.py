@@ -98,13 +98,16 @@ class PromptLookup:
 
     def draft(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the text's last n tokens."""
+        at = self.match()
+        return [] if at is None else self.tokens[at:at + k]
+
+    def match(self) -> int | None:
+        """Where the guesses start: the index after the latest earlier occurrence of the text's last n tokens (n from
+        longest down to shortest), or None."""
         for n in self.sizes:
-            if len(self.tokens) < n:
-                continue
-            at = self.last_end.get(tuple(self.tokens[-n:]))
-            if at is not None:
-                return self.tokens[at:at + k]
-        return []
+            if len(self.tokens) >= n and (at := self.last_end.get(tuple(self.tokens[-n:]))) is not None:
+                return at
+        return None
 
 
 @dataclass
