@@ -31,7 +31,7 @@ from quantchat.speculative import PromptLookup  # noqa: E402
 # (longest, shortest) n-gram sizes, and whether a copy resumes after a replaced token; the first is the default
 LOOKUPS = [(4, 3, False), (4, 2, False), (4, 1, False), (3, 2, False), (3, 1, False), (2, 1, False), (5, 2, False),
            (6, 2, False), (4, 3, True), (4, 2, True)]
-RESUME_AFTER = 2  # guesses kept in a step for it to count as copying (1 and 4 counted alike within 3% on code)
+RESUME_AFTER = 2  # guesses kept in a step for it to count as copying
 
 
 def answer_ids(prompts: dict[str, list[str]], new_tokens: int, flags: list[str]) -> dict[str, list[dict]]:
