@@ -116,20 +116,30 @@ def _grouped_sdpa(query, key, value, attention_mask, scaling: float | None):
     return out.transpose(1, 2).contiguous()
 
 
-def _packed_sdpa(query, key, value, attention_mask, scaling: float | None):
-    """SDPA over [batch, key/value heads, group x queries, dim]: query head h = key/value head h // group (as
-    transformers' repeat_kv pairs them), its rows after those of the heads before it in the group. Returns
-    SDPA's function's layout, [batch, queries, heads, dim]."""
-    import torch
+def _packed(query, kv_heads: int):
+    """Query heads [batch, heads, queries, dim] packed per key/value head: [batch, key/value heads, group x queries,
+    dim]. Query head h goes with key/value head h // group (as transformers' repeat_kv pairs them), its rows after
+    those of the heads before it in the group: row = head in group x queries + query."""
     batch, heads, queries, dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
+    return query.reshape(batch, kv_heads, heads // kv_heads * queries, dim)
+
+
+def _unpacked(out, query):
+    """Packed attention output back in SDPA's function's layout, [batch, queries, heads, dim]."""
+    return out.reshape(query.shape).transpose(1, 2).contiguous()
+
+
+def _packed_sdpa(query, key, value, attention_mask, scaling: float | None):
+    """SDPA over the query heads packed per key/value head (_packed), in SDPA's function's layout."""
+    import torch
+    queries, kv_heads, keys = query.shape[2], key.shape[1], key.shape[2]
+    groups = query.shape[1] // kv_heads
     mask = attention_mask[:, :, :, :keys]
     if queries > 1:  # each head of a group repeats the queries' rows of the mask
         mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * queries, keys)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, kv_heads, groups * queries, dim), key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous()
+    out = torch.nn.functional.scaled_dot_product_attention(_packed(query, kv_heads), key, value, attn_mask=mask,
+                                                           scale=scaling)
+    return _unpacked(out, query)
 
 
 def flex_fits(head_dim: int, dtype) -> bool:
@@ -152,15 +162,13 @@ def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool
 
 
 def _flex(query, key, value, attention_mask, scaling: float | None):
-    """Attention [1, queries, heads, dim] (SDPA's function's layout) through flex attention's decoding kernel, a
-    group's query heads packed as rows of one query (row = head in group x queries + query, as _packed_sdpa packs
-    them): every key block is visited and the boolean mask applied inside each (the mask changes every step; its
-    blocks' layout does not)."""
+    """Attention [1, queries, heads, dim] (SDPA's function's layout) through flex attention's decoding kernel, the
+    query heads packed per key/value head (_packed): every key block is visited and the boolean mask applied inside
+    each (the mask changes every step; its blocks' layout does not)."""
     import torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    _, heads, queries, dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
-    rows = heads // kv_heads * queries
+    queries, keys = query.shape[2], key.shape[2]
+    packed = _packed(query, key.shape[1])
     allowed = attention_mask[0, 0]
 
     def mask_mod(batch, head, row, kv):
@@ -169,6 +177,5 @@ def _flex(query, key, value, attention_mask, scaling: float | None):
     block_mask = BlockMask.from_kv_blocks(
         torch.full((1, 1, 1), blocks, dtype=torch.int32, device=query.device),
         torch.arange(blocks, dtype=torch.int32, device=query.device).view(1, 1, 1, blocks),
-        BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(rows, keys))
-    out = flex_attention(query.reshape(1, kv_heads, rows, dim), key, value, block_mask=block_mask, scale=scaling)
-    return out.reshape(1, heads, queries, dim).transpose(1, 2).contiguous()
+        BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(packed.shape[2], keys))
+    return _unpacked(flex_attention(packed, key, value, block_mask=block_mask, scale=scaling), query)
