@@ -3,6 +3,7 @@
 # picks (each 1 or 0):
 #   TESTS=1  its GPU tests (the verify step, the draft model, constrained output, a step in pieces)
 #   STUDY=1  bench/kernels.py --grouped: grouped queries packed against keys and values copied, per call
+#   SPLIT=1  bench/kernels.py --split: cuDNN over the whole window against the window split into chunks of keys
 #   STEPS=1  the captured steps of the Llama-3-8B shape (SHAPES=qwen2.5-0.5b: the built-in model's), one load per
 #            row: the verify step's attention through ATTENTION=flex|cudnn|flex,cudnn, grouped queries
 #            GROUPED=packed|copied|packed,copied
@@ -11,12 +12,16 @@
 install_carried_wheels 2>&1 | tail -2
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 if [ "${TESTS:-1}" = 1 ]; then
-    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces or prompt_step" \
+    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces or prompt_step or split" \
         --durations=6 2>&1 | grep -E "^E |FAILED|passed|failed|Error|s call" | tee "$OUT/gpu-tests-verify-attention-$GPU_NAME.log"
 fi
 if [ "${STUDY:-0}" = 1 ]; then
     python3 bench/kernels.py --kernels= --grouped --out="$OUT/attention-grouped-$GPU_NAME.json" 2>&1 |
         grep -v Warning | cut -c1-400
+fi
+if [ "${SPLIT:-0}" = 1 ]; then
+    python3 bench/kernels.py --kernels= --split --out="$OUT/attention-split-$GPU_NAME.json" 2>&1 |
+        grep -v Warning | cut -c1-600
 fi
 if [ "${STEPS:-1}" = 1 ]; then
     python3 bench/verify_step.py --captured --shapes="${SHAPES:-llama3-8b}" --attention="${ATTENTION:-flex}" \

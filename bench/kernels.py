@@ -16,7 +16,8 @@ GB/s counts the bytes each kernel must read: packed weights plus its scales and 
 8B shape (32 query heads, 8 key/value heads) over 512-8,192 cached positions, per backend of PyTorch's SDPA and
 flex attention; `--grouped`: grouped heads with a mask (quantchat/loaders/hf/attention.py) taken by SDPA itself,
 packed into the query rows, or keys and values copied per group as transformers' SDPA function does, from one query
-to a 2,048-token prefill, with cuDNN allowed (the captured steps) and left out (eager prefill).
+to a 2,048-token prefill, with cuDNN allowed (the captured steps) and left out (eager prefill); `--split`: cuDNN over
+the whole window against the window split into chunks of keys, for the few queries of verify and prompt steps.
 """
 from __future__ import annotations
 
@@ -246,6 +247,49 @@ def measure_grouped_attention() -> dict:
     return result
 
 
+def measure_split_attention(chunk_counts=(4, 8, 16)) -> dict:
+    """One layer of the 8B shape's attention for a few queries over 2,048 and 8,192 cached positions, microseconds per
+    call: cuDNN over the whole window ("taken", as compiled steps ran it before) and split into chunks of keys
+    (quantchat/loaders/hf/attention.py), with the largest difference of each from fp32 SDPA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from quantchat.loaders.hf import attention
+    compiled = torch.compile(attention._split_sdpa, dynamic=False)  # (in attention.KEY_CHUNKS chunks)
+    result = {}
+    for context in (2048, 8192):
+        for queries in (9, 16, 64):
+            q, k, v, mask = attention_inputs(queries, context)
+            groups = q.shape[1] // k.shape[1]
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), *(repeat_kv(t.float(), groups) for t in (k, v)), attn_mask=mask).transpose(1, 2)
+            calls = {"taken": functools.partial(attention._grouped_sdpa, q, k, v, mask, None)}
+            for chunks in chunk_counts:
+                calls[f"split in {chunks}"] = functools.partial(_split_in, chunks, q, k, v, mask)
+            calls[f"split in {attention.KEY_CHUNKS}, compiled"] = functools.partial(compiled, q, k, v, mask, None)
+            row = {}
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                for name, call in calls.items():
+                    try:
+                        difference = float(f"{(call().float() - expected).abs().max():.2g}")
+                    except Exception as e:  # noqa: BLE001 - a call that fails is a result here
+                        row[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                        continue
+                    row[name], row[f"{name}, largest difference"] = call_us(call), difference
+            result[f"{context} cached, {queries} queries"] = row
+            print(context, queries, row, flush=True)
+    return result
+
+
+def _split_in(chunks: int, *args):
+    from quantchat.loaders.hf import attention
+    before, attention.KEY_CHUNKS = attention.KEY_CHUNKS, chunks
+    try:
+        return attention._split_sdpa(*args, None)
+    finally:
+        attention.KEY_CHUNKS = before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -253,6 +297,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--attention", action="store_true", help="also time decode attention")
     parser.add_argument("--grouped", action="store_true", help="also time grouped queries packed against copied")
+    parser.add_argument("--split", action="store_true", help="also time attention split into chunks of keys")
     args = parser.parse_args()
     bandwidth = measured_bandwidth()
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -275,6 +320,8 @@ def main() -> None:
         result["attention_us"] = measure_attention()
     if args.grouped:
         result["grouped_attention_us"] = measure_grouped_attention()
+    if args.split:
+        result["split_attention_us"] = measure_split_attention()
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

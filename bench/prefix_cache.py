@@ -312,6 +312,9 @@ def main() -> None:
     parser.add_argument("--prompt_step", type=int,
                         help="the fast path's captured prompt step of this width, 0: none (FastDecoder.PROMPT_STEP_TOKENS "
                              "by default; on CUDA only)")
+    parser.add_argument("--key_chunks", type=int,
+                        help="the fast path's wide steps split long windows into this many chunks of keys, 0: not "
+                             "(quantchat/loaders/hf/attention.KEY_CHUNKS by default)")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer folder: time encoding the turns' prompts only")
     parser.add_argument("--out")
     parser.add_argument("--table")
@@ -322,8 +325,12 @@ def main() -> None:
     from quantchat.loaders.hf.fast_decode import FastDecoder
     if args.prompt_step is not None:
         FastDecoder.PROMPT_STEP_TOKENS = args.prompt_step
+    from quantchat.loaders.hf import attention
+    if args.key_chunks is not None:
+        attention.KEY_CHUNKS = args.key_chunks
     result = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "gpu": gpu_name(),
               "date": time.strftime("%Y-%m-%d"), "prompt_step": FastDecoder.PROMPT_STEP_TOKENS if gpu_name() else 0,
+              "key_chunks": attention.KEY_CHUNKS if gpu_name() else 0,
               "turns": [], "greedy": []}
     if args.tokenizer or args.state_save:  # (host-side measurements, no turns)
         del result["turns"], result["greedy"]

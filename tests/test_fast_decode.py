@@ -402,6 +402,34 @@ def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
     assert not attention._flex_takes(query.float(), keys[0].float(), causal[None, None], 0.0, {})  # fp32
 
 
+def test_attention_split_over_chunks_of_keys_sums_to_the_attention_over_the_window():
+    """A prompt step's attention split into KEY_CHUNKS chunks of the window (each chunk's output and log-sum-exp, here
+    from a plain computation on the CPU; cuDNN's on the GPU tests) equals SDPA over the whole window: groups of 4 and
+    7, a causal mask and a sliding window, chunks past the sequence that no query may see."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from quantchat.loaders.hf import attention
+
+    def plain_with_lse(query, key, value, bias, scaling):
+        groups = query.shape[1] // key.shape[1]
+        scores = query @ repeat_kv(key, groups).transpose(-1, -2) * scaling + bias
+        return torch.softmax(scores, -1) @ repeat_kv(value, groups), torch.logsumexp(scores, -1, keepdim=True)
+    torch.manual_seed(0)
+    keys = torch.randn(1, 2, 512, 16), torch.randn(1, 2, 512, 16)
+    positions = torch.arange(200, 264)[:, None]  # (the last three chunks of 64 lie past every query)
+    causal = torch.arange(512)[None, :] <= positions
+    for mask in (causal, causal & (torch.arange(512)[None, :] > positions - 100)):
+        for heads in (8, 14):
+            query = torch.randn(1, heads, 64, 16)
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                query, *(repeat_kv(t, heads // 2) for t in keys), attn_mask=mask[None, None], scale=0.25)
+            got = attention._split_sdpa(query, *keys, mask[None, None], 0.25, chunk_attention=plain_with_lse)
+            assert got.shape == expected.transpose(1, 2).shape
+            assert torch.allclose(got, expected.transpose(1, 2), atol=1e-5), (got - expected.transpose(1, 2)).abs().max()
+    assert not attention._split_takes(query.bfloat16(), keys[0].bfloat16(), causal[None, None], 0.0, {})  # (CUDA only)
+
+
 def test_grouped_heads_taken_or_packed_compute_what_sdpa_does_with_copied_keys(monkeypatch):
     """One query or a few per head, grouped key/value heads, a causal mask or a sliding window: SDPA taking the groups
     (compiled steps) and the groups packed into the query rows (eager calls) equal transformers' SDPA function,

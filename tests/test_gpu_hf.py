@@ -204,6 +204,65 @@ def test_short_prompts_and_follow_ups_go_through_the_captured_prompt_step(tiny_l
         model.close()
 
 
+def test_attention_split_over_chunks_of_keys_on_cudnn_equals_sdpa():
+    """The split attention of wide steps (attention.py) on cuDNN, eager and compiled, over an 8,192-position window
+    of which 7,000-odd are filled: as close to fp32 SDPA over the whole window as cuDNN's unsplit attention is;
+    Llama-3-8B's heads (groups of 4, 64 queries) and Qwen2.5-0.5B's (groups of 7, 9 queries)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from quantchat.loaders.hf import attention
+    torch.manual_seed(0)
+    split = torch.compile(attention._split_sdpa)
+    for heads, kv_heads, dim, queries in ((32, 8, 128, 64), (14, 2, 64, 9)):
+        # (queries 3x a unit vector's size: attention peaked on some keys, so a chunk weighted wrongly shows)
+        q = torch.randn(1, heads, queries, dim, device="cuda", dtype=torch.bfloat16) * 3
+        k, v = (torch.randn(1, kv_heads, 8192, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        positions = torch.arange(7000, 7000 + queries, device="cuda")[:, None]
+        mask = (torch.arange(8192, device="cuda")[None, :] <= positions)[None, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), *(repeat_kv(t.float(), heads // kv_heads) for t in (k, v)), attn_mask=mask).transpose(1, 2)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            unsplit = (attention._grouped_sdpa(q, k, v, mask, None).float() - expected).abs().max()
+        assert attention._split_takes(q, k, mask, 0.0, {})
+        for got in (attention._split_sdpa(q, k, v, mask, None), split(q, k, v, mask, None)):
+            assert got.shape == expected.shape
+            assert (got.float() - expected).abs().max() <= 2 * unsplit + 1e-3, (got.float() - expected).abs().max()
+    assert not attention._split_takes(q[:, :, :1], k, mask[:, :, :1], 0.0, {})  # one query: cuDNN's own decoding
+    assert not attention._split_takes(q, k[:, :, :1024], mask[..., :1024], 0.0, {})  # a short window
+
+
+def test_wide_steps_over_a_window_split_into_chunks_keep_generates_tokens(tiny_llama, monkeypatch):
+    """bf16: captured prompt steps whose attention splits the window into chunks of keys (from 256 positions on, in
+    4 chunks, here) answer a short prompt, a long one and its follow-up with generate's tokens, up to a bf16
+    rounding tie."""
+    import torch
+
+    from quantchat.loaders.hf import attention
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    monkeypatch.setattr(FastDecoder, "PROMPT_STEP_TOKENS", 64)
+    monkeypatch.setattr(attention, "SPLIT_FROM", 256)
+    monkeypatch.setattr(attention, "KEY_CHUNKS", 4)
+    split, call = [], attention._split_sdpa
+    monkeypatch.setattr(attention, "_split_sdpa", lambda *a: split.append(torch.compiler.is_compiling()) or call(*a))
+    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True",
+                                               "--load_half=True", "--max_seq_len=512")))
+    try:
+        assert model.wait_for_fast_decode() and model.fast.prompt_graphs, model.info.decode
+        assert True in split  # (traced into the captured steps)
+        long = "one two three four five six seven " * 20
+        prompts = ["The quick brown fox", long, long + " eight nine ten"]
+        reports: list[GenerationReport] = []
+        fast = [greedy_tokens(model, prompt, 40, reports) for prompt in prompts]
+        assert reports[2].reused_tokens > 100, [r.reused_tokens for r in reports]
+        model.fast = None
+        for prompt, tokens in zip(prompts, fast, strict=True):
+            assert_parting_only_at_a_tie(model, prompt, tokens, greedy_tokens(model, prompt, 40), 1 / 64)
+    finally:
+        model.close()
+
+
 def test_a_draft_models_captured_steps_keep_generates_tokens(tiny_llama):
     """--draft_model on CUDA: the draft's own captured steps chain its guesses on the device; the answers stay
     generate's (fp32; the tiny Llama drafting for itself)."""

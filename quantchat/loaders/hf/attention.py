@@ -23,6 +23,13 @@ prefill kernel, one block per query head, which for Qwen2.5-0.5B's groups of 7 m
 3.97 of its 5.29 ms at 1,000 positions and the step 25x a one-token step at 7,000 (bench/results/
 verify-captured-h200-qwen05-before.json).
 
+A prompt step (up to 64 new tokens: a short prompt, or a chat's next turn) asks for more queries than flex's
+decoding kernel takes. cuDNN's kernel gives one block of the GPU to each query head and walks the whole window in
+it: 32 blocks for the Llama-3-8B shape on an H200's 132 multiprocessors, 184 µs a layer for 64 queries over 8,192
+positions where reading those keys and values takes about 10. Over a long window such steps split the keys into
+KEY_CHUNKS chunks handed to cuDNN as a batch ("split", as flash-decoding does): each chunk's attention comes back with
+its log-sum-exp, and the chunks are summed weighted by it, which is the attention over the whole window.
+
 Where flex is not used, and why:
 - the one-token step: torch 2.11's Inductor failed to compile the one-query flex kernel fused into the step on an
   H200 (the 8B shape in bf16; the tiny test Llama in fp32: "XBLOCK is not defined"), which took the fast path
@@ -54,6 +61,10 @@ HEAD_DIMS = (16, 32, 64, 128)
 FLEX_QUERIES_MOST = 16
 # flex's decoding kernel serves fewer query rows than this (Inductor's rule); packed, a group's heads times the queries
 FLEX_DECODING_ROWS = 128
+# steps over several queries that flex does not take split a window of at least SPLIT_FROM positions into this
+# many chunks of keys (0: no split). A fixed count, whatever the window, keeps one compilation for every window
+KEY_CHUNKS = 8
+SPLIT_FROM = 2048
 
 
 def use_fast_path_attention(model) -> bool:
@@ -81,6 +92,8 @@ def attend(module, query, key, value, attention_mask, compiling: bool, dropout: 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if FLEX_IN_VERIFY_STEPS and compiling and _flex_takes(query, key, attention_mask, dropout, kwargs):
         return _flex(query, key, value, attention_mask, scaling), None
+    if KEY_CHUNKS and compiling and _split_takes(query, key, attention_mask, dropout, kwargs):
+        return _split_sdpa(query, key, value, attention_mask, scaling), None
     if GROUPED_HEADS != "copied" and _grouped(query, key, attention_mask, dropout, kwargs):
         if GROUPED_HEADS == "taken" and compiling and _cudnn_fits(query):
             return _grouped_sdpa(query, key, value, attention_mask, scaling), None
@@ -179,3 +192,45 @@ def _flex(query, key, value, attention_mask, scaling: float | None):
         torch.arange(blocks, dtype=torch.int32, device=query.device).view(1, 1, 1, blocks),
         BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(packed.shape[2], keys))
     return _unpacked(flex_attention(packed, key, value, block_mask=block_mask, scale=scaling), query)
+
+
+def _split_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
+    """Several queries of one sequence, grouped or not, on cuDNN (CUDA, half precision), over a window of at least
+    SPLIT_FROM positions that KEY_CHUNKS chunks of whole 8-position rows divide (cuDNN's alignment), a boolean mask."""
+    import torch
+    mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
+        attention_mask.shape[:2] == (1, 1)
+    keys = key.shape[2]
+    return (_plain(dropout, extra) and mask_fits and query.is_cuda and _cudnn_fits(query) and query.shape[0] == 1
+            and query.shape[2] > 1 and query.shape[1] % key.shape[1] == 0
+            and keys >= SPLIT_FROM and keys % (KEY_CHUNKS * 8) == 0)
+
+
+def _cudnn_with_lse(query, key, value, bias, scaling: float | None):
+    """cuDNN's attention (grouped heads taken as they are) and its log-sum-exp per query row: [batch, heads, queries,
+    dim] and [batch, heads, queries, 1] (fp32). SDPA does not return the log-sum-exp; its cuDNN kernel does."""
+    import torch
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, bias, True, 0.0, False, False, scale=scaling)[:2]
+    return out, lse.reshape(*out.shape[:3], 1)
+
+
+def _split_sdpa(query, key, value, attention_mask, scaling: float | None, chunk_attention=_cudnn_with_lse):
+    """Attention over KEY_CHUNKS chunks of the window as one batch (`chunk_attention`: each chunk's output and
+    log-sum-exp), summed weighted by the chunks' share of the softmax, in SDPA's function's layout. A chunk with no
+    position a query may see (past the sequence so far) gets the smallest finite bias instead of minus infinity: its
+    share is then exactly 0 instead of a NaN from a softmax over nothing."""
+    import torch
+    heads, queries, dim = query.shape[1:]
+    keys = key.shape[2]
+    chunk = keys // KEY_CHUNKS
+
+    def chunked(t):  # [1, kv heads, keys, dim] -> [chunks, kv heads, chunk, dim], a view of the cache
+        return t[0].unflatten(1, (KEY_CHUNKS, chunk)).transpose(0, 1)
+    allowed = attention_mask[0, 0, :, :keys].unflatten(1, (KEY_CHUNKS, chunk)).transpose(0, 1)[:, None]
+    bias = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype).contiguous()
+    out, lse = chunk_attention(query.expand(KEY_CHUNKS, heads, queries, dim).contiguous(), chunked(key),
+                               chunked(value), bias, scaling)
+    share = torch.softmax(lse.float(), dim=0)  # [chunks, heads, queries, 1]
+    merged = (out.float() * share).sum(0, keepdim=True).to(query.dtype)
+    return merged.transpose(1, 2).contiguous()
