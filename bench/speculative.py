@@ -183,7 +183,7 @@ def main() -> None:
     answers, model, profiles = answer_all(prompts, args.new_tokens, args.flags.split(), args.profile)
     plain, guessed = answers[False], answers[True]
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model, "new_tokens": args.new_tokens,
-              "summary": {w: summary(plain[w], guessed[w]) for w in prompts},
+              "flags": args.flags, "summary": {w: summary(plain[w], guessed[w]) for w in prompts},
               "answers": {w: [{"prompt": p, "plain": a, "speculative": b} for p, a, b in
                               zip(prompts[w], plain[w], guessed[w], strict=True)] for w in prompts},
               **({"profile": profiles} if profiles else {})}

@@ -352,6 +352,34 @@ def test_a_wide_step_the_compiler_fails_on_is_turned_off_and_the_fast_path_stays
         model.close()
 
 
+@pytest.mark.parametrize("step", ["verify", "prompt"])
+def test_a_wide_step_that_fails_to_capture_is_turned_off_and_the_rest_captured(tiny_llama, monkeypatch, capsys, step):
+    """A verify or prompt step whose CUDA graph cannot be recorded (a host sync in it, a kernel that will not be
+    captured) is turned off with a warning and every other step is still captured in every window; a one-token step
+    that cannot be captured is the fast path's failure. (The recording itself is CUDA's: here it stands in.)"""
+    from quantchat.loaders.hf.fast_decode import FastDecoder
+    model = load(tiny_llama, "--fast_decode=False")
+    try:
+        fast = FastDecoder(model.model, model.eos_ids, 512, compile=False, speculative_tokens=4, prompt_step_tokens=16)
+        failing = getattr(fast, f"_{step}")
+
+        def captured(forward, inputs):
+            if forward == failing:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return "graph", forward(*inputs)
+        monkeypatch.setattr(fast, "_captured", captured)
+        fast._capture()
+        other = "prompt" if step == "verify" else "verify"
+        assert set(fast.graphs) == set(getattr(fast, f"{other}_graphs")) == set(fast.windows) == {256, 512}
+        assert not getattr(fast, f"{step}_graphs") and getattr(fast, f"{step}_width") == 0
+        assert f"the {step} step failed to capture (RuntimeError: operation not permitted" in capsys.readouterr().err
+        monkeypatch.setattr(fast, "_captured", lambda forward, inputs: (_ for _ in ()).throw(RuntimeError("sync")))
+        with pytest.raises(RuntimeError, match="sync"):
+            fast._capture()
+    finally:
+        model.close()
+
+
 def test_a_failed_answer_leaves_nothing_to_reuse(tiny_llama, monkeypatch):
     model = load(tiny_llama, "--fast_decode=True")
     conversation(model, TURNS[:1], system="Be brief.")

@@ -233,29 +233,30 @@ def test_attention_split_over_chunks_of_keys_on_cudnn_equals_sdpa():
     assert not attention._split_takes(q, k[:, :, :1024], mask[..., :1024], 0.0, {})  # a short window
 
 
-def test_wide_steps_over_a_window_split_into_chunks_keep_generates_tokens(tiny_llama, monkeypatch):
-    """bf16: captured prompt steps whose attention splits the window into chunks of keys (from 256 positions on, in
-    4 chunks, here) answer a short prompt, a long one and its follow-up with generate's tokens, up to a bf16
+def test_wide_steps_over_a_window_split_into_chunks_keep_generates_tokens(tmp_path, monkeypatch):
+    """bf16, head size 64: captured prompt steps whose attention splits the longer windows into chunks of keys (from
+    512 positions on, here) answer short prompts, a long one and its follow-up with generate's tokens, up to a bf16
     rounding tie."""
     import torch
 
     from quantchat.loaders.hf import attention
     from quantchat.loaders.hf.fast_decode import FastDecoder
     monkeypatch.setattr(FastDecoder, "PROMPT_STEP_TOKENS", 64)
-    monkeypatch.setattr(attention, "SPLIT_FROM", 256)
-    monkeypatch.setattr(attention, "KEY_CHUNKS", 4)
+    monkeypatch.setattr(attention, "SPLIT_FROM", 512)
     split, call = [], attention._split_sdpa
     monkeypatch.setattr(attention, "_split_sdpa", lambda *a: split.append(torch.compiler.is_compiling()) or call(*a))
-    model = loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", "--fast_decode=True",
-                                               "--load_half=True", "--max_seq_len=512")))
+    from conftest import build_tiny_llama
+    folder = build_tiny_llama(tmp_path / "heads-of-64", hidden_size=256)
+    model = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--fast_decode=True", "--load_half=True",
+                                               "--max_seq_len=1024")))
     try:
         assert model.wait_for_fast_decode() and model.fast.prompt_graphs, model.info.decode
-        assert True in split  # (traced into the captured steps)
-        long = "one two three four five six seven " * 20
-        prompts = ["The quick brown fox", long, long + " eight nine ten"]
+        assert True in split  # (traced into the captured steps of windows 512 and 1,024)
+        long = "one two three four five six seven " * 60
+        prompts = ["The quick brown fox", long, long + " eight nine ten"]  # (the follow-up in window 1,024)
         reports: list[GenerationReport] = []
         fast = [greedy_tokens(model, prompt, 40, reports) for prompt in prompts]
-        assert reports[2].reused_tokens > 100, [r.reused_tokens for r in reports]
+        assert reports[2].reused_tokens > 256, [r.reused_tokens for r in reports]
         model.fast = None
         for prompt, tokens in zip(prompts, fast, strict=True):
             assert_parting_only_at_a_tie(model, prompt, tokens, greedy_tokens(model, prompt, 40), 1 / 64)

@@ -62,9 +62,15 @@ FLEX_QUERIES_MOST = 16
 # flex's decoding kernel serves fewer query rows than this (Inductor's rule); packed, a group's heads times the queries
 FLEX_DECODING_ROWS = 128
 # steps over several queries that flex does not take split a window of at least SPLIT_FROM positions into this
-# many chunks of keys (0: no split). A fixed count, whatever the window, keeps one compilation for every window
+# many chunks of keys (0: no split). A fixed count, whatever the window, keeps one compilation for every window. One
+# layer of the Llama-3-8B shape on an H200, 64 queries, compiled (bench/results/attention-split-h200.json): 70.5 µs
+# against 185.4 over 8,192 positions, 35.8 against 57.0 over 2,048; in 4 or 16 chunks (not compiled) 4 was a little
+# faster, 16 slower
 KEY_CHUNKS = 8
 SPLIT_FROM = 2048
+# head sizes the split ran at on an H200 (64 in the bench, 128 there and in the 8B's captured prompt step); with the
+# test Llama's 16, capturing the step failed (cause not found), so other sizes stay unsplit
+SPLIT_HEAD_DIMS = (64, 128)
 
 
 def use_fast_path_attention(model) -> bool:
@@ -195,14 +201,15 @@ def _flex(query, key, value, attention_mask, scaling: float | None):
 
 
 def _split_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
-    """Several queries of one sequence, grouped or not, on cuDNN (CUDA, half precision), over a window of at least
-    SPLIT_FROM positions that KEY_CHUNKS chunks of whole 8-position rows divide (cuDNN's alignment), a boolean mask."""
+    """Several queries of one sequence, grouped or not, on cuDNN (CUDA, half precision, SPLIT_HEAD_DIMS), over a
+    window of at least SPLIT_FROM positions that KEY_CHUNKS chunks of whole 8-position rows divide (cuDNN's
+    alignment), a boolean mask."""
     import torch
     mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
         attention_mask.shape[:2] == (1, 1)
     keys = key.shape[2]
     return (_plain(dropout, extra) and mask_fits and query.is_cuda and _cudnn_fits(query) and query.shape[0] == 1
-            and query.shape[2] > 1 and query.shape[1] % key.shape[1] == 0
+            and query.shape[2] > 1 and query.shape[1] % key.shape[1] == 0 and query.shape[-1] in SPLIT_HEAD_DIMS
             and keys >= SPLIT_FROM and keys % (KEY_CHUNKS * 8) == 0)
 
 

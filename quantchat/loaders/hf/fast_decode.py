@@ -248,37 +248,50 @@ class FastDecoder:
 
     def _capture(self) -> None:
         """Record the (already compiled) steps into CUDA graphs, one per window and width. Any host sync inside a
-        step fails here, at load, not per token. The capture overwrites the cache: nothing in it is reused after."""
+        step fails here, at load, not per token: in the one-token step it takes the fast path down, in a wide step
+        only that step is turned off. The capture overwrites the cache: nothing in it is reused after."""
         torch = self.torch
         self.cached = []
         with torch.inference_mode():
             self._token_in = torch.zeros((1, 1), dtype=torch.long, device=self.device)
             self._position_in = torch.zeros(1, dtype=torch.long, device=self.device)
-            steps = [(self._step, (self._token_in, self._position_in), self.graphs, self._logits_out)]
+            steps = [(None, self._step, (self._token_in, self._position_in), self.graphs, self._logits_out)]
             if self.verify_width:
                 self._verify_in = (torch.zeros((1, self.verify_width), dtype=torch.long, device=self.device),
                                    torch.arange(self.verify_width, device=self.device))
-                steps.append((self._verify, self._verify_in, self.verify_graphs, self._verify_out))
+                steps.append(("verify", self._verify, self._verify_in, self.verify_graphs, self._verify_out))
             if self.prompt_width:
                 self._prompt_in = (torch.zeros((1, self.prompt_width), dtype=torch.long, device=self.device),
                                    torch.arange(self.prompt_width, device=self.device),
                                    torch.zeros(1, dtype=torch.long, device=self.device))
-                steps.append((self._prompt, self._prompt_in, self.prompt_graphs, self._prompt_out))
+                steps.append(("prompt", self._prompt, self._prompt_in, self.prompt_graphs, self._prompt_out))
+            off = dict(self._WIDE_STEPS)
             for window in self.windows:
                 self._use_window(window)
-                for step, inputs, graphs, outputs in steps:
-                    if inputs[0].shape[1] > window:  # (a step wider than the window never runs in it)
+                for wide, step, inputs, graphs, outputs in steps:
+                    # (a step wider than the window never runs in it; a wide step turned off stays off)
+                    if inputs[0].shape[1] > window or (wide and not getattr(self, f"{wide}_width")):
                         continue
-                    side = torch.cuda.Stream()  # torch asks for a few runs on a side stream before capturing
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            step(*inputs)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads use the GPU
-                        outputs[window] = step(*inputs)
-                    graphs[window] = graph
+                    try:
+                        graphs[window], outputs[window] = self._captured(step, inputs)
+                    except Exception as e:
+                        if not wide:
+                            raise
+                        self._turn_off(wide, _failed("capture", e), off[wide])
+
+    def _captured(self, step, inputs: tuple):
+        """`step` over `inputs` recorded in a CUDA graph, and its output (overwritten by each replay)."""
+        torch = self.torch
+        side = torch.cuda.Stream()  # torch asks for a few runs on a side stream before capturing
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads use the GPU
+            output = step(*inputs)
+        return graph, output
 
     def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None],
                 guide: TokenGuide | None = None) -> None:
@@ -471,7 +484,7 @@ class FastDecoder:
                 try:
                     _in_worker(lambda f=logits_of: self._choices(f))
                 except Exception as e:
-                    self._turn_off(step, f"failed to compile ({type(e).__name__}: {str(e).strip()[:160]})", off)
+                    self._turn_off(step, _failed("compile", e), off)
 
     def _check_wide_graphs(self) -> None:
         """The captured verify and prompt steps must choose what the uncaptured ones do over the same cache, or
@@ -564,6 +577,10 @@ class AllowedTokens:
             return logits
         self.guide.advance(token)
         return self.mask(logits)
+
+
+def _failed(what: str, e: Exception) -> str:
+    return f"failed to {what} ({type(e).__name__}: {str(e).strip()[:160]})"
 
 
 def _in_worker(function: Callable[[], object]):
