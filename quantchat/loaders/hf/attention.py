@@ -68,8 +68,8 @@ FLEX_DECODING_ROWS = 128
 # faster, 16 slower
 KEY_CHUNKS = 8
 SPLIT_FROM = 2048
-# head sizes the split ran at on an H200 (64 in the bench, 128 there and in the 8B's captured prompt step); with the
-# test Llama's 16, capturing the step failed (cause not found), so other sizes stay unsplit
+# head sizes the split ran at on an H200 (64 and 128 in its GPU test, 128 in the bench and in the 8B's captured
+# prompt step); with the test Llama's 16, capturing the step failed (cause not found), so other sizes stay unsplit
 SPLIT_HEAD_DIMS = (64, 128)
 
 
