@@ -216,7 +216,7 @@ def _split_takes(query, key, attention_mask, dropout: float, extra: dict) -> boo
 def _cudnn_with_lse(query, key, value, bias, scaling: float | None):
     """cuDNN's attention (grouped heads taken as they are) and its log-sum-exp per query row: [batch, heads, queries,
     dim] and [batch, heads, queries, 1] (fp32). SDPA does not return the log-sum-exp; its cuDNN kernel does, through
-    this private op (torch 2.5 to 2.13 call it alike); a release that changes it fails the wide steps' compilation,
+    this private op (alike in torch 2.11, the GPU's, and 2.13); a release that changes it fails the wide steps' compilation,
     which turns them off at warm-up (fast_decode.py), not the fast path."""
     import torch
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
