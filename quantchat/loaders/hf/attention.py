@@ -167,17 +167,21 @@ def flex_fits(head_dim: int, dtype) -> bool:
     return head_dim in HEAD_DIMS and dtype in (torch.bfloat16, torch.float16)
 
 
+def _one_boolean_mask(attention_mask) -> bool:
+    """A boolean mask shared by the batch's one sequence and every head (no mask would mean SDPA's own causal rule,
+    which counts from the cache's start)."""
+    import torch
+    return attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[:2] == (1, 1)
+
+
 def _flex_takes(query, key, attention_mask, dropout: float, extra: dict) -> bool:
     """Several queries (up to FLEX_QUERIES_MOST) of one sequence over a cache window of whole blocks, few enough rows
-    packed for flex's decoding kernel, a boolean mask (no mask would mean SDPA's own causal rule, which counts from the
-    cache's start), and nothing a plain call drops."""
-    import torch
-    mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
-        attention_mask.shape[:2] == (1, 1)
+    packed for flex's decoding kernel, one boolean mask, and nothing a plain call drops."""
     heads, queries, kv_heads = query.shape[1], query.shape[2], key.shape[1]
     packed_rows_fit = heads % kv_heads == 0 and heads // kv_heads * queries < FLEX_DECODING_ROWS
-    return (_plain(dropout, extra) and mask_fits and query.shape[0] == 1 and 1 < queries <= FLEX_QUERIES_MOST
-            and packed_rows_fit and key.shape[2] % BLOCK == 0 and flex_fits(query.shape[-1], query.dtype))
+    return (_plain(dropout, extra) and _one_boolean_mask(attention_mask) and query.shape[0] == 1
+            and 1 < queries <= FLEX_QUERIES_MOST and packed_rows_fit and key.shape[2] % BLOCK == 0
+            and flex_fits(query.shape[-1], query.dtype))
 
 
 def _flex(query, key, value, attention_mask, scaling: float | None):
@@ -204,13 +208,10 @@ def _split_takes(query, key, attention_mask, dropout: float, extra: dict) -> boo
     """Several queries of one sequence, grouped or not, on cuDNN (CUDA, half precision, SPLIT_HEAD_DIMS), over a
     window of at least SPLIT_FROM positions that KEY_CHUNKS chunks of whole 8-position rows divide (cuDNN's
     alignment), a boolean mask."""
-    import torch
-    mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and \
-        attention_mask.shape[:2] == (1, 1)
     keys = key.shape[2]
-    return (_plain(dropout, extra) and mask_fits and query.is_cuda and _cudnn_fits(query) and query.shape[0] == 1
-            and query.shape[2] > 1 and query.shape[1] % key.shape[1] == 0 and query.shape[-1] in SPLIT_HEAD_DIMS
-            and keys >= SPLIT_FROM and keys % (KEY_CHUNKS * 8) == 0)
+    return (_plain(dropout, extra) and _one_boolean_mask(attention_mask) and query.is_cuda and _cudnn_fits(query)
+            and query.shape[0] == 1 and query.shape[2] > 1 and query.shape[1] % key.shape[1] == 0
+            and query.shape[-1] in SPLIT_HEAD_DIMS and keys >= SPLIT_FROM and keys % (KEY_CHUNKS * 8) == 0)
 
 
 def _cudnn_with_lse(query, key, value, bias, scaling: float | None):
@@ -234,12 +235,12 @@ def _split_sdpa(query, key, value, attention_mask, scaling: float | None, chunk_
     keys = key.shape[2]
     chunk = keys // KEY_CHUNKS
 
-    def chunked(t):  # [1, kv heads, keys, dim] -> [chunks, kv heads, chunk, dim], a view of the cache
-        return t[0].unflatten(1, (KEY_CHUNKS, chunk)).transpose(0, 1)
-    allowed = attention_mask[0, 0, :, :keys].unflatten(1, (KEY_CHUNKS, chunk)).transpose(0, 1)[:, None]
+    def chunked(t):  # [rows, keys, ...] -> [chunks, rows, chunk, ...], a view (of the cache, for keys and values)
+        return t.unflatten(1, (KEY_CHUNKS, chunk)).transpose(0, 1)
+    allowed = chunked(attention_mask[0, 0, :, :keys])[:, None]  # [chunks, 1, queries, chunk]
     bias = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype).contiguous()
-    out, lse = chunk_attention(query.expand(KEY_CHUNKS, heads, queries, dim).contiguous(), chunked(key),
-                               chunked(value), bias, scaling)
+    out, lse = chunk_attention(query.expand(KEY_CHUNKS, heads, queries, dim).contiguous(), chunked(key[0]),
+                               chunked(value[0]), bias, scaling)
     share = torch.softmax(lse.float(), dim=0)  # [chunks, heads, queries, 1]
     merged = (out.float() * share).sum(0, keepdim=True).to(query.dtype)
     return merged.transpose(1, 2).contiguous()
