@@ -12,7 +12,7 @@
 install_carried_wheels 2>&1 | tail -2
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 if [ "${TESTS:-1}" = 1 ]; then
-    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces or prompt_step or split" \
+    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces or prompt_step or split or wide_steps" \
         --durations=6 2>&1 | grep -E "^E |FAILED|passed|failed|Error|s call" | tee "$OUT/gpu-tests-verify-attention-$GPU_NAME.log"
 fi
 if [ "${STUDY:-0}" = 1 ]; then

@@ -250,23 +250,25 @@ def measure_grouped_attention() -> dict:
 def measure_split_attention(chunk_counts=(4, 8, 16)) -> dict:
     """One layer of the 8B shape's attention for a few queries over 2,048 and 8,192 cached positions, microseconds per
     call: cuDNN over the whole window ("taken", as compiled steps ran it before) and split into chunks of keys
-    (quantchat/loaders/hf/attention.py), with the largest difference of each from fp32 SDPA."""
+    (quantchat/loaders/hf/attention.py), compiled as the steps run it: in 8 chunks, and with the query heads of a group
+    packed into the query rows in each of `chunk_counts`, with the largest difference of each from fp32 SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import repeat_kv
 
     from quantchat.loaders.hf import attention
-    compiled = torch.compile(attention._split_sdpa, dynamic=False)  # (in attention.KEY_CHUNKS chunks)
+    compiled = torch.compile(attention._split_sdpa, dynamic=False)  # (traced again per chunk count and packing)
+    torch._dynamo.config.recompile_limit = 64  # (one tracing per shape and variant)
     result = {}
     for context in (2048, 8192):
-        for queries in (9, 16, 64):
+        for queries in (9, 64):
             q, k, v, mask = attention_inputs(queries, context)
             groups = q.shape[1] // k.shape[1]
             expected = torch.nn.functional.scaled_dot_product_attention(
                 q.float(), *(repeat_kv(t.float(), groups) for t in (k, v)), attn_mask=mask).transpose(1, 2)
             calls = {"taken": functools.partial(attention._grouped_sdpa, q, k, v, mask, None)}
-            for chunks in chunk_counts:
-                calls[f"split in {chunks}"] = functools.partial(_split_in, chunks, q, k, v, mask)
-            calls[f"split in {attention.KEY_CHUNKS}, compiled"] = functools.partial(compiled, q, k, v, mask, None)
+            for chunks, packed in [(8, False)] + [(chunks, True) for chunks in chunk_counts]:
+                calls[f"split in {chunks}{', packed' if packed else ''}, compiled"] = functools.partial(
+                    _split_as, compiled, chunks, packed, q, k, v, mask)
             row = {}
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 for name, call in calls.items():
@@ -281,13 +283,16 @@ def measure_split_attention(chunk_counts=(4, 8, 16)) -> dict:
     return result
 
 
-def _split_in(chunks: int, *args):
+def _split_as(split, chunks: int, packed: bool, *args):
+    """`split` (attention._split_sdpa, compiled or not) in `chunks` chunks, packed or not: the product reads both as
+    module constants (a compiled step traces them), so they are set for the call."""
     from quantchat.loaders.hf import attention
-    before, attention.KEY_CHUNKS = attention.KEY_CHUNKS, chunks
+    before = attention.KEY_CHUNKS, attention.SPLIT_PACKED
+    attention.KEY_CHUNKS, attention.SPLIT_PACKED = chunks, packed
     try:
-        return attention._split_sdpa(*args, None)
+        return split(*args, None)
     finally:
-        attention.KEY_CHUNKS = before
+        attention.KEY_CHUNKS, attention.SPLIT_PACKED = before
 
 
 def main() -> None:

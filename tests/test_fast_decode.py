@@ -372,7 +372,8 @@ def test_a_wide_step_that_fails_to_capture_is_turned_off_and_the_rest_captured(t
         other = "prompt" if step == "verify" else "verify"
         assert set(fast.graphs) == set(getattr(fast, f"{other}_graphs")) == set(fast.windows) == {256, 512}
         assert not getattr(fast, f"{step}_graphs") and getattr(fast, f"{step}_width") == 0
-        assert f"the {step} step failed to capture (RuntimeError: operation not permitted" in capsys.readouterr().err
+        warning = f"the {step} step failed to capture in the 256-position window (RuntimeError: operation not permitted"
+        assert warning in capsys.readouterr().err
         monkeypatch.setattr(fast, "_captured", lambda forward, inputs: (_ for _ in ()).throw(RuntimeError("sync")))
         with pytest.raises(RuntimeError, match="sync"):
             fast._capture()
@@ -430,14 +431,17 @@ def test_flex_attention_in_a_verify_step_computes_what_sdpa_does(monkeypatch):
     assert not attention._flex_takes(query.float(), keys[0].float(), causal[None, None], 0.0, {})  # fp32
 
 
-def test_attention_split_over_chunks_of_keys_sums_to_the_attention_over_the_window():
+@pytest.mark.parametrize("packed", [True, False])
+def test_attention_split_over_chunks_of_keys_sums_to_the_attention_over_the_window(packed, monkeypatch):
     """A prompt step's attention split into KEY_CHUNKS chunks of the window (each chunk's output and log-sum-exp, here
     from a plain computation on the CPU; cuDNN's on the GPU tests) equals SDPA over the whole window: groups of 4 and
-    7, a causal mask and a sliding window, chunks past the sequence that no query may see."""
+    7 (their heads packed into the query rows or not), a causal mask and a sliding window, chunks past the sequence
+    that no query may see."""
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv
 
     from quantchat.loaders.hf import attention
+    monkeypatch.setattr(attention, "SPLIT_PACKED", packed)
 
     def plain_with_lse(query, key, value, bias, scaling):
         groups = query.shape[1] // key.shape[1]

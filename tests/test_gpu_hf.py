@@ -204,15 +204,18 @@ def test_short_prompts_and_follow_ups_go_through_the_captured_prompt_step(tiny_l
         model.close()
 
 
-def test_attention_split_over_chunks_of_keys_on_cudnn_equals_sdpa():
+@pytest.mark.parametrize("packed", [True, False])
+def test_attention_split_over_chunks_of_keys_on_cudnn_equals_sdpa(packed, monkeypatch):
     """The split attention of wide steps (attention.py) on cuDNN, eager and compiled, over an 8,192-position window
     of which 7,000-odd are filled: as close to fp32 SDPA over the whole window as cuDNN's unsplit attention is;
-    Llama-3-8B's heads (groups of 4, 64 queries) and Qwen2.5-0.5B's (groups of 7, 9 queries)."""
+    Llama-3-8B's heads (groups of 4, 64 queries) and Qwen2.5-0.5B's (groups of 7, 9 queries), the heads of a group
+    packed into the query rows or not."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import repeat_kv
 
     from quantchat.loaders.hf import attention
+    monkeypatch.setattr(attention, "SPLIT_PACKED", packed)
     torch.manual_seed(0)
     split = torch.compile(attention._split_sdpa)
     for heads, kv_heads, dim, queries in ((32, 8, 128, 64), (14, 2, 64, 9)):
@@ -233,30 +236,34 @@ def test_attention_split_over_chunks_of_keys_on_cudnn_equals_sdpa():
     assert not attention._split_takes(q, k[:, :, :1024], mask[..., :1024], 0.0, {})  # a short window
 
 
-def test_wide_steps_over_a_window_split_into_chunks_keep_generates_tokens(tmp_path, monkeypatch):
-    """bf16, head size 64: captured prompt steps whose attention splits the longer windows into chunks of keys (from
-    512 positions on, here) answer short prompts, a long one and its follow-up with generate's tokens, up to a bf16
-    rounding tie."""
+@pytest.mark.parametrize("key_chunks", [8, 0])
+def test_wide_steps_in_half_precision_keep_generates_tokens(tmp_path, monkeypatch, key_chunks):
+    """bf16, head size 64, the product's SPLIT_FROM: captured prompt steps in every window, whose attention splits the
+    windows of 2,048 positions and more into chunks of keys (or not: key_chunks 0), answer a short prompt, a
+    3,000-token one and its follow-up with generate's tokens, up to a bf16 rounding tie. (With windows split from 512
+    positions on, into chunks of 64 and 128, capturing the prompt step failed on an H200; both cases here tell the
+    split from the rest of the half-precision prompt step.)"""
     import torch
 
     from quantchat.loaders.hf import attention
     from quantchat.loaders.hf.fast_decode import FastDecoder
     monkeypatch.setattr(FastDecoder, "PROMPT_STEP_TOKENS", 64)
-    monkeypatch.setattr(attention, "SPLIT_FROM", 512)
+    monkeypatch.setattr(attention, "KEY_CHUNKS", key_chunks)
     split, call = [], attention._split_sdpa
     monkeypatch.setattr(attention, "_split_sdpa", lambda *a: split.append(torch.compiler.is_compiling()) or call(*a))
     from conftest import build_tiny_llama
     folder = build_tiny_llama(tmp_path / "heads-of-64", hidden_size=256)
     model = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--fast_decode=True", "--load_half=True",
-                                               "--max_seq_len=1024")))
+                                               "--max_seq_len=4096")))
     try:
-        assert model.wait_for_fast_decode() and model.fast.prompt_graphs, model.info.decode
-        assert True in split  # (traced into the captured steps of windows 512 and 1,024)
-        long = "one two three four five six seven " * 60
-        prompts = ["The quick brown fox", long, long + " eight nine ten"]  # (the follow-up in window 1,024)
+        assert model.wait_for_fast_decode() and set(model.fast.prompt_graphs) == set(model.fast.graphs), \
+            model.info.decode
+        assert (True in split) == bool(key_chunks)  # (traced into the captured steps of windows 2,048 and 4,096)
+        long = "one two three four five six seven " * 300  # (about 3,000 tokens)
+        prompts = ["The quick brown fox", long, long + " eight nine ten"]  # (the follow-up in window 4,096)
         reports: list[GenerationReport] = []
         fast = [greedy_tokens(model, prompt, 40, reports) for prompt in prompts]
-        assert reports[2].reused_tokens > 256, [r.reused_tokens for r in reports]
+        assert reports[2].reused_tokens > 2048, [r.reused_tokens for r in reports]
         model.fast = None
         for prompt, tokens in zip(prompts, fast, strict=True):
             assert_parting_only_at_a_tie(model, prompt, tokens, greedy_tokens(model, prompt, 40), 1 / 64)

@@ -27,8 +27,9 @@ A prompt step (up to 64 new tokens: a short prompt, or a chat's next turn) asks 
 decoding kernel takes. cuDNN's kernel gives one block of the GPU to each query head and walks the whole window in
 it: 32 blocks for the Llama-3-8B shape on an H200's 132 multiprocessors, 184 µs a layer for 64 queries over 8,192
 positions where reading those keys and values takes about 10. Over a long window such steps split the keys into
-KEY_CHUNKS chunks handed to cuDNN as a batch ("split", as flash-decoding does): each chunk's attention comes back with
-its log-sum-exp, and the chunks are summed weighted by it, which is the attention over the whole window.
+KEY_CHUNKS chunks handed to cuDNN as a batch ("split", as flash-decoding does), the query heads of a group packed into
+the rows of one query as for flex: each chunk's attention comes back with its log-sum-exp, and the chunks are summed
+weighted by it, which is the attention over the whole window.
 
 Where flex is not used, and why:
 - the one-token step: torch 2.11's Inductor failed to compile the one-query flex kernel fused into the step on an
@@ -63,14 +64,18 @@ FLEX_QUERIES_MOST = 16
 FLEX_DECODING_ROWS = 128
 # steps over several queries that flex does not take split a window of at least SPLIT_FROM positions into this
 # many chunks of keys (0: no split). A fixed count, whatever the window, keeps one compilation for every window. One
-# layer of the Llama-3-8B shape on an H200, 64 queries, compiled (bench/results/attention-split-h200.json): 70.5 µs
-# against 185.4 over 8,192 positions, 35.8 against 57.0 over 2,048; in 4 or 16 chunks (not compiled) 4 was a little
-# faster, 16 slower
+# layer of the Llama-3-8B shape on an H200, 64 queries, compiled (bench/results/attention-split-packed-h200.json):
+# 52.7 µs against 185.4 unsplit over 8,192 positions, 29.8 against 57.0 over 2,048; 4 chunks were faster over 2,048
+# (27.0), 16 for 9 queries over 8,192 (33.6 against 37.0); for 64 queries, 8 has the least time summed over both
 KEY_CHUNKS = 8
 SPLIT_FROM = 2048
-# head sizes the split ran at on an H200 (64 and 128 in its GPU test, 128 in the bench and in the 8B's captured
-# prompt step); with the test Llama's 16, capturing the step failed (cause not found), so other sizes stay unsplit
+# head sizes the split ran at on an H200 (64 and 128 in its GPU tests, 128 in the bench and the 8B's captured prompt
+# step); others stay unsplit
 SPLIT_HEAD_DIMS = (64, 128)
+# the query heads of a group packed into the query rows of each chunk (_packed), so that cuDNN reads a chunk of keys
+# and values once per key/value head instead of once per query head: 52.7 µs against 69.6 unpacked in the case above,
+# 37.0 against 57.2 for 9 queries (same file). bench/kernels.py --split times both
+SPLIT_PACKED = True
 
 
 def use_fast_path_attention(model) -> bool:
@@ -227,20 +232,25 @@ def _cudnn_with_lse(query, key, value, bias, scaling: float | None):
 
 def _split_sdpa(query, key, value, attention_mask, scaling: float | None, chunk_attention=_cudnn_with_lse):
     """Attention over KEY_CHUNKS chunks of the window as one batch (`chunk_attention`: each chunk's output and
-    log-sum-exp), summed weighted by the chunks' share of the softmax, in SDPA's function's layout. A chunk with no
-    position a query may see (past the sequence so far) gets the smallest finite bias instead of minus infinity: its
-    share is then exactly 0 instead of a NaN from a softmax over nothing."""
+    log-sum-exp), summed weighted by the chunks' share of the softmax, in SDPA's function's layout. With SPLIT_PACKED
+    the query heads of a group go in as rows of one query (_packed), so that each chunk of keys and values is read
+    once per key/value head rather than once per query head. A chunk with no position a query may see (past the
+    sequence so far) gets the smallest finite bias instead of minus infinity: its share is then exactly 0 instead of
+    a NaN from a softmax over nothing."""
     import torch
-    heads, queries, dim = query.shape[1:]
-    keys = key.shape[2]
+    kv_heads, keys = key.shape[1], key.shape[2]
     chunk = keys // KEY_CHUNKS
 
     def chunked(t):  # [rows, keys, ...] -> [chunks, rows, chunk, ...], a view (of the cache, for keys and values)
         return t.unflatten(1, (KEY_CHUNKS, chunk)).transpose(0, 1)
     allowed = chunked(attention_mask[0, 0, :, :keys])[:, None]  # [chunks, 1, queries, chunk]
+    rows = query
+    if SPLIT_PACKED:  # each head of a group repeats the queries' rows of the mask
+        rows = _packed(query, kv_heads)
+        allowed = allowed[:, :, None].expand(-1, -1, query.shape[1] // kv_heads, -1, -1).flatten(2, 3)
     bias = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype).contiguous()
-    out, lse = chunk_attention(query.expand(KEY_CHUNKS, heads, queries, dim).contiguous(), chunked(key[0]),
+    out, lse = chunk_attention(rows.expand(KEY_CHUNKS, *rows.shape[1:]).contiguous(), chunked(key[0]),
                                chunked(value[0]), bias, scaling)
-    share = torch.softmax(lse.float(), dim=0)  # [chunks, heads, queries, 1]
+    share = torch.softmax(lse.float(), dim=0)  # [chunks, heads or key/value heads, rows, 1]
     merged = (out.float() * share).sum(0, keepdim=True).to(query.dtype)
-    return merged.transpose(1, 2).contiguous()
+    return _unpacked(merged, query) if SPLIT_PACKED else merged.transpose(1, 2).contiguous()

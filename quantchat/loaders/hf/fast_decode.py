@@ -277,7 +277,7 @@ class FastDecoder:
                     except Exception as e:
                         if not wide:
                             raise
-                        self._turn_off(wide, _failed("capture", e), off[wide])
+                        self._turn_off(wide, _failed(f"capture in the {window}-position window", e), off[wide])
 
     def _captured(self, step, inputs: tuple):
         """`step` over `inputs` recorded in a CUDA graph, and its output (overwritten by each replay)."""
