@@ -1,7 +1,9 @@
-"""--inference_server against a real OpenAI-compatible server started here: llama-cpp-python's, with the Gemma GGUF."""
+"""--inference_server against a real OpenAI-compatible server started here: llama-cpp-python's (tests/llamacpp_server.py),
+with the Gemma GGUF."""
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import free_port, wait_until_up
@@ -21,8 +23,9 @@ KEY = "sk-remote"
 @pytest.fixture(scope="module")
 def server(gemma_gguf):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gemma_gguf, "--host", "127.0.0.1",
-                                "--port", str(port), "--n_ctx", "512", "--api_key", KEY, "--chat_format", "gemma"],
+    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "llamacpp_server.py"), "--model", gemma_gguf,
+                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--api_key", KEY,
+                                "--chat_format", "gemma"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until_up(f"http://127.0.0.1:{port}/v1/models", ready=lambda response: True)
     yield f"127.0.0.1:{port}"
@@ -91,7 +94,6 @@ def test_chat_through_the_engine_streams_and_stops(server):
 
 
 def test_terminal_chat_through_a_remote_server(server):
-    from pathlib import Path
     run = subprocess.run([sys.executable, "generate.py", "--cli=True", f"--inference_server=vllm_chat:{server}",
                           f"--inference_server_api_key={KEY}", "--max_new_tokens=5"],
                          cwd=Path(__file__).resolve().parent.parent, input="Hello\n/exit\n", capture_output=True,

@@ -106,17 +106,25 @@ def _extra_buffers(user: dict, notes: list[str]) -> bool:
         raise UsageError(f"--llamacpp_dict: {EXTRA_BUFFERS_KEY} is True or False, not {asked!r}")
     if asked is not None:
         return asked
-    if b"AMX_INT8 = 1" in _llama_cpp().llama_print_system_info():
+    if amx_in_build():
         notes.append(f"llama.cpp's AMX kernels are off (they can crash: llama.cpp issue 20824); "
                      f"--llamacpp_dict=\"{{'{EXTRA_BUFFERS_KEY}': True}}\" turns them on")
         return False
     return True
 
 
+def amx_in_build() -> bool:
+    """The installed llama.cpp was built with Intel AMX kernels (and so runs on a CPU that has AMX)."""
+    return b"AMX_INT8 = 1" in _llama_cpp().llama_print_system_info()
+
+
+_LOADING = threading.Lock()  # (_model_params: one load at a time changes llama.cpp's defaults)
+
+
 @contextlib.contextmanager
 def _model_params(llama_cpp, extra_buffers: bool):
     """llama_cpp.Llama builds its model parameters from llama.cpp's defaults and takes no use_extra_bufts: while it
-    loads, the defaults it reads carry ours. (Loads are serial: the module's one lock.)"""
+    loads, the defaults it reads carry ours."""
     if extra_buffers:
         yield
         return
@@ -133,9 +141,6 @@ def _model_params(llama_cpp, extra_buffers: bool):
             yield
         finally:
             module.llama_model_default_params = default
-
-
-_LOADING = threading.Lock()
 
 
 def _check_keys(options: dict) -> None:
