@@ -129,7 +129,9 @@ def turns(name: str, history_tokens: int, grouped: list[str]) -> list[dict]:
     each other way for the eager prefill's attention to meet grouped heads (quantchat/loaders/hf/attention.py)."""
     from quantchat.loaders.hf import attention
     rows = []
+    started = time.perf_counter()
     engine, model = engine_for(name, True, 24)  # loaded (and on a GPU compiled) once; the cache turned off, then on
+    print(f"{name} ready in {time.perf_counter() - started:.0f} s", flush=True)  # (a GPU call's limit is 10 minutes)
     reference = reference_of(model.count_tokens, history_tokens)
     runs = [(False, attention.GROUPED_HEADS)] + [(True, way) for way in grouped or [attention.GROUPED_HEADS]]
     for run, (cache, way) in enumerate(runs):
