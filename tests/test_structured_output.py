@@ -142,9 +142,11 @@ def test_tool_choice_none_answers_in_words(client):
 
 
 def test_an_agent_loop_with_the_openai_sdk(client):
-    """Call, run the tool, send its result back, get the final answer in words."""
+    """Call, run the tool, send its result back, get the final answer in words. (One call: every call sent back needs
+    its result; with parallel calls allowed the built-in model repeated the same call until max_tokens on one machine.)"""
     messages = [{"role": "user", "content": "What's the weather in Paris? Answer in one sentence."}]
-    first = client.chat.completions.create(model="m", messages=messages, tools=[TOOLS[0]], tool_choice="required")
+    first = client.chat.completions.create(model="m", messages=messages, tools=[TOOLS[0]], tool_choice="required",
+                                           parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"]
     messages += [first.choices[0].message.model_dump(exclude_none=True),
