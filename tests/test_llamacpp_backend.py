@@ -87,7 +87,7 @@ def test_amx_builds_load_weights_into_plain_buffers_unless_asked(gemma_gguf, mon
 
     from quantchat.errors import UsageError
     from quantchat.loaders import llamacpp
-    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    amx = llamacpp.amx_in_build()
     plan = loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=256"))
     assert plan.options.extra_buffers is not amx
     assert any("AMX kernels are off" in note for note in plan.notes) is amx

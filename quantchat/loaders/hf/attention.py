@@ -148,6 +148,12 @@ def _packed(query, kv_heads: int):
     return query.reshape(batch, kv_heads, heads // kv_heads * queries, dim)
 
 
+def _packed_mask(mask, groups: int):
+    """A mask [rows, 1, queries, keys] for query heads packed per key/value head (_packed): each head of a group
+    repeats the queries' rows, [rows, 1, groups x queries, keys]."""
+    return mask[:, :, None].expand(-1, -1, groups, -1, -1).flatten(2, 3)
+
+
 def _unpacked(out, query):
     """Packed attention output back in SDPA's function's layout, [batch, queries, heads, dim]."""
     return out.reshape(query.shape).transpose(1, 2).contiguous()
@@ -159,8 +165,8 @@ def _packed_sdpa(query, key, value, attention_mask, scaling: float | None):
     queries, kv_heads, keys = query.shape[2], key.shape[1], key.shape[2]
     groups = query.shape[1] // kv_heads
     mask = attention_mask[:, :, :, :keys]
-    if queries > 1:  # each head of a group repeats the queries' rows of the mask
-        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * queries, keys)
+    if queries > 1:  # (one query's mask row serves every head of the group as it is)
+        mask = _packed_mask(mask, groups)
     out = torch.nn.functional.scaled_dot_product_attention(_packed(query, kv_heads), key, value, attn_mask=mask,
                                                            scale=scaling)
     return _unpacked(out, query)
@@ -245,9 +251,8 @@ def _split_sdpa(query, key, value, attention_mask, scaling: float | None, chunk_
         return t.unflatten(1, (KEY_CHUNKS, chunk)).transpose(0, 1)
     allowed = chunked(attention_mask[0, 0, :, :keys])[:, None]  # [chunks, 1, queries, chunk]
     rows = query
-    if SPLIT_PACKED:  # each head of a group repeats the queries' rows of the mask
-        rows = _packed(query, kv_heads)
-        allowed = allowed[:, :, None].expand(-1, -1, query.shape[1] // kv_heads, -1, -1).flatten(2, 3)
+    if SPLIT_PACKED:
+        rows, allowed = _packed(query, kv_heads), _packed_mask(allowed, query.shape[1] // kv_heads)
     bias = torch.where(allowed, 0.0, torch.finfo(query.dtype).min).to(query.dtype).contiguous()
     out, lse = chunk_attention(rows.expand(KEY_CHUNKS, *rows.shape[1:]).contiguous(), chunked(key[0]),
                                chunked(value[0]), bias, scaling)
