@@ -48,6 +48,7 @@ CODE_EDITS = ["Rename the function to a clearer name and give back the whole cod
               "Replace double quotes with single quotes in this code and give back the whole code."]
 REWRITES = ["Rewrite this paragraph in simpler words.", "Fix any grammar mistakes in this paragraph and give it back.",
             "Summarize this paragraph in three sentences.", "Rewrite this paragraph in British spelling."]
+WORKLOADS = ("chat", "code", "rewrite", "documents")
 QUESTIONS = ["What does this say about speed?", "Which flags are mentioned?", "What is measured here?",
              "What does the user need to install?", "What happens on an error?"]
 
@@ -174,6 +175,8 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per_workload", type=int, default=20)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="which workloads, in this order (a run cut off by a time limit keeps the first ones)")
     parser.add_argument("--new_tokens", type=int, default=96)
     parser.add_argument("--flags", default="", help="launcher flags for both models, e.g. --base_model=...")
     parser.add_argument("--profile", action="store_true",
@@ -184,7 +187,11 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
-    prompts = workloads(args.per_workload)
+    chosen = args.workloads.split(",")
+    if unknown := set(chosen) - set(WORKLOADS):
+        parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}: choose from {', '.join(WORKLOADS)}")
+    every = workloads(args.per_workload)
+    prompts = {w: every[w] for w in chosen}
 
     def write(answers: dict, model: str, profiles: dict | None = None) -> None:  # the workloads answered so far
         plain, guessed = answers[False], answers[True]
