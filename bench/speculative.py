@@ -120,7 +120,7 @@ def answer_all(prompts: dict[str, list[str]], new_tokens: int, flags: list[str],
                     "decode_s": s.total_s - s.ttft_s, "steps": spec.steps if spec else 0,
                     "guessed": spec.drafted if spec else 0, "kept": spec.accepted if spec else 0,
                     "guess_steps_s": spec.seconds if spec else 0.0,
-                    "switched_off": bool(spec and spec.switched_off)})
+                    "switched_off": bool(spec and spec.switched_off), "resting": bool(spec and spec.resting)})
                 print(workload, speculative, s.line(), flush=True)
         workload_done(out, described)
     profiles = {}
@@ -147,7 +147,13 @@ def summary(plain: list[dict], guessed: list[dict]) -> dict:
             if steps else None,
             "ms_per_token_without": round(1000 / rate(plain), 3),
             "switched_off": sum(r["switched_off"] for r in guessed),
+            "resting": sum(r.get("resting", False) for r in guessed),  # (a draft model's record: DraftRecord)
             "same_answers": sum(a["text"] == b["text"] for a, b in zip(plain, guessed, strict=True))}
+
+
+def resting(summary: dict) -> str:
+    """A draft model's answers without guesses after losing in the ones before, where there were any."""
+    return f" (then {summary['resting']} resting)" if summary.get("resting") else ""
 
 
 def table(path: str) -> str:
@@ -160,7 +166,7 @@ def table(path: str) -> str:
     for workload, s in data["summary"].items():
         lines.append(f"| {workload} | {s['prompts']} | {s['tokens_per_s_plain']} | {s['tokens_per_s_speculative']} | "
                      f"{s['speedup']:.2f}x | {s['kept']} of {s['guessed']} ({s['acceptance']:.0%}) | "
-                     f"{s['tokens_per_step']} | {s['switched_off']} | {s['same_answers']} of {s['prompts']} |" +
+                     f"{s['tokens_per_step']} | {s['switched_off']}{resting(s)} | {s['same_answers']} of {s['prompts']} |" +
                      (f" {s.get('ms_per_step_with_guesses')} | {s.get('ms_per_token_without')} |" if timed else ""))
     return "\n".join(lines)
 

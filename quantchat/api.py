@@ -78,6 +78,8 @@ class Metrics:
         self.guesses = Counter("quantchat_speculative_guesses", "guessed tokens checked (--speculative)", registry=r)
         self.guesses_kept = Counter("quantchat_speculative_guesses_kept", "guessed tokens kept", registry=r)
         self.guess_steps = Counter("quantchat_speculative_steps", "model steps that checked guesses", registry=r)
+        self.resting = Counter("quantchat_speculative_resting_answers", "answers in which a draft model did not guess, "
+                               "slower in the answers before", registry=r)
         self.errors = Counter("quantchat_errors", "requests that ended in an error", ["type"], registry=r)
         self.ttft = Histogram("quantchat_time_to_first_token_seconds", "time to first token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -96,6 +98,7 @@ class Metrics:
             self.guesses.inc(s.speculation.drafted)
             self.guesses_kept.inc(s.speculation.accepted)
             self.guess_steps.inc(s.speculation.steps)
+            self.resting.inc(s.speculation.resting)
         if s.ttft_s is not None:
             self.ttft.observe(s.ttft_s)
         if s.tokens_per_s:

@@ -53,7 +53,7 @@ class Stats:
         ttft = f"{self.ttft_s * 1000:.0f} ms to first token" if self.ttft_s is not None else "no tokens"
         reused = f" · {self.reused_tokens} of {self.prompt_tokens} prompt tokens reused" if self.reused_tokens else ""
         score = f" · score {self.score:.2f}" if self.score is not None else ""
-        guesses = f" · {self.speculation.line()}" if self.speculation and self.speculation.drafted else ""
+        guesses = f" · {self.speculation.line()}" if self.speculation and self.speculation.shown else ""
         return f"{speed} · {ttft} · {self.completion_tokens} tokens · {self.finish_reason}{reused}{guesses}{score}"
 
 

@@ -12,7 +12,7 @@ from quantchat.assembly import build_engine
 from quantchat.errors import UsageError, UserError
 from quantchat.loaders.base import GenParams
 from quantchat.machine import Machine
-from quantchat.speculative import DraftControl, PromptLookup
+from quantchat.speculative import DraftControl, DraftRecord, PromptLookup, answer_control
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
@@ -110,6 +110,42 @@ def test_the_draft_length_follows_acceptance_and_the_switch_follows_the_clock():
     assert not drafting.on                                     # 3 ms a token against 1: off
 
 
+def losing_answer(control: DraftControl) -> None:
+    """An answer whose guesses cost 3 ms a token against 1 without (DraftControl's default patience of 4 each)."""
+    while control.guessing:
+        control.step_done(drafted=3, accepted=0, seconds=0.003)
+    while control.on:
+        control.step_done(drafted=0, accepted=0, seconds=0.001)
+
+
+def test_a_draft_model_that_keeps_losing_rests_for_growing_stretches_of_answers():
+    record = DraftRecord(losses=3, first_rest=2, longest_rest=4)
+    for _ in range(3):
+        control = answer_control(8, record)
+        assert control.guessing and control.probe_plain_steps
+        losing_answer(control)
+        assert control.stats.switched_off
+    for _ in range(2):                                   # three losses in a row: the next two answers rest
+        control = answer_control(8, record)
+        assert not control.guessing and control.stats.resting and control.stats.shown
+        control.step_done(drafted=0, accepted=0, seconds=0.001)
+        assert "slower in the last answers" in control.stats.line() and not control.stats.switched_off
+    losing_answer(answer_control(8, record))             # the next one looks again and loses: twice as long a rest
+    assert [answer_control(8, record).stats.resting for _ in range(5)] == [True] * 4 + [False]
+    losing_answer(answer_control(8, record))             # (at most longest_rest)
+    assert record.resting == 4
+    record.resting = 0
+    paying = answer_control(8, record)
+    while paying.guessing:                               # 5 tokens in 2 ms against 1 ms a token: it pays
+        paying.step_done(drafted=4, accepted=4, seconds=0.002)
+    for _ in range(4):
+        paying.step_done(drafted=0, accepted=0, seconds=0.001)
+    assert paying.on and record.lost_in_a_row == 0 and record.rest == 0
+    losing_answer(answer_control(8, record))             # one loss after a paying answer: no rest yet
+    assert answer_control(8, record).guessing
+    assert answer_control(8, None).record is None and not answer_control(8, None).probe_plain_steps  # prompt lookup
+
+
 REWRITE = ("Copy this text exactly, word for word:\n\nThe engine renders the prompt, fits the conversation into the "
            "context window, queues concurrent requests, streams text, stops on stop strings, and times each answer. "
            "Every front end goes through the same engine; no front end talks to a backend directly.")
@@ -153,6 +189,12 @@ def test_a_draft_model_guesses_and_the_answer_stays_decodings(pair):
             assert reply.finish() == pair[False].chat(asked, pair[False].params(temperature=0)).finish()
             spec = reply.stats.speculation
             assert spec.accepted > 2 * spec.steps and spec.drafted < 2 * spec.accepted, spec
+        for _ in range(3):  # three answers in a row found the draft slower: the next one does without it
+            model.draft_record.judged(paying=False)
+        reply = engine.chat(asked, engine.params(temperature=0))
+        assert reply.finish() == pair[False].chat(asked, pair[False].params(temperature=0)).finish()
+        assert reply.stats.speculation.resting and not reply.stats.speculation.drafted
+        assert "no guesses: the draft model was slower" in reply.stats.line()
     finally:
         model.close()
 
@@ -191,6 +233,11 @@ def test_a_draft_model_on_the_fast_path_keeps_generates_greedy_tokens(gemma_hf):
             assert "".join(fast.stream(prompt, asked, threading.Event())) == answer(slow, prompt, max_new_tokens=40)
             spec = asked.report.speculation
             assert spec.accepted > 2 * spec.steps and spec.drafted < 2 * spec.accepted, spec
+        for _ in range(3):  # three answers in a row found the draft slower: the next one does without it
+            fast.fast.draft_record.judged(paying=False)
+        asked = GenParams(max_new_tokens=40)
+        assert "".join(fast.stream(CODE, asked, threading.Event())) == answer(slow, CODE, max_new_tokens=40)
+        assert asked.report.speculation.resting and not asked.report.speculation.drafted
     finally:
         fast.close()
         slow.close()
@@ -215,6 +262,7 @@ def test_metrics_count_the_guesses(pair):
                    if line.startswith("quantchat_speculative")}
         assert metrics["quantchat_speculative_guesses_kept_total"] > metrics["quantchat_speculative_steps_total"] > 0
         assert metrics["quantchat_speculative_guesses_total"] >= metrics["quantchat_speculative_guesses_kept_total"]
+        assert metrics["quantchat_speculative_resting_answers_total"] == 0  # (prompt lookup never rests)
     finally:
         server.uvicorn.should_exit = True
 

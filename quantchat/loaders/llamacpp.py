@@ -21,7 +21,7 @@ from ..constraints import TokenGuide
 from ..errors import UsageError, UserError, missing_package
 from ..machine import Machine
 from ..settings import Settings
-from ..speculative import DraftControl, PromptLookup
+from ..speculative import DraftRecord, PromptLookup, answer_control
 from .base import GenParams, LoadPlan, ModelInfo, segments
 from .checkpoint import Checkpoint
 
@@ -321,6 +321,7 @@ class LlamaCppModel:
             raise UserError(f"llama.cpp cannot load {p.model}: {e} (is the file complete? run with --verbose=True "
                             "to see llama.cpp's log)") from None
         self.draft = self._load_draft(llama_cpp, p) if p.options.draft_kwargs else None
+        self.draft_record = DraftRecord() if self.draft else None
         meta = self.llm.metadata
         self.vocab = self.llm._model.vocab
         self.is_eog = llama_cpp.llama_vocab_is_eog
@@ -411,7 +412,7 @@ class LlamaCppModel:
         llm.eval(tokens[reused:])
         sampler = llm._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=0.0, temp=temp,
                                     repeat_penalty=params.repetition_penalty)
-        control = DraftControl(most=self.speculative_tokens, probe_plain_steps=self.draft is not None)
+        control = answer_control(self.speculative_tokens, self.draft_record)
         params.report.speculation = control.stats
         lookup, self.lookup = self.lookup, None  # (until this answer is done)
         lookup = DraftModel(self.draft, tokens) if self.draft else PromptLookup.over(tokens, lookup)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ...constraints import TokenGuide
-from ...speculative import DraftControl, PromptLookup
+from ...speculative import DraftControl, DraftRecord, PromptLookup, answer_control
 from ..base import Either, GenerationReport, GenParams, reusable_prefix, shared_prefix
 from . import attention
 from .sampling import choose_token, seen_after_each
@@ -133,6 +133,7 @@ class FastDecoder:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self._flex_fits = own_attention and attention.FLEX_IN_VERIFY_STEPS and attention.flex_fits(head_dim, model.dtype)
         self.draft = draft  # --draft_model's own decoder, whose greedy tokens are the guesses (else prompt lookup)
+        self.draft_record = DraftRecord() if draft else None
         self._verify = self._compiled(self._forward_many)
         self.verify_graphs: dict = {}
         self._verify_in: tuple = ()
@@ -309,8 +310,7 @@ class FastDecoder:
                         AllowedTokens(guide, self.vocab, self.device, self.eos_ids) if guide else None,
                         (DraftModel(self.draft, tokens) if self.draft else PromptLookup.over(tokens, lookup))
                         if speculating else None,
-                        DraftControl(most=self.verify_width - 1, probe_plain_steps=self.draft is not None)
-                        if speculating else None)
+                        answer_control(self.verify_width - 1, self.draft_record) if speculating else None)
             params.report.speculation = a.control.stats if speculating else None
             logits = self._prefill(ids, tokens, params.report)
             token = choose_token(a.allowed.mask(logits) if a.allowed else logits, seen, a.eos, params, 0)
@@ -443,7 +443,14 @@ class FastDecoder:
 
     def warm_up(self) -> None:
         """Compile the steps now, so the first user does not wait for them, and on CUDA capture them; the captured
-        graphs must then give the tokens the uncaptured steps gave, or they are not used."""
+        graphs must then give the tokens the uncaptured steps gave, or they are not used. A draft model's record
+        starts after it: the warm-up's answers time compilation, not the draft."""
+        try:
+            self._warm_up()
+        finally:
+            self.draft_record = DraftRecord() if self.draft else None
+
+    def _warm_up(self) -> None:
         params = GenParams(max_new_tokens=8, repetition_penalty=1.0)
         # a prompt longer than the prompt step (where the cache has room): prefilled eagerly, which allocates the
         # cache before a compiled step would trace its allocation (and compile again once it is allocated)
