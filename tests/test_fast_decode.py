@@ -353,26 +353,29 @@ def test_a_wide_step_the_compiler_fails_on_is_turned_off_and_the_fast_path_stays
 
 
 @pytest.mark.parametrize("step", ["verify", "prompt"])
-def test_a_wide_step_that_fails_to_capture_is_turned_off_and_the_rest_captured(tiny_llama, monkeypatch, capsys, step):
-    """A verify or prompt step whose CUDA graph cannot be recorded (a host sync in it, a kernel that will not be
-    captured) is turned off with a warning and every other step is still captured in every window; a one-token step
-    that cannot be captured is the fast path's failure. (The recording itself is CUDA's: here it stands in.)"""
+def test_a_wide_step_that_fails_to_capture_in_a_window_runs_uncaptured_there(tiny_llama, monkeypatch, capsys, step):
+    """A verify or prompt step whose CUDA graph cannot be recorded in a window (a host sync in it, a kernel that will
+    not be captured) runs uncaptured there, with a warning naming the window, and is replayed in the others; every
+    other step is captured in every window. A one-token step that cannot be captured is the fast path's failure.
+    (The recording itself is CUDA's: here it stands in.)"""
     from quantchat.loaders.hf.fast_decode import FastDecoder
     model = load(tiny_llama, "--fast_decode=False")
     try:
         fast = FastDecoder(model.model, model.eos_ids, 512, compile=False, speculative_tokens=4, prompt_step_tokens=16)
-        failing = getattr(fast, f"_{step}")
+        failing, failed = getattr(fast, f"_{step}"), []
 
         def captured(forward, inputs):
-            if forward == failing:
+            if forward == failing and not failed:  # (the first window, 256)
+                failed.append(forward)
                 raise RuntimeError("operation not permitted when stream is capturing")
             return "graph", forward(*inputs)
         monkeypatch.setattr(fast, "_captured", captured)
         fast._capture()
         other = "prompt" if step == "verify" else "verify"
         assert set(fast.graphs) == set(getattr(fast, f"{other}_graphs")) == set(fast.windows) == {256, 512}
-        assert not getattr(fast, f"{step}_graphs") and getattr(fast, f"{step}_width") == 0
-        warning = f"the {step} step failed to capture in the 256-position window (RuntimeError: operation not permitted"
+        assert set(getattr(fast, f"{step}_graphs")) == {512} and getattr(fast, f"{step}_width")
+        warning = (f"the {step} step failed to capture in the 256-position window (RuntimeError: operation not "
+                   "permitted when stream is capturing): it runs uncaptured in that window")
         assert warning in capsys.readouterr().err
         monkeypatch.setattr(fast, "_captured", lambda forward, inputs: (_ for _ in ()).throw(RuntimeError("sync")))
         with pytest.raises(RuntimeError, match="sync"):

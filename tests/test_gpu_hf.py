@@ -240,9 +240,10 @@ def test_attention_split_over_chunks_of_keys_on_cudnn_equals_sdpa(packed, monkey
 def test_wide_steps_in_half_precision_keep_generates_tokens(tmp_path, monkeypatch, key_chunks):
     """bf16, head size 64, the product's SPLIT_FROM: captured prompt steps in every window, whose attention splits the
     windows of 2,048 positions and more into chunks of keys (or not: key_chunks 0), answer a short prompt, a
-    3,000-token one and its follow-up with generate's tokens, up to a bf16 rounding tie. (With windows split from 512
-    positions on, into chunks of 64 and 128, capturing the prompt step failed on an H200; both cases here tell the
-    split from the rest of the half-precision prompt step.)"""
+    3,000-token one and its follow-up with generate's tokens, up to a bf16 rounding tie. (On an H200 the unsplit case
+    passed and the split one failed: its prompt step did not capture in the 2,048-position window,
+    bench/results/gpu-tests-wide-steps-h200.log, as with windows split from 512 before; Qwen2.5-0.5B's steps, head
+    size 64 too, captured split.)"""
     import torch
 
     from quantchat.loaders.hf import attention
