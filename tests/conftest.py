@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64, vocab_size: int | None = None) -> Path:
+def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64, vocab_size: int | None = None,
+                     kv_heads: int = 2) -> Path:
     """A random Llama with a BPE tokenizer trained here: seconds on a CPU, real transformers code paths."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,7 +61,7 @@ def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64, vocab_s
     # vocab_size: a larger embedding than the tokenizer needs, for kernels that want whole tiles
     config = LlamaConfig(vocab_size=vocab_size or len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -236,14 +236,14 @@ def test_attention_split_over_chunks_of_keys_on_cudnn_equals_sdpa(packed, monkey
     assert not attention._split_takes(q, k[:, :, :1024], mask[..., :1024], 0.0, {})  # a short window
 
 
-@pytest.mark.parametrize("key_chunks", [8, 0])
-def test_wide_steps_in_half_precision_keep_generates_tokens(tmp_path, monkeypatch, key_chunks):
+@pytest.mark.parametrize("key_chunks, kv_heads", [(8, 2), (0, 2), (8, 1)])
+def test_wide_steps_in_half_precision_keep_generates_tokens(tmp_path, monkeypatch, key_chunks, kv_heads):
     """bf16, head size 64, the product's SPLIT_FROM: captured prompt steps in every window, whose attention splits the
     windows of 2,048 positions and more into chunks of keys (or not: key_chunks 0), answer a short prompt, a
     3,000-token one and its follow-up with generate's tokens, up to a bf16 rounding tie. (On an H200 the unsplit case
     passed and the split one failed: its prompt step did not capture in the 2,048-position window,
     bench/results/gpu-tests-wide-steps-h200.log, as with windows split from 512 before; Qwen2.5-0.5B's steps, head
-    size 64 too, captured split.)"""
+    size 64 too, captured split. kv_heads 1 packs a group of 4 heads, as Llama-3-8B's, into 256 rows instead of 128.)"""
     import torch
 
     from quantchat.loaders.hf import attention
@@ -253,7 +253,7 @@ def test_wide_steps_in_half_precision_keep_generates_tokens(tmp_path, monkeypatc
     split, call = [], attention._split_sdpa
     monkeypatch.setattr(attention, "_split_sdpa", lambda *a: split.append(torch.compiler.is_compiling()) or call(*a))
     from conftest import build_tiny_llama
-    folder = build_tiny_llama(tmp_path / "heads-of-64", hidden_size=256)
+    folder = build_tiny_llama(tmp_path / "heads-of-64", hidden_size=256, kv_heads=kv_heads)
     model = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--fast_decode=True", "--load_half=True",
                                                "--max_seq_len=4096")))
     try:
