@@ -147,7 +147,7 @@ def summary(plain: list[dict], guessed: list[dict]) -> dict:
             if steps else None,
             "ms_per_token_without": round(1000 / rate(plain), 3),
             "switched_off": sum(r["switched_off"] for r in guessed),
-            "resting": sum(r.get("resting", False) for r in guessed),  # (a draft model's record: DraftRecord)
+            "resting": sum(r["resting"] for r in guessed),  # (a draft model's record: DraftRecord)
             "same_answers": sum(a["text"] == b["text"] for a, b in zip(plain, guessed, strict=True))}
 
 
