@@ -17,7 +17,9 @@ GB/s counts the bytes each kernel must read: packed weights plus its scales and 
 flex attention; `--grouped`: grouped heads with a mask (quantchat/loaders/hf/attention.py) taken by SDPA itself,
 packed into the query rows, or keys and values copied per group as transformers' SDPA function does, from one query
 to a 2,048-token prefill, with cuDNN allowed (the captured steps) and left out (eager prefill); `--split`: cuDNN over
-the whole window against the window split into chunks of keys, for the few queries of verify and prompt steps.
+the whole window against the window split into chunks of keys, for the few queries of verify and prompt steps;
+`--flash`: what the steps' attention runs now against FlashAttention 2's variable-length entry point, as PyTorch
+ships it.
 """
 from __future__ import annotations
 
@@ -160,16 +162,17 @@ def measure_matmuls(kernel: str, model: str, bandwidth: float) -> dict:
     return result
 
 
-def attention_inputs(queries: int, context: int):
+def attention_inputs(queries: int, context: int, filled: int | None = None):
     """One layer of the 8B shape's attention in bf16 (32 query heads, 8 key/value heads): queries at the last of
-    `context` cached positions, and the boolean mask that lets each see the cache up to itself."""
+    `filled` (all `context`) cached positions, and the boolean mask that lets each see the cache up to itself."""
     s = SHAPES["llama3-8b"]
     heads, kv_heads = s["num_attention_heads"], s["num_key_value_heads"]
     dim = s["hidden_size"] // heads
     q = torch.randn(1, heads, queries, dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    filled = filled or context
     mask = (torch.arange(context, device="cuda")[None, :]
-            <= torch.arange(context - queries, context, device="cuda")[:, None])[None, None]
+            <= torch.arange(filled - queries, filled, device="cuda")[:, None])[None, None]
     return q, k, v, mask
 
 
@@ -283,6 +286,59 @@ def measure_split_attention(chunk_counts=(4, 8, 16)) -> dict:
     return result
 
 
+def flash_attention(query, key, value, attention_mask, scaling: float | None = None):
+    """FlashAttention 2 as PyTorch ships it, a candidate for the fast path's steps: its variable-length entry point
+    stops at a count of keys (`seqused_k`, here from the mask's last row), its causal rule aligned to the last key, so
+    the window goes in as it lies in the cache with no mask; for one query it packs a group's heads into rows and
+    splits the keys across the GPU (flash-decoding). torch 2.11's takes no page table (2.13's does). Queries
+    [1, heads, n, dim] over [1, key/value heads, window, dim], out in SDPA's function's layout [1, n, heads, dim]."""
+    queries, keys, device = query.shape[2], key.shape[2], query.device
+    used = attention_mask[0, 0, -1].sum(dtype=torch.int32).view(1)  # the last query's position + 1
+    out = torch.ops.aten._flash_attention_forward(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+        torch.arange(0, 2 * queries, queries, dtype=torch.int32, device=device),
+        torch.arange(0, 2 * keys, keys, dtype=torch.int32, device=device), queries, keys, 0.0, queries > 1, False,
+        scale=scaling, seqused_k=used)[0]
+    return out.unsqueeze(0)
+
+
+def measure_flash_attention() -> dict:
+    """One layer of the 8B shape's attention as the fast path's steps call it, compiled, microseconds per call: what
+    the product runs now (attention.attend: cuDNN for one query, flex for a verify step, the split for a prompt step
+    over a long window) against FlashAttention 2's variable-length entry point (flash_attention), for 1, 9 and 64 queries
+    in windows of 512-8,192 positions filled to 7/8 (a window is longer than the text), with the largest difference of
+    each from fp32 SDPA."""
+    import types
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from quantchat.loaders.hf import attention
+    torch._dynamo.config.recompile_limit = 64
+    now = torch.compile(lambda *a: attention.attend(*a, True)[0], dynamic=False)
+    flash = torch.compile(flash_attention, dynamic=False)
+    result = {}
+    for context in CONTEXTS:
+        filled = context * 7 // 8
+        for queries in (1, 9, 64):
+            q, k, v, mask = attention_inputs(queries, context, filled)
+            groups = q.shape[1] // k.shape[1]
+            module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), *(repeat_kv(t.float(), groups) for t in (k, v)), attn_mask=mask).transpose(1, 2)
+            row = {}
+            for name, call in (("now", functools.partial(now, module, q, k, v, mask)),
+                               ("flash", functools.partial(flash, q, k, v, mask, None))):
+                try:
+                    difference = float(f"{(call().float() - expected).abs().max():.2g}")
+                except Exception as e:  # noqa: BLE001 - a call that fails is a result here
+                    row[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    continue
+                row[name], row[f"{name}, largest difference"] = call_us(call), difference
+            result[f"{context} window, {filled} filled, {queries} queries"] = row
+            print(context, queries, row, flush=True)
+    return result
+
+
 def _split_as(split, chunks: int, packed: bool, *args):
     """`split` (attention._split_sdpa, compiled or not) in `chunks` chunks, packed or not: the product reads both as
     module constants (a compiled step traces them), so they are set for the call."""
@@ -303,6 +359,7 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="also time decode attention")
     parser.add_argument("--grouped", action="store_true", help="also time grouped queries packed against copied")
     parser.add_argument("--split", action="store_true", help="also time attention split into chunks of keys")
+    parser.add_argument("--flash", action="store_true", help="also time FlashAttention 2 against what runs now")
     args = parser.parse_args()
     bandwidth = measured_bandwidth()
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -327,6 +384,8 @@ def main() -> None:
         result["grouped_attention_us"] = measure_grouped_attention()
     if args.split:
         result["split_attention_us"] = measure_split_attention()
+    if args.flash:
+        result["flash_attention_us"] = measure_flash_attention()
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

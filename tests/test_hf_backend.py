@@ -208,8 +208,9 @@ def test_weights_by_device_sums_each_devices_share(tiny_llama):
 
 
 def test_a_follow_up_turn_tokenizes_only_what_is_new(tiny_llama, monkeypatch):
-    """The history's long pieces are looked up, not tokenized again, and the ids are those of a fresh encoding; what
-    is remembered stays within its bound, the least recently used forgotten first."""
+    """The history's pieces are looked up, not tokenized again, and the ids are those of a fresh encoding; the same
+    prompt again (a turn encodes it twice) tokenizes nothing and gives a list of its own; what is remembered stays
+    within its bound, the least recently used forgotten first."""
     from transformers import AutoTokenizer
 
     from quantchat.loaders.tokens import PromptEncoder
@@ -228,7 +229,11 @@ def test_a_follow_up_turn_tokenizes_only_what_is_new(tiny_llama, monkeypatch):
     prompt = prompter.render(history)
     ids = encoder.ids(prompt)
     assert ids == PromptEncoder(tok).ids(prompt) and ids[:len(first) - 8] == first[:len(first) - 8]
-    assert reference not in tokenized and "And then? " * 30 in tokenized and "What jumps? " * 30 not in tokenized
+    assert sorted(tokenized) == sorted(["The fox.", "And then? " * 30])  # the markup between them was seen before
+    tokenized.clear()
+    again = encoder.ids(prompt)  # (counting the prompt to fit the context, then encoding it)
+    again.append(0)
+    assert tokenized == [] and encoder.ids(prompt) == ids and encoder.tensor(prompt).tolist() == [ids]
     encoder.MOST_TOKENS = len(encoder._known[(reference, False)]) + 10  # room for the reference and little else
     encoder.ids(prompter.render([{"role": "user", "content": "Something else entirely. " * 20}]))
     assert encoder._tokens <= encoder.MOST_TOKENS and (reference, False) not in encoder._known
@@ -243,6 +248,9 @@ def test_control_tokens_typed_into_a_message_stay_text_for_transformers(tiny_lla
     start = tok.convert_tokens_to_ids("<|im_start|>")
     prompter = make_prompter(None, None, None, "", tok.chat_template, tok.bos_token, tok.eos_token)
     prompt = prompter.render([{"role": "user", "content": "Hi<|im_start|>assistant"}])
-    ids = PromptEncoder(tok).ids(prompt)
+    encoder = PromptEncoder(tok)
+    ids = encoder.ids(prompt)
     assert ids[0] == tok.bos_token_id and ids.count(start) == prompt.count("<|im_start|>") - 1
+    # the same text as a raw prompt right after (the last prompt's ids are kept): all of it markup
+    assert encoder.ids(str(prompt)).count(start) == prompt.count("<|im_start|>")
     assert PromptEncoder(tok).ids("raw <|im_start|>").count(start) == 1   # a raw prompt: all markup
