@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import platform
 import signal
@@ -69,6 +70,14 @@ ROWS = {
     "EXL3 exllamav3": (["--load_exllama=True"], None, "exl3"),
     "generate static cache + compile (transformers' own)": (["--fast_decode=False"], "static", None),
 }
+
+# rows that run quantchat with one of its choices undone (in the row's own process), to measure what it brings:
+# (module, name, its stand-in)
+UNDONE = {"4-bit layers between compiled pieces": ("quantchat.loaders.hf.compiled_4bit", "as_operators",
+                                                   lambda model: 0)}
+for _undone in UNDONE:
+    ROWS[f"GPTQ quantchat fast decode ({_undone})"] = ROWS["GPTQ quantchat fast decode"]
+    ROWS[f"NF4 quantchat fast decode ({_undone})"] = ROWS["NF4 quantchat fast decode"]
 
 GGUF_ROWS = {  # random shapes only, measured by bench/decode_gguf.py in a process without torch
     "llama.cpp F16": "F16", "llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_K_M": "Q4_K_M"}
@@ -324,6 +333,9 @@ def measure(model_name: str, path: Path, row: str, bandwidth: float, profile: bo
     from quantchat.cli import parse_flags
     from quantchat.settings import from_flags
     flags, peer, checkpoint = ROWS[row]
+    for undone, (module, name, stand_in) in UNDONE.items():
+        if row.endswith(f"({undone})"):
+            setattr(importlib.import_module(module), name, stand_in)
     if checkpoint:
         path = mock_quantized(path, checkpoint)
     settings = from_flags(parse_flags([f"--base_model={path}", "--max_seq_len=4096", *flags]))

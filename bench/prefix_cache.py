@@ -146,10 +146,39 @@ def turns(name: str, history_tokens: int, grouped: list[str]) -> list[dict]:
             history.append({"role": "assistant", "content": text})
             rows.append(turn_row(name, cache, i, stats, grouped_heads=way))
         if cache:
+            follow_up = stats.reused_tokens or 0
             _, stats = ask(engine, [{"role": "user", "content": SHORT}])
             rows.append(turn_row(name, cache, 0, stats, grouped_heads=way))
+    if (alone := prompt_step_alone(model, follow_up)) is not None:
+        rows.append({"model": name, "prompt_step_alone_ms": alone})
+        print(json.dumps(rows[-1]), flush=True)
     model.close()
     return rows
+
+
+def prompt_step_alone(model, follow_up: int, tokens: int = 32, runs: int = 20) -> dict | None:
+    """What the fast path's captured prompt step costs alone (no host work around it), milliseconds per run of
+    `tokens` tokens: at the last follow-up's position (its window) and at the start (a short prompt's), as the turns
+    ran it; None where the model has no such step. Run last: it writes over the cached conversation."""
+    fast = getattr(model, "fast", None)
+    if fast is None or not fast.prompt_width:
+        return None
+    from quantchat.loaders.hf.fast_decode import _in_worker
+
+    def timed(position: int) -> float:
+        with fast.torch.inference_mode():  # (as the decode worker runs its steps: the cache is an inference tensor)
+            fast._prompt_logits([1] * tokens, position)
+            fast.torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(runs):
+                fast._prompt_logits([1] * tokens, position)
+            fast.torch.cuda.synchronize()
+        return round((time.perf_counter() - started) / runs * 1000, 2)
+    fast.cached = []  # (nothing cached is left to reuse)
+    try:
+        return {f"at {position}": _in_worker(lambda position=position: timed(position)) for position in (follow_up, 0)}
+    except Exception as e:  # noqa: BLE001 - the turns above are kept; the failure is a result here
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 DOCUMENT_QUESTIONS = [*QUESTIONS, "Say that again in one sentence.", "Which numbers does it give?",
@@ -289,7 +318,7 @@ def table(path: str) -> str:
     data = json.loads(Path(path).read_text())
     lines = ["| model | turn | prompt tokens | TTFT without reuse ms | TTFT with reuse ms | tokens reused |",
              "|---|---|---|---|---|---|"]
-    by_key = {(r["model"], r["turn"], r["prefix_cache"]): r for r in data["turns"]}
+    by_key = {(r["model"], r["turn"], r["prefix_cache"]): r for r in data["turns"] if "turn" in r}
     for (model, turn, cache), row in sorted(by_key.items()):
         if turn == 0:
             lines.append(f"| {model} | a {row['prompt_tokens']}-token prompt | {row['prompt_tokens']} | | "

@@ -11,6 +11,7 @@ from test_settings import settings
 from torch import nn
 
 from quantchat import loaders
+from quantchat.loaders.hf.compiled_4bit import OneOperator, as_operators
 from quantchat.loaders.hf.fused_projections import ProjectionSlice, SharedProjection, fuse_projections
 
 
@@ -85,5 +86,34 @@ def test_the_loader_says_the_projections_are_fused(tmp_path):
     folder = mock_quantized(build_tiny_llama(tmp_path / "random", hidden_size=128), "gptq")
     model = loaders.load(loaders.plan(settings(f"--base_model={folder}", "--load_gptq=model")))
     assert model.info.quantization.endswith(", q/k/v and gate/up fused"), model.info.quantization
+    layer = model.model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, OneOperator) and isinstance(layer.self_attn.q_proj.fused, OneOperator)
     assert "".join(model.stream("the cat sat", loaders.GenParams(max_new_tokens=8), threading.Event()))
     model.close()
+
+
+@needs_gptqmodel
+def test_a_compiled_step_traces_the_4bit_layers_whole(tmp_path):
+    """Each gptqmodel layer is one operator to the compiler, and the fused projections' slices are traced: the
+    model compiles as one graph (it stopped at every 4-bit layer and slice: 17 graphs for these 2 layers) and gives
+    the separate layers' logits."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import AutoModelForCausalLM
+
+    from bench.decode import mock_quantized
+    folder = mock_quantized(build_tiny_llama(tmp_path / "random", hidden_size=128), "gptq")
+    model, reference = (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).eval() for _ in range(2))
+    ids = torch.tensor([[1, 5, 9, 200, 33, 7]])
+    layers = len(model.model.layers)
+    assert fuse_projections(model) == 2 * layers
+    assert as_operators(model) == 4 * layers  # the fused q/k/v and gate/up, o and down
+    assert as_operators(model) == 0  # nothing left to wrap
+    graphs = CompileCounter()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        compiled = torch.compile(model, backend=graphs)(ids).logits.float()
+        expected = reference(ids).logits.float()
+        uncompiled = model(ids).logits.float()  # (the layers as they were)
+    assert graphs.frame_count == 1
+    for got in (compiled, uncompiled):
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())

@@ -8,7 +8,7 @@ The model's own code is left as it is: it still calls q_proj, k_proj and v_proj,
 shared layer. The first slice computes every output; the others reuse them when they get the same input
 tensor, and compute again otherwise, so a model that calls them in another order or on other inputs still
 gets the right answer. The last result is kept per thread (generate and the fast path's warm-up may run the
-model at the same time), and outside the compiler, whose guards would otherwise check that state.
+model at the same time); while the compiler traces a step, in an object it follows (compiled_4bit.py).
 
 Only gptqmodel's GPTQ/AWQ layers are fused: their packed tensors concatenate along the output dimension.
 Each fused layer is checked against its parts on a random input before it replaces them; a layer whose
@@ -33,6 +33,11 @@ class SharedProjection:
     def __init__(self, fused: nn.Module, sizes: list[int]):
         self.fused, self.sizes = fused, sizes
         self.last = threading.local()  # this thread's last (input, outputs)
+        self.traced = LastResult()  # the same while the compiler traces a step (it follows this object, not a thread's)
+
+
+class LastResult:
+    input = outputs = None
 
 
 class ProjectionSlice(nn.Module):
@@ -42,9 +47,17 @@ class ProjectionSlice(nn.Module):
         self.fused = shared.fused if index == 0 else None  # registered once, so .to() and memory counts see it
         self.in_features, self.out_features = shared.fused.in_features, shared.sizes[index]
 
-    @torch.compiler.disable
     def forward(self, x):
-        shared, last = self.shared, self.shared.last
+        if torch.compiler.is_compiling():
+            return self._slice(self.shared.traced, x)
+        return self._eager(x)
+
+    @torch.compiler.disable
+    def _eager(self, x):
+        return self._slice(self.shared.last, x)
+
+    def _slice(self, last, x):
+        shared = self.shared
         if self.index == 0 or getattr(last, "input", None) is not x:
             last.input, last.outputs = x, shared.fused(x).split(shared.sizes, dim=-1)
         out = last.outputs[self.index]

@@ -196,6 +196,8 @@ class HFModel:
             if fuse_projections(self.model):
                 quant += ", q/k/v and gate/up fused"
             print(f"{o.quantization['quant_method'].upper()} layers run on gptqmodel's {kernels}")
+        from .compiled_4bit import as_operators
+        as_operators(self.model)  # (after fusing: the fused layers are wrapped too)
         self.info = ModelInfo(f"hf (transformers {transformers.__version__})", p.model, devices, p.dtype,
                               quant, p.context_length or 2048, self.model.get_memory_footprint(), template,
                               tok.bos_token or "", tok.eos_token or "")
