@@ -11,9 +11,9 @@ window. Compiling takes minutes for a 7B model, so the Hugging Face
 backend warms this path up in the background and answers with generate until it is ready (loaders/hf.py).
 
 The graph is captured by hand (torch.cuda.CUDAGraph) rather than by mode="reduce-overhead", which records one
-graph per piece between graph breaks and returns to Python between them: quantized layers whose kernels the
-compiler cannot trace (gptqmodel's Marlin, bitsandbytes) break the step into hundreds of pieces. A captured graph
-replays every kernel of every piece with no Python at all. All GPU work runs in one worker thread, shared by every
+graph per piece between graph breaks and returns to Python between them: any code the compiler cannot trace would
+break the step into pieces (4-bit layers did, before they became one operator each: compiled_4bit.py). A captured
+graph replays every kernel of every piece with no Python at all. All GPU work runs in one worker thread, shared by every
 model in the process, so each decoder's static cache serves one request at a time.
 
 Greedy output equals `generate`'s token for token (tests/test_fast_decode.py), with the same logits
