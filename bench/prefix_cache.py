@@ -280,8 +280,10 @@ def greedy(name: str, conversations: int) -> dict:
 
 
 def tokenize_turns(tokenizer_dir: str, history_tokens: int, runs: int = 5) -> list[dict]:
-    """Milliseconds to encode each turn's prompt (best of `runs`) with one PromptEncoder kept across the turns, as a
-    loaded model keeps it, and with a fresh one (every piece tokenized); both must give the same ids."""
+    """Milliseconds to encode each turn's prompt (best of `runs`): with an encoder that encoded the turn before (as a
+    loaded model's PromptEncoder has: a follow-up), the same prompt once more with it (a turn encodes its prompt twice:
+    counted to fit the context, then for the model), and with a fresh encoder (every piece tokenized); all must give
+    the same ids."""
     from transformers import AutoTokenizer
 
     from quantchat.loaders.tokens import PromptEncoder
@@ -289,17 +291,26 @@ def tokenize_turns(tokenizer_dir: str, history_tokens: int, runs: int = 5) -> li
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     prompter = make_prompter(None, None, None, "", tok.chat_template, tok.bos_token, tok.eos_token)
     text = reference_of(lambda text: len(tok(text).input_ids), history_tokens)
-    history, kept, rows = [{"role": "system", "content": f"Answer from this text.\n\n{text}"}], PromptEncoder(tok), []
+    history, rows, before = [{"role": "system", "content": f"Answer from this text.\n\n{text}"}], [], None
     for turn, question in enumerate(QUESTIONS, start=1):
         history.append({"role": "user", "content": question})
         prompt = prompter.render(history)
-        # (turn 1 is a fresh encoding for both; the kept encoder then remembers its pieces)
-        ids, remembered_ms = encoded(lambda: kept, prompt, runs if turn > 1 else 1)
         fresh_ids, fresh_ms = encoded(lambda: PromptEncoder(tok), prompt, runs)
-        assert ids == fresh_ids, "a remembered piece changed the ids"
-        rows.append({"turn": turn, "prompt_tokens": len(ids), "remembered_ms": remembered_ms, "fresh_ms": fresh_ms})
-        print(json.dumps(rows[-1]), flush=True)
+        row = {"turn": turn, "prompt_tokens": len(fresh_ids), "fresh_ms": fresh_ms}
+        if before is not None:
+            def follow_up(before=before):
+                encoder = PromptEncoder(tok)
+                encoder.ids(before)
+                return encoder
+            ids, row["follow_up_ms"] = encoded(follow_up, prompt, runs)
+            warm = follow_up()
+            warm.ids(prompt)
+            again, row["again_ms"] = encoded(lambda warm=warm: warm, prompt, runs)
+            assert ids == again == fresh_ids, "a remembered piece changed the ids"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         history.append({"role": "assistant", "content": "It describes the launcher and its parts."})
+        before = prompt
     return rows
 
 
