@@ -145,6 +145,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def close_web_ui(demo) -> None:
+    """demo.close(), whose server stops although gradio may fail setting its stop event: gradio sets an asyncio
+    event from this thread while the server's loop waits on it ("RuntimeError: deque mutated during iteration",
+    once in a teardown), which leaves the server open."""
+    try:
+        demo.close()
+    except RuntimeError:
+        if demo.server:
+            demo.server.close()
+
+
 def wait_until_up(url: str, timeout: float = 120.0, ready=lambda response: response.status_code == 200) -> None:
     """Poll url until it answers (and `ready` says so): servers the tests start take a moment."""
     import httpx

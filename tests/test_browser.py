@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_until_up
+from conftest import close_web_ui, free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -216,4 +216,4 @@ def test_the_model_panel_shows_the_decode_path_as_it_is_at_each_page_load(browse
         assert "compiling" not in page.locator("#model-panel").inner_text()
     finally:
         page.close()
-        demo.close()
+        close_web_ui(demo)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FakeModel, free_port, wait_until_up
+from conftest import FakeModel, close_web_ui, free_port, wait_until_up
 
 from quantchat.documents.ingest import add_uploads, split_passages, sync_folder
 from quantchat.documents.library import Library
@@ -373,7 +373,7 @@ def test_web_ui_upload_into_mydata_and_answer_with_sources(tmp_path, embedder):
         last = plain[-1]["content"]
         assert "Sources" not in (last if isinstance(last, str) else json.dumps(last))
     finally:
-        demo.close()
+        close_web_ui(demo)
     shutil.rmtree(tmp_path / "db", ignore_errors=True)
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FakeModel, free_port, wait_until_up
+from conftest import FakeModel, close_web_ui, free_port, wait_until_up
 from test_settings import settings
 
 from quantchat import loaders
@@ -75,7 +75,7 @@ def web(gemma_gguf):
     port = free_port()
     demo = WebUI(engine).launch("127.0.0.1", port, share=False, block=False)
     yield Client(f"http://127.0.0.1:{port}/", verbose=False), engine
-    demo.close()
+    close_web_ui(demo)
     model.close()
 
 
@@ -214,7 +214,7 @@ def test_model_lock_web_ui_asks_every_model(gemma_gguf, tiny_llama):
         first, second = client.predict(api_name="/undo")
         assert first == second == []
     finally:
-        demo.close()
+        close_web_ui(demo)
         gemma.close()
         tiny.close()
 
@@ -267,7 +267,7 @@ def test_with_auth_a_request_without_a_login_reaches_no_session(tmp_path):
         right = httpx.post(f"{url}/login", data={"username": "ann", "password": "secret"}, timeout=10)
         assert set(tries) == {400} and right.status_code == 400              # locked for now, right or wrong
     finally:
-        demo.close()
+        close_web_ui(demo)
 
 
 def test_sessions_whose_keys_differ_only_in_punctuation_keep_apart(tmp_path):

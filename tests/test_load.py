@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import close_web_ui, free_port
 from test_settings import settings
 
 from quantchat import loaders
@@ -36,7 +36,7 @@ def servers(gemma_gguf):
     api.ready(engine)
     demo = WebUI(engine).launch("127.0.0.1", web_port, share=False, block=False)
     yield engine, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{web_port}/"
-    demo.close()
+    close_web_ui(demo)
     api.uvicorn.should_exit = True
     model.close()
 
