@@ -255,8 +255,6 @@ def measure_split_attention(chunk_counts=(4, 8, 16)) -> dict:
     call: cuDNN over the whole window ("taken", as compiled steps ran it before) and split into chunks of keys
     (quantchat/loaders/hf/attention.py), compiled as the steps run it: in 8 chunks, and with the query heads of a group
     packed into the query rows in each of `chunk_counts`, with the largest difference of each from fp32 SDPA."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers.integrations.sdpa_attention import repeat_kv
 
     from quantchat.loaders.hf import attention
     compiled = torch.compile(attention._split_sdpa, dynamic=False)  # (traced again per chunk count and packing)
@@ -265,25 +263,33 @@ def measure_split_attention(chunk_counts=(4, 8, 16)) -> dict:
     for context in (2048, 8192):
         for queries in (9, 64):
             q, k, v, mask = attention_inputs(queries, context)
-            groups = q.shape[1] // k.shape[1]
-            expected = torch.nn.functional.scaled_dot_product_attention(
-                q.float(), *(repeat_kv(t.float(), groups) for t in (k, v)), attn_mask=mask).transpose(1, 2)
             calls = {"taken": functools.partial(attention._grouped_sdpa, q, k, v, mask, None)}
             for chunks, packed in [(8, False)] + [(chunks, True) for chunks in chunk_counts]:
                 calls[f"split in {chunks}{', packed' if packed else ''}, compiled"] = functools.partial(
                     _split_as, compiled, chunks, packed, q, k, v, mask)
-            row = {}
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                for name, call in calls.items():
-                    try:
-                        difference = float(f"{(call().float() - expected).abs().max():.2g}")
-                    except Exception as e:  # noqa: BLE001 - a call that fails is a result here
-                        row[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                        continue
-                    row[name], row[f"{name}, largest difference"] = call_us(call), difference
+            row = timed_against_fp32({name: functools.partial(_on_cudnn, call) for name, call in calls.items()},
+                                     q, k, v, mask)
             result[f"{context} cached, {queries} queries"] = row
             print(context, queries, row, flush=True)
     return result
+
+
+def timed_against_fp32(calls: dict, q, k, v, mask) -> dict:
+    """Microseconds per call of each of `calls` (name: call over q, k, v, mask) and its largest difference from fp32
+    SDPA over the same inputs; a call that fails gives why."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+    groups = q.shape[1] // k.shape[1]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), *(repeat_kv(t.float(), groups) for t in (k, v)), attn_mask=mask).transpose(1, 2)
+    row = {}
+    for name, call in calls.items():
+        try:
+            difference = float(f"{(call().float() - expected).abs().max():.2g}")
+        except Exception as e:  # noqa: BLE001 - a call that fails is a result here
+            row[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            continue
+        row[name], row[f"{name}, largest difference"] = call_us(call), difference
+    return row
 
 
 def flash_attention(query, key, value, attention_mask, scaling: float | None = None):
@@ -310,8 +316,6 @@ def measure_flash_attention() -> dict:
     each from fp32 SDPA."""
     import types
 
-    from transformers.integrations.sdpa_attention import repeat_kv
-
     from quantchat.loaders.hf import attention
     torch._dynamo.config.recompile_limit = 64
     now = torch.compile(lambda *a: attention.attend(*a, True)[0], dynamic=False)
@@ -321,22 +325,19 @@ def measure_flash_attention() -> dict:
         filled = context * 7 // 8
         for queries in (1, 9, 64):
             q, k, v, mask = attention_inputs(queries, context, filled)
-            groups = q.shape[1] // k.shape[1]
-            module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
-            expected = torch.nn.functional.scaled_dot_product_attention(
-                q.float(), *(repeat_kv(t.float(), groups) for t in (k, v)), attn_mask=mask).transpose(1, 2)
-            row = {}
-            for name, call in (("now", functools.partial(now, module, q, k, v, mask)),
-                               ("flash", functools.partial(flash, q, k, v, mask, None))):
-                try:
-                    difference = float(f"{(call().float() - expected).abs().max():.2g}")
-                except Exception as e:  # noqa: BLE001 - a call that fails is a result here
-                    row[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    continue
-                row[name], row[f"{name}, largest difference"] = call_us(call), difference
+            module = types.SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True, training=False)
+            row = timed_against_fp32({"now": functools.partial(now, module, q, k, v, mask),
+                                      "flash": functools.partial(flash, q, k, v, mask, None)}, q, k, v, mask)
             result[f"{context} window, {filled} filled, {queries} queries"] = row
             print(context, queries, row, flush=True)
     return result
+
+
+def _on_cudnn(call):
+    """call() with SDPA on cuDNN alone (the fp32 reference it is compared with needs another backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return call()
 
 
 def _split_as(split, chunks: int, packed: bool, *args):
