@@ -52,7 +52,9 @@ class PromptEncoder:
         import array
 
         import torch
-        return torch.frombuffer(array.array("q", self.ids(prompt)), dtype=torch.long).view(1, -1)
+        ids = self.ids(prompt)
+        return torch.frombuffer(array.array("q", ids), dtype=torch.long).view(1, -1) if ids else \
+            torch.zeros((1, 0), dtype=torch.long)  # (frombuffer refuses an empty buffer)
 
     def _piece(self, text: str, markup: bool) -> list[int]:
         key = (text, markup)

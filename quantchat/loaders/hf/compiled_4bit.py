@@ -39,8 +39,8 @@ def _(x: torch.Tensor, layer: int) -> torch.Tensor:
 
 def is_four_bit_layer(module: nn.Module) -> bool:
     """A layer the compiler stops at: gptqmodel's, or bitsandbytes' 4-bit."""
-    return is_gptqmodel_layer(module) or type(module).__name__ == "Linear4bit" and \
-        type(module).__module__.startswith("bitsandbytes.")
+    return is_gptqmodel_layer(module) or (type(module).__name__ == "Linear4bit"
+                                          and type(module).__module__.startswith("bitsandbytes."))
 
 
 class OneOperator(nn.Module):

@@ -37,6 +37,7 @@ class SharedProjection:
 
 
 class LastResult:
+    """A group's last input and its outputs, until the group's last slice has taken its own."""
     input = outputs = None
 
 
