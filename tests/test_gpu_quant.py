@@ -170,8 +170,9 @@ def chats_match_solo(settings, model) -> list[str]:
 def test_fused_projections_on_the_marlin_kernels(llama_512, method, monkeypatch):
     """q/k/v and gate/up fused on gptqmodel's CUDA kernels: the taught answers come back through generate (while
     the fast path warms up beside it) and through the fast path, alone and two at once, and the logits match
-    the separate layers'."""
+    the separate layers'; the model compiles as one graph."""
     import torch
+    from torch._dynamo.testing import CompileCounter
 
     from quantchat.loaders.hf import fused_projections
     flags = {"base_model": quantized_llama(llama_512, method), f"load_{method}": "model", "concurrency_count": 2}
@@ -183,8 +184,11 @@ def test_fused_projections_on_the_marlin_kernels(llama_512, method, monkeypatch)
     assert model.wait_for_fast_decode(600), model.info.decode
     chats_match_solo(settings, model)
     ids = model.tokenizer(" ".join(TAUGHT.values()), return_tensors="pt").input_ids.to(model.device)
+    graphs = CompileCounter()
     with torch.inference_mode():
         fused = model.model(ids).logits.float()
+        torch.compile(model.model, backend=graphs)(ids)
+    assert graphs.frame_count == 1  # traced whole: each Marlin layer is one operator (compiled_4bit.py)
     model.close()
     monkeypatch.setattr(fused_projections, "fuse_projections", lambda model: 0)
     separate_model = loaders.load(loaders.plan(from_flags({**flags, "fast_decode": False})))
