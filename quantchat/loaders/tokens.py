@@ -18,7 +18,8 @@ class PromptEncoder:
     for the model): the last prompt's ids are kept for the second. A follow-up over a 6,500-token chat encodes in
     about 0.3 ms for both against 22-28 ms each fresh with Qwen2.5's tokenizer on two CPU cores
     (bench/results/prefix-tokenize-cpu.json; 0.5-0.8 ms each when pieces under 256 characters were tokenized every
-    time, at about 0.1 ms a call). The ids are the same either way, each piece being tokenized on its own."""
+    time, each call paying the tokenizer's overhead: -before.json). The ids are the same either way, each piece being
+    tokenized on its own."""
     MOST_TOKENS = 1_000_000  # remembered in all (a few tens of MB at most), the least recently used forgotten first
     MOST_PIECES = 100_000    # and at most this many pieces (short ones cost more to keep than their ids)
 
@@ -48,7 +49,7 @@ class PromptEncoder:
         return list(ids)
 
     def tensor(self, prompt: str):
-        """ids() as a 1 x n tensor (through an array: torch.tensor of a list of 7,000 ids took 0.9 ms, this 0.3)."""
+        """ids() as a 1 x n tensor, through an array (torch.tensor converts a list id by id)."""
         import array
 
         import torch
