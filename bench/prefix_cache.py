@@ -156,24 +156,24 @@ def turns(name: str, history_tokens: int, grouped: list[str]) -> list[dict]:
     return rows
 
 
-def prompt_step_alone(model, follow_up: int, tokens: int = 32, runs: int = 20) -> dict | None:
-    """What the fast path's captured prompt step costs alone (no host work around it), milliseconds per run of
-    `tokens` tokens: at the last follow-up's position (its window) and at the start (a short prompt's), as the turns
-    ran it; None where the model has no such step. Run last: it writes over the cached conversation."""
+def prompt_step_alone(model, follow_up: int, tokens: int = 32, replays: int = 20) -> dict | None:
+    """What the fast path's captured prompt step costs alone (its graph's replays, no host work around them),
+    milliseconds, for `tokens` tokens at the last follow-up's position (its window) and at the start (a short
+    prompt's), as the turns ran it; None where the model has no such step, and for a window where the step is not
+    captured. Run last: it writes over the cached conversation."""
     fast = getattr(model, "fast", None)
     if fast is None or not fast.prompt_width:
         return None
+    from bench.verify_step import replay_ms
     from quantchat.loaders.hf.fast_decode import _in_worker
 
-    def timed(position: int) -> float:
+    def timed(position: int) -> float | None:
+        graph = fast.prompt_graphs.get(fast._window_for(position + fast.prompt_width))
+        if graph is None:
+            return None
         with fast.torch.inference_mode():  # (as the decode worker runs its steps: the cache is an inference tensor)
-            fast._prompt_logits([1] * tokens, position)
-            fast.torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(runs):
-                fast._prompt_logits([1] * tokens, position)
-            fast.torch.cuda.synchronize()
-        return round((time.perf_counter() - started) / runs * 1000, 2)
+            fast._prompt_logits([1] * tokens, position)  # (the graph's inputs for this position)
+            return round(replay_ms(graph, replays), 2)
     fast.cached = []  # (nothing cached is left to reuse)
     try:
         return {f"at {position}": _in_worker(lambda position=position: timed(position)) for position in (follow_up, 0)}
