@@ -89,6 +89,48 @@ def test_autogptq_folder_is_read_from_quantize_config_and_its_weight_name(tiny_l
         checkpoint.weight_view(folder, "model", q)
 
 
+def sharded(folder: Path, out: Path, basename: str) -> Path:
+    """The checkpoint with its weights in two shards and an index, as larger checkpoints are saved."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(folder, out)
+    tensors = load_file(out / "model.safetensors")
+    (out / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for number, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        shard = f"{basename}-{number:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, out / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (out / f"{basename}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+@needs_gptqmodel
+def test_a_sharded_gptq_checkpoint_loads_by_its_index(tmp_path):
+    """Checkpoints too large for one file come as shards and NAME.safetensors.index.json: --load_gptq=NAME names
+    the index, as it names the one file otherwise, and both give the single file's greedy answer."""
+    from bench.decode import mock_quantized
+    whole = mock_quantized(build_tiny_llama(tmp_path / "random", hidden_size=128), "gptq")
+    modern = sharded(whole, tmp_path / "shards", "model")
+    older = sharded(whole, tmp_path / "autogptq", "gptq_model-4bit-128g")  # the quantization in quantize_config.json
+    config = json.loads((older / "config.json").read_text())
+    (older / "quantize_config.json").write_text(json.dumps(config.pop("quantization_config")))
+    (older / "config.json").write_text(json.dumps(config))
+
+    def answer(folder: Path, name: str) -> str:
+        model = loaders.load(loaders.plan(settings(f"--base_model={folder}", f"--load_gptq={name}")))
+        try:
+            return "".join(model.stream("the cat sat", loaders.GenParams(max_new_tokens=8), threading.Event()))
+        finally:
+            model.close()
+
+    expected = answer(whole, "model")
+    assert expected and answer(modern, "model") == expected
+    assert answer(older, "gptq_model-4bit-128g") == expected
+    with pytest.raises(UserError, match=r"no model.safetensors \(weight files there: gptq_model-4bit-128g\)"):
+        checkpoint.weight_view(older, "model", {"quant_method": "gptq", "bits": 4})
+
+
 def test_exllama_plan_rope_and_gpu_split(tiny_llama, tmp_path):
     folder = with_quantization(tiny_llama, tmp_path / "exl2", "exl2", bits=4.25)
     p = loaders.plan(settings(f"--base_model={folder}", "--load_exllama",

@@ -148,6 +148,9 @@ def read_checkpoint(s: Settings) -> Checkpoint:
     raise UserError(f"model not found: {name} is neither an existing path nor a hub id (owner/name)")
 
 
+WEIGHT_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")  # one of the files an index lists, not a name to pass
+
+
 def quantization(folder: Path, config: dict) -> dict | None:
     """The checkpoint's quantization settings: config.json's quantization_config, or the quantize_config.json
     that AutoGPTQ-era folders keep beside it (quant_method gptq unless it says otherwise)."""
@@ -185,22 +188,26 @@ def describe(q: dict) -> str:
 
 
 def weight_view(folder: Path, basename: str, q: dict) -> Path:
-    """The folder as transformers expects it: NAME.safetensors seen as model.safetensors and the quantization in
-    config.json. Made of symbolic links in a temporary folder; the files themselves are not copied or changed."""
-    weights = folder / f"{basename}.safetensors"
-    if not weights.is_file():
-        found = ", ".join(sorted(p.stem for p in folder.glob("*.safetensors"))) or "none"
+    """The folder as transformers expects it: NAME.safetensors (or the shards NAME.safetensors.index.json lists) seen
+    as model.safetensors and the quantization in config.json. Made of symbolic links in a temporary folder; the files
+    themselves are not copied or changed."""
+    weights, index = folder / f"{basename}.safetensors", folder / f"{basename}.safetensors.index.json"
+    if not weights.is_file() and not index.is_file():
+        found = ", ".join(sorted({p.name.removesuffix(".index.json").removesuffix(".safetensors")
+                                  for p in folder.glob("*.safetensors*") if not WEIGHT_SHARD.search(p.name)})) or "none"
         raise UserError(f"{folder} has no {basename}.safetensors (weight files there: {found}); pass the weight "
                         "file's name without .safetensors, e.g. --load_gptq=model")
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    if weights.name == "model.safetensors" and config.get("quantization_config"):
+    if basename == "model" and config.get("quantization_config"):
         return folder  # already what transformers reads
     view = Path(tempfile.mkdtemp(prefix="quantchat-view-"))
-    for item in folder.iterdir():
-        if item.suffix != ".safetensors" and item.name not in ("config.json", "model.safetensors.index.json"):
+    named = {"config.json", "model.safetensors", "model.safetensors.index.json", weights.name, index.name}
+    for item in folder.iterdir():  # the shards an index names keep their own names
+        if item.name not in named and (item.suffix != ".safetensors" or index.is_file()):
             os.symlink(item.resolve(), view / item.name)
-    os.symlink(weights.resolve(), view / "model.safetensors")
+    chosen = index if index.is_file() else weights
+    os.symlink(chosen.resolve(), view / chosen.name.replace(basename, "model", 1))
     config["quantization_config"] = {k: v for k, v in q.items() if v is not None}
     (view / "config.json").write_text(json.dumps(config, indent=2))
     return view
