@@ -294,6 +294,7 @@ class FastDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads use the GPU
             output = step(*inputs)
+        graph.replay()  # CUDA uploads a graph on its first launch: here, not on a user's first turn in its window
         return graph, output
 
     def _decode(self, ids, params: GenParams, cancel: threading.Event, emit: Callable[[int | None], None],
