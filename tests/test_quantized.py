@@ -108,7 +108,8 @@ def sharded(folder: Path, out: Path, basename: str) -> Path:
 @needs_gptqmodel
 def test_a_sharded_gptq_checkpoint_loads_by_its_index(tmp_path):
     """Checkpoints too large for one file come as shards and NAME.safetensors.index.json: --load_gptq=NAME names
-    the index, as it names the one file otherwise, and both give the single file's greedy answer."""
+    the index, as it names the one file otherwise (and the folder alone loads as a single file's does); all give the
+    single file's greedy answer."""
     from bench.decode import mock_quantized
     whole = mock_quantized(build_tiny_llama(tmp_path / "random", hidden_size=128), "gptq")
     modern = sharded(whole, tmp_path / "shards", "model")
@@ -117,15 +118,16 @@ def test_a_sharded_gptq_checkpoint_loads_by_its_index(tmp_path):
     (older / "quantize_config.json").write_text(json.dumps(config.pop("quantization_config")))
     (older / "config.json").write_text(json.dumps(config))
 
-    def answer(folder: Path, name: str) -> str:
-        model = loaders.load(loaders.plan(settings(f"--base_model={folder}", f"--load_gptq={name}")))
+    def answer(folder: Path, name: str | None) -> str:
+        flags = [f"--load_gptq={name}"] if name else []  # (a GPTQ folder loads without the flag too)
+        model = loaders.load(loaders.plan(settings(f"--base_model={folder}", *flags)))
         try:
             return "".join(model.stream("the cat sat", loaders.GenParams(max_new_tokens=8), threading.Event()))
         finally:
             model.close()
 
     expected = answer(whole, "model")
-    assert expected and answer(modern, "model") == expected
+    assert expected and answer(modern, "model") == expected and answer(modern, None) == expected
     assert answer(older, "gptq_model-4bit-128g") == expected
     with pytest.raises(UserError, match=r"no model.safetensors \(weight files there: gptq_model-4bit-128g\)"):
         checkpoint.weight_view(older, "model", {"quant_method": "gptq", "bits": 4})
