@@ -66,6 +66,24 @@ def test_damaged_config_json_is_one_line(tmp_path, config, message):
         plan(folder_with(tmp_path, config=config))
 
 
+@pytest.mark.parametrize("index, message", [
+    ("{not json", "cannot be read as a JSON object"),
+    ({"weight_map": {"w": "model-00001-of-00001.safetensors"}}, "needs a 'metadata' object"),
+    ({"metadata": {}, "weight_map": {}}, "needs a 'metadata' object and a 'weight_map'"),
+    ({"metadata": {}, "weight_map": {"w": "../../../etc/passwd"}}, "lists '../../../etc/passwd', which is not"),
+    ({"metadata": {}, "weight_map": {"w": "model-00002-of-00002.safetensors"}}, "lists 'model-00002-of-00002"),
+    ({"metadata": {}, "weight_map": {"w": 5}}, "lists '5', which is not a .safetensors file"),
+])
+def test_a_damaged_index_of_shards_is_one_line(tmp_path, index, message):
+    """A sharded checkpoint's index is checked before transformers reads it: it would open a listed path outside
+    the folder, or stop at a KeyError for the missing metadata."""
+    folder = folder_with(tmp_path)
+    (folder / "model-00001-of-00001.safetensors").write_bytes(header(b"{}"))
+    (folder / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    with pytest.raises(UserError, match=f"model.safetensors.index.json .*{message}"):
+        plan(folder)
+
+
 @pytest.mark.parametrize("make", ["folder", "fifo", "link loop"])
 def test_weight_paths_that_are_not_files_neither_hang_nor_crash(tmp_path, make):
     folder = folder_with(tmp_path)

@@ -93,6 +93,24 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def check_weight_indexes(folder: Path) -> None:
+    """A sharded checkpoint's NAME.safetensors.index.json must carry its metadata and list .safetensors files of
+    this folder by name, as transformers reads it: one line naming the file otherwise (transformers would open a
+    listed '../x' outside the folder, or stop at a KeyError)."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        content = read_json_object(index)
+        weight_map = content.get("weight_map")
+        damaged = f"{index} is not a usable index of weight files"
+        if not isinstance(content.get("metadata"), dict) or not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{damaged}: it needs a 'metadata' object and a 'weight_map' of tensor names to files; "
+                            "the model folder is damaged")
+        for name in set(weight_map.values()):
+            if not (isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors")
+                    and (folder / name).is_file()):
+                raise UserError(f"{damaged}: it lists {str(name)[:80]!r}, which is not a .safetensors file in the "
+                                "folder; the model folder is damaged or incomplete")
+
+
 def _hub_config(name: str, s: Settings) -> dict:
     """A hub id's config.json through transformers (which fetches it, or finds it in its cache); {} when that fails
     (offline, private, a typo: the load itself will say which) or transformers is not installed."""
@@ -127,6 +145,7 @@ def read_checkpoint(s: Settings) -> Checkpoint:
     if path.is_dir():
         if (path / "config.json").is_file():
             config = read_config(path)
+            check_weight_indexes(path)
             return Checkpoint(str(path), "folder", "a folder with config.json", config, quantization(path, config))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
