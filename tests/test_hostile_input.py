@@ -84,6 +84,20 @@ def test_a_damaged_index_of_shards_is_one_line(tmp_path, index, message):
         plan(folder)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", [1, 2], "one of its files holds values of the wrong kind \\(TypeError"),
+    ("generation_config.json", {"eos_token_id": "x"}, "end-of-sequence id 'x' is not a token id"),
+    ("generation_config.json", {"eos_token_id": [2, [1]]}, "end-of-sequence id '\\[1\\]' is not a token id"),
+])
+def test_tokenizer_and_generation_files_of_the_wrong_kind_are_one_line(tiny_llama, tmp_path, name, content, message):
+    """Valid JSON holding the wrong kinds of values: a traceback at load, or every answer failing, before."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    (folder / name).write_text(json.dumps(content))
+    with pytest.raises(UserError, match=message):
+        loaders.load(plan(folder))
+
+
 @pytest.mark.parametrize("make", ["folder", "fifo", "link loop"])
 def test_weight_paths_that_are_not_files_neither_hang_nor_crash(tmp_path, make):
     folder = folder_with(tmp_path)

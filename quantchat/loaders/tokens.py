@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from ..errors import UserError
 from .base import segments
 
 
@@ -96,8 +97,13 @@ class Detokenizer:
 
 
 def eos_ids(*sources) -> set[int]:
-    """Every end-of-sequence id that the tokenizer, config or generation config names (an int or a list each)."""
+    """Every end-of-sequence id that the tokenizer, config or generation config names (an int or a list each); one
+    line if one is not a token id (a damaged generation_config.json would fail every answer instead)."""
     ids: set[int] = set()
     for value in sources:
-        ids |= set(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+        for token in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise UserError(f"the model's end-of-sequence id {str(token)[:40]!r} is not a token id: its "
+                                "generation_config.json or tokenizer files are damaged")
+            ids.add(token)
     return ids

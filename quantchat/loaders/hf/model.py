@@ -85,6 +85,9 @@ def load_weights(p: LoadPlan[HFOptions]):
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, damaged or mismatched files
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"cannot load {p.model}: {first}") from None
+    except (TypeError, KeyError, AttributeError) as e:  # a file of the right syntax holding the wrong kinds of values
+        raise UserError(f"cannot load {p.model}: one of its files holds values of the wrong kind "
+                        f"({e.__class__.__name__}: {str(e).strip()[:200]}); the model folder is damaged") from None
     return model, tokenizer
 
 
