@@ -1,5 +1,6 @@
 """The Hugging Face backend on a tiny random Llama built by the tests (CPU), bitsandbytes included."""
 import importlib.util
+import shutil
 import subprocess
 import sys
 import threading
@@ -188,11 +189,24 @@ def test_lora_adapter_changes_the_answer_and_leaves_the_base_alone(tiny_llama, t
     assert sum(p.numel() for p in tuned.model.parameters()) == base_count + lora_count  # nothing duplicated
 
 
-def test_lora_errors(tiny_llama, tmp_path, gemma_gguf):
+def test_lora_errors(tiny_llama, tmp_path, gemma_gguf, adapter):
     with pytest.raises(UserError, match="not a PEFT adapter folder"):
         loaders.plan(settings(f"--base_model={tiny_llama}", f"--lora_weights={tmp_path}"))
     with pytest.raises(UsageError, match="converted to GGUF"):
         loaders.plan(settings(f"--lora_weights={tmp_path}"))
+    # an incomplete or damaged adapter is named as such, not as the base model (nor as a hub id to fetch)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adapter, damaged)
+    (damaged / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="has no adapter weights"):
+        loaders.plan(settings(f"--base_model={tiny_llama}", f"--lora_weights={damaged}"))
+    (damaged / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=f"cannot load the LoRA adapter {damaged}: .*header"):
+        loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", f"--lora_weights={damaged}")))
+    shutil.copy(adapter / "adapter_model.safetensors", damaged)
+    (damaged / "adapter_config.json").write_text("[1]")
+    with pytest.raises(UserError, match=f"cannot load the LoRA adapter {damaged}: one of its files holds values"):
+        loaders.load(loaders.plan(settings(f"--base_model={tiny_llama}", f"--lora_weights={damaged}")))
 
 
 def test_weights_by_device_sums_each_devices_share(tiny_llama):

@@ -3,6 +3,7 @@ for GPTQ and AWQ checkpoints. Loads what the plan (plan.py) decided, streams wit
 (fast_decode.py) and with transformers' generate until then or where it cannot run."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib.util
@@ -65,30 +66,42 @@ def load_weights(p: LoadPlan[HFOptions]):
     """(model, tokenizer) as the plan says, with the LoRA adapter applied; load failures as one line each."""
     import torch
     import transformers
-    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     o = p.options
     path, kwargs = from_pretrained_arguments(p, torch)
     common = {"revision": o.revision, "trust_remote_code": o.trust_remote_code}
     transformers.logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(path, **common)
-        if o.rope_parameters:
-            config.rope_parameters = o.rope_parameters
-        tokenizer = AutoTokenizer.from_pretrained(o.tokenizer, **common)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs).eval()
+        with _one_line(p.model, torch):
+            config = AutoConfig.from_pretrained(path, **common)
+            if o.rope_parameters:
+                config.rope_parameters = o.rope_parameters
+            tokenizer = AutoTokenizer.from_pretrained(o.tokenizer, **common)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs).eval()
         if o.lora_weights:
-            model = _with_adapter(model, o.lora_weights, common)
+            with _one_line(f"the LoRA adapter {o.lora_weights}", torch):
+                model = _with_adapter(model, o.lora_weights, common)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"{p.model} does not fit in GPU memory: try --load_4bit=True, --load_8bit=True or "
                         "--use_gpu_id=False to spread it over all GPUs") from None
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, damaged or mismatched files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot load {p.model}: {first}") from None
-    except (TypeError, KeyError, AttributeError) as e:  # a file of the right syntax holding the wrong kinds of values
-        raise UserError(f"cannot load {p.model}: one of its files holds values of the wrong kind "
-                        f"({e.__class__.__name__}: {str(e).strip()[:200]}); the model folder is damaged") from None
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _one_line(what: str, torch):
+    """Failures to load `what` (missing, damaged or mismatched files) as one line naming it; running out of GPU
+    memory is left to the caller, which says what to try."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"cannot load {what}: {first}") from None
+    except (TypeError, KeyError, AttributeError) as e:  # a file of the right syntax holding the wrong kinds of values
+        raise UserError(f"cannot load {what}: one of its files holds values of the wrong kind "
+                        f"({e.__class__.__name__}: {str(e).strip()[:200]}); it is damaged") from None
 
 
 def _quantized_kwargs(p: LoadPlan[HFOptions]) -> tuple[str, dict]:

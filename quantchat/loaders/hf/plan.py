@@ -60,9 +60,12 @@ def check(s: Settings, ckpt: Checkpoint) -> None:
         raise UserError(f"{ckpt.path} is already quantized ({ckpt.quant_method}): drop --load_8bit/--load_4bit")
     if s.lora_weights:
         adapter = Path(s.lora_weights).expanduser()
-        if (adapter.exists() or s.lora_weights.startswith((".", "/", "~"))) and \
-                not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"--lora_weights={s.lora_weights} is not a PEFT adapter folder (no adapter_config.json)")
+        if adapter.exists() or s.lora_weights.startswith((".", "/", "~")):  # (a hub id otherwise)
+            if not (adapter / "adapter_config.json").is_file():
+                raise UserError(f"--lora_weights={s.lora_weights} is not a PEFT adapter folder (no adapter_config.json)")
+            if not any((adapter / f"adapter_model.{kind}").is_file() for kind in ("safetensors", "bin")):
+                raise UserError(f"--lora_weights={s.lora_weights} has no adapter weights (adapter_model.safetensors): "
+                                "the adapter folder is incomplete")
     folder = Path(ckpt.path)
     if ckpt.is_dir and not s.allow_pickle and not any(folder.glob("*.safetensors")) and \
             any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth")):
