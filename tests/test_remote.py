@@ -109,3 +109,73 @@ def test_base_model_names_the_served_model(server, gemma_gguf):
     with pytest.raises(UserError, match="not some/other-model"):
         loaders.plan(settings(f"--inference_server=vllm:{server}", f"--inference_server_api_key={KEY}",
                               "--base_model=some/other-model"))
+
+
+class MalformedServer:
+    """A stand-in engine on 127.0.0.1 whose replies are valid HTTP but not the OpenAI API's shapes."""
+
+    def __init__(self):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        owner = self
+        self.models: object = {"object": "list", "data": [{"id": "m", "object": "model", "meta": "not an object"}]}
+        self.chunk = ""
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, content_type: str, body: bytes):
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                models = owner.models
+                self._send("application/json", models if isinstance(models, bytes) else json.dumps(models).encode())
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self._send("text/event-stream", f"data: {owner.chunk}\n\ndata: [DONE]\n\n".encode())
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.address = f"http://127.0.0.1:{self.http.server_address[1]}"
+
+
+@pytest.fixture
+def malformed_server():
+    server = MalformedServer()
+    yield server
+    server.http.shutdown()
+
+
+CHUNK = '{"id": "1", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": %s}'
+
+
+def test_replies_in_another_shape_are_one_line_and_the_next_request_is_served(malformed_server):
+    """A server (or a proxy before it) that answers outside the OpenAI format: one line naming the server, never a
+    traceback, and the model keeps answering the next request."""
+    model = loaders.load(loaders.plan(settings(f"--inference_server={malformed_server.address}")))
+    assert model.info.context_length == 4096  # (its meta, not an object, is left out)
+
+    def answer() -> str:
+        return "".join(model.stream_chat([{"role": "user", "content": "hi"}], GenParams(max_new_tokens=4),
+                                         threading.Event()))
+
+    for chunk, message in [("{not json", "streamed chunk .*JSONDecodeError"),
+                           (CHUNK % '[{"index": 0}]', "streamed chunk .*AttributeError"),
+                           (CHUNK % '"x"', "streamed chunk .*AttributeError")]:
+        malformed_server.chunk = chunk
+        with pytest.raises(UserError, match=f"inference server at {malformed_server.address}/v1 sent a {message}"):
+            answer()
+    malformed_server.chunk = CHUNK % '[{"index": 0, "delta": {"content": "fine"}}]'
+    assert answer() == "fine"
+
+    for models, message in [(b"{oops", "JSONDecodeError"), ({"data": "x"}, "AttributeError"),
+                            ({"data": [{"object": "model"}]}, "a model without an id")]:
+        malformed_server.models = models
+        with pytest.raises(UserError, match=f"sent a list of models that is not in the OpenAI format .*{message}"):
+            loaders.plan(settings(f"--inference_server={malformed_server.address}"))

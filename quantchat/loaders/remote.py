@@ -69,10 +69,19 @@ def _explain(error: Exception, base_url: str) -> UserError:
     return UserError(f"the inference server at {base_url} failed: {error}")
 
 
+# what the openai client raises reading a reply of another shape than the OpenAI API's (it checks no types)
+MALFORMED = (ValueError, AttributeError, TypeError, KeyError, IndexError)
+
+
+def _malformed(base_url: str, what: str, error: Exception) -> UserError:
+    return UserError(f"the inference server at {base_url} sent a {what} that is not in the OpenAI format "
+                     f"({error.__class__.__name__}: {str(error)[:120]})")
+
+
 def _context_length(card) -> int | None:
     """vLLM says max_model_len; others context_length; llama.cpp's server puts n_ctx under meta."""
     data = card.model_dump() if hasattr(card, "model_dump") else dict(card)
-    meta = data.get("meta") or {}
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
     for value in (data.get("max_model_len"), data.get("context_length"), meta.get("n_ctx"), meta.get("n_ctx_train")):
         if isinstance(value, int) and value > 0:
             return value
@@ -105,9 +114,13 @@ def plan(s: Settings, ckpt: Checkpoint | None, machine: Machine, why: str) -> Lo
     client = _client(base_url, s.inference_server_api_key)
     try:
         cards = client.with_options(timeout=15.0).models.list().data
+        names = [c.id for c in cards]
     except openai.OpenAIError as e:
         raise _explain(e, base_url) from None
-    names = [c.id for c in cards]
+    except MALFORMED as e:
+        raise _malformed(base_url, "list of models", e) from None
+    if not all(isinstance(name, str) and name for name in names):
+        raise _malformed(base_url, "list of models", ValueError("a model without an id"))
     if s.base_model and s.base_model not in names:
         raise UserError(f"the inference server at {base_url} serves {', '.join(names) or 'no models'}, "
                         f"not {s.base_model}")
@@ -196,6 +209,8 @@ class RemoteModel:
                 yield from (piece for piece in pieces_of(chunk) if piece)
         except openai.OpenAIError as e:
             raise _explain(e, self.base_url) from None
+        except MALFORMED as e:
+            raise _malformed(self.base_url, "streamed chunk", e) from None
         finally:
             stream.close()
 
