@@ -58,8 +58,11 @@ def model_settings(s: Settings, flags: dict[str, Any]) -> list[Settings]:
 
 def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
     from . import loaders
+    from .prompter import prompt_format_name
 
     each = model_settings(s, flags or {})
+    for one in each:  # (a wrong name said before a load that can take minutes)
+        prompt_format_name(one.prompt_type)
     plans = [loaders.plan(one) for one in each]
     for i, plan in enumerate(plans):
         heading = f"model {i + 1} of {len(plans)}, " if len(plans) > 1 else ""

@@ -240,6 +240,19 @@ class Prompter:
         return tool_format(self.renderer.source) if isinstance(self.renderer, TemplatePrompter) else None
 
 
+def prompt_format_name(prompt_type: str | None) -> str | None:
+    """The format --prompt_type names (aliases resolved), or one line listing the known ones: checked before the
+    model loads, and again where the prompter is made."""
+    name = ALIASES.get(prompt_type, prompt_type) if prompt_type else None
+    if name and name not in TEMPLATE_TYPES and name not in FORMATS:
+        import difflib
+        close = difflib.get_close_matches(name, FORMATS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"--prompt_type={prompt_type!r} is not known; {hint}known: {', '.join(FORMATS)}, "
+                         "openai_chat (the model's chat template)")
+    return name
+
+
 def make_prompter(prompt_type: str | None, prompt_dict: dict | None, chat_template: str | None,
                   system_prompt: str, model_template: str | None, bos: str = "", eos: str = "") -> Prompter:
     """Choose the format: --chat_template, --prompt_dict, --prompt_type, the model's template, else plain."""
@@ -251,14 +264,8 @@ def make_prompter(prompt_type: str | None, prompt_dict: dict | None, chat_templa
     if prompt_dict:
         fmt = format_from_dict(prompt_dict)
         return Prompter("--prompt_dict", fmt, system_prompt_for(system_prompt, fmt.default_system), list(fmt.stop))
-    name = ALIASES.get(prompt_type, prompt_type) if prompt_type else None
+    name = prompt_format_name(prompt_type)
     if name and name not in TEMPLATE_TYPES:
-        if name not in FORMATS:
-            import difflib
-            close = difflib.get_close_matches(name, FORMATS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise UsageError(f"--prompt_type={prompt_type!r} is not known; {hint}known: {', '.join(FORMATS)}, "
-                             "openai_chat (the model's chat template)")
         fmt = FORMATS[name]
         return Prompter(f"prompt_type={name}", fmt, system_prompt_for(system_prompt, fmt.default_system), list(fmt.stop))
     if model_template:

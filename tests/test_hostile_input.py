@@ -123,6 +123,9 @@ def test_a_context_larger_than_memory_is_refused_before_llamacpp_allocates_it(ge
         loaders.plan(flags(f"--base_model={gemma_gguf}", "--max_seq_len=1000000", "--n_gpu_layers=0"), small)
     with pytest.raises(loaders.UsageError, match="n_ctx must be a whole number"):
         loaders.plan(flags(f"--base_model={gemma_gguf}", "--llamacpp_dict={'n_ctx': 'big'}"), small)
+    for value in ("0", "'big'", "True"):  # (0 failed inside llama.cpp as "Failed to create llama_context")
+        with pytest.raises(loaders.UsageError, match="n_batch must be a whole number of at least 1"):
+            loaders.plan(flags(f"--base_model={gemma_gguf}", f"--llamacpp_dict={{'n_batch': {value}}}"), small)
 
 
 # --- fuzzing: bounded in time, so that CI runs it on every change

@@ -212,6 +212,10 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
         if user.pop(key, None) is not None:
             notes.append(f"llamacpp_dict key {key!r} ignored: {reason}")
     extra_buffers = _extra_buffers(user, notes)
+    for key in ("n_batch", "n_ubatch"):  # (0 failed as "Failed to create llama_context", text as a TypeError)
+        value = user.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"--llamacpp_dict: {key} must be a whole number of at least 1, not {value!r}")
     context = user.get("n_ctx") or s.max_seq_len or min(trained or 2048, DEFAULT_MAX_CONTEXT)
     if isinstance(context, bool) or not isinstance(context, int) or not 16 <= context <= 2**27:
         raise UsageError(f"--llamacpp_dict: n_ctx must be a whole number between 16 and {2**27}, not {context!r}")
