@@ -268,6 +268,8 @@ def validate(s: Settings) -> None:
         kind = s.rope_scaling.get("type", s.rope_scaling.get("rope_type"))
         if "alpha_value" not in s.rope_scaling and (kind is None or "factor" not in s.rope_scaling):
             raise UsageError("--rope_scaling needs a type and a factor, e.g. \"{'type':'dynamic','factor':4}\"")
+        if kind is not None and kind not in ROPE_TYPES:
+            raise UsageError(f"--rope_scaling: type {str(kind)[:40]!r} is not known; use one of {', '.join(ROPE_TYPES)}")
         for key in ("factor", "alpha_value"):
             value = s.rope_scaling.get(key)
             if value is not None and not _positive_number(value, most=1024):
@@ -307,6 +309,10 @@ def _check_quantized(s: Settings) -> None:
         if value is not None and not _positive_number(value, most=1024):
             raise UsageError(f"--exllama_dict: {key} must be a positive number, not {value!r}")
     gpu_split(s.exllama_dict)  # raises on a malformed split
+
+
+# --rope_scaling's types: transformers' scaled RoPE kinds (llama.cpp takes linear and yarn, ExLlama alpha_value)
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
 
 
 def _positive_number(value: Any, most: float) -> bool:

@@ -103,6 +103,14 @@ def test_a_wrong_prompt_type_is_said_before_the_model_loads(capsys, tiny_llama, 
     assert "did you mean 'llama2'?" in capsys.readouterr().err
 
 
+def test_a_tokenizer_path_that_is_not_a_folder_is_named(tiny_llama):
+    """It was taken for a hub id inside the load, whose error named the base model."""
+    for given in ("/nonexistent", str(tiny_llama / "config.json")):
+        with pytest.raises(UserError, match=f"--tokenizer_base_model={given} is not a folder"):
+            loaders.plan(settings(f"--base_model={tiny_llama}", f"--tokenizer_base_model={given}"))
+    assert loaders.plan(settings(f"--base_model={tiny_llama}", f"--tokenizer_base_model={tiny_llama}")).backend == "hf"
+
+
 def flags_doc_command_lines() -> list[str]:
     text = (ROOT / "docs" / "flags.md").read_text()
     lines = [m.group(1) for m in re.finditer(r"^\s*(python generate\.py[^\n]*)$", text, re.M)]

@@ -58,6 +58,7 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--max_new_tokens=-3"], "at least 1"),
     (["--load_8bit=maybe"], "boolean"),
     (["--rope_scaling={'factor': 2}"], "needs a type and a factor"),
+    (["--rope_scaling={'type': 'weird', 'factor': 2}"], "type 'weird' is not known; use one of linear, dynamic"),
     (["--load_gptq=model", "--load_4bit"], "already quantized"),
     (["--load_gptq=model", "--load_awq=model"], "clash"),
     (["--gptq_dict={'bogus': 1}"], "unknown key 'bogus'"),
