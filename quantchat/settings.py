@@ -311,8 +311,8 @@ def _check_quantized(s: Settings) -> None:
     gpu_split(s.exllama_dict)  # raises on a malformed split
 
 
-# --rope_scaling's types: transformers' scaled RoPE kinds (llama.cpp takes linear and yarn, ExLlama alpha_value)
-ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+# --rope_scaling's types, those a factor alone describes (llama.cpp takes linear and yarn; ExLlama alpha_value instead)
+ROPE_TYPES = ("linear", "dynamic", "yarn")
 
 
 def _positive_number(value: Any, most: float) -> bool:
