@@ -5,7 +5,7 @@ import os
 import sys
 from typing import Any
 
-from .assembly import build_engine, describe_documents, documents_for, documents_wanted
+from .assembly import build_engine, check_engine_flags, describe_documents, documents_for, documents_wanted
 from .errors import UsageError, UserError
 from .settings import LOOPBACK, Settings, from_flags, help_text
 
@@ -58,11 +58,10 @@ def model_settings(s: Settings, flags: dict[str, Any]) -> list[Settings]:
 
 def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
     from . import loaders
-    from .prompter import prompt_format_name
 
     each = model_settings(s, flags or {})
-    for one in each:  # (a wrong name said before a load that can take minutes)
-        prompt_format_name(one.prompt_type)
+    for one in each:
+        check_engine_flags(one)
     plans = [loaders.plan(one) for one in each]
     for i, plan in enumerate(plans):
         heading = f"model {i + 1} of {len(plans)}, " if len(plans) > 1 else ""

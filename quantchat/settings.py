@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import bnb_modes
-from .errors import UsageError
+from .auth import read_auth
+from .errors import UsageError, UserError
 from .generation import check_generation
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}  # --server_name values that keep the web UI and API to this machine
@@ -193,9 +194,14 @@ def coerce(name: str, value: Any, kind: str) -> Any:
             return int(number)
         return number
     if base in ("dict", "list", "auth"):
+        if base == "auth":  # logins, or a file of them: checked now, not when the web UI starts
+            if isinstance(value, str) and not value.lstrip().startswith(("[", "(")):
+                if not os.path.isfile(value):
+                    raise UsageError(f"--auth={value}: no such file; give a JSON file of [user, password] pairs, "
+                                     "or the logins themselves: \"[('user','password')]\"")
+                _check_logins(value)
+                return value  # (the file, read again where it is used)
         if isinstance(value, str):
-            if base == "auth" and os.path.isfile(value):
-                return value  # a file of logins, read by the web UI
             try:
                 value = _parse_literal(value)
             except (ValueError, SyntaxError):
@@ -205,9 +211,25 @@ def coerce(name: str, value: Any, kind: str) -> Any:
         wanted = dict if base == "dict" else (list, tuple)
         if not isinstance(value, wanted):
             raise bad
+        if base == "auth":
+            _check_logins(value)
         return value
     raise AssertionError(kind)
 
+
+
+
+def names_a_local_path(path_or_hub_id: str) -> bool:
+    """Whether a model flag's value names a local path (a hub id otherwise), so that a missing one is said as such."""
+    return bool(path_or_hub_id) and (os.path.exists(os.path.expanduser(path_or_hub_id)) or
+                                     path_or_hub_id.startswith((".", "/", "~")))
+
+def _check_logins(auth: Any) -> None:
+    """--auth's logins must read as (user, password) pairs now: the web UI would refuse them only as it starts."""
+    try:
+        read_auth(auth)
+    except UserError as e:
+        raise UsageError(str(e)) from None
 
 _KIND_WORDS = {"str": "text", "text": "text", "bool": "boolean (True or False)", "int": "whole number",
                "float": "number", "dict": "dict", "list": "list", "auth": "list of (user, password) pairs or a file"}

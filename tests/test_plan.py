@@ -92,15 +92,17 @@ def test_dry_run_prints_the_plan_and_exits_0(capsys, tiny_llama):
         assert field in out
 
 
-def test_a_wrong_prompt_type_is_said_before_the_model_loads(capsys, tiny_llama, monkeypatch):
-    """A load can take minutes: a misspelt --prompt_type is refused before it (and by --dry_run), as are the
-    other flags; --model_lock entries alike."""
+def test_a_wrong_prompt_type_or_score_model_is_said_before_the_model_loads(capsys, tiny_llama, monkeypatch):
+    """A load can take minutes: a misspelt --prompt_type or a missing --score_model folder is refused before it
+    (and by --dry_run), as the other flags are; --model_lock entries alike."""
     monkeypatch.setattr(loaders, "load", lambda plan: pytest.fail("the model was loaded"))
     assert main([f"--base_model={tiny_llama}", "--prompt_type=chatmll", "--cli=True"]) == 2
     assert "--prompt_type='chatmll' is not known; did you mean 'chatml'?" in capsys.readouterr().err
     lock = str([{"base_model": str(tiny_llama)}, {"base_model": str(tiny_llama), "prompt_type": "lama2"}])
     assert main([f"--model_lock={lock}", "--dry_run=True"]) == 2
     assert "did you mean 'llama2'?" in capsys.readouterr().err
+    assert main([f"--base_model={tiny_llama}", "--score_model=/nowhere/reward", "--cli=True"]) == 1
+    assert "--score_model=/nowhere/reward is not a folder" in capsys.readouterr().err
 
 
 def test_a_tokenizer_path_that_is_not_a_folder_is_named(tiny_llama):

@@ -72,6 +72,9 @@ def test_llamacpp_dict_and_space_separated_value():
     (["--model_lock=[1, 2]"], "each entry is a dict"),
     (["--num_speculative_tokens=0"], "between 1 and 64"), (["--speculative=often"], "boolean"),
     (["--draft_model=small.gguf", "--speculative=False"], "clash"),
+    # logins are checked with the flag, not when the web UI starts
+    (["--auth=[('alice',)]"], "write it as \\[\\('user', 'password'\\)"),
+    (["--auth=/nowhere/logins.json"], "--auth=/nowhere/logins.json: no such file"),
 ])
 def test_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):

@@ -15,7 +15,7 @@ from ... import bnb_modes, memory
 from ...bnb_modes import BnbMode
 from ...errors import UsageError, UserError
 from ...machine import Machine
-from ...settings import AUTOGPTQ_KEYS, Settings
+from ...settings import AUTOGPTQ_KEYS, Settings, names_a_local_path
 from ..base import LoadPlan, human_bytes
 from ..checkpoint import Checkpoint, describe
 
@@ -58,12 +58,12 @@ def check(s: Settings, ckpt: Checkpoint) -> None:
                 raise UserError(f"--load_{wanted} expects a {wanted.upper()} checkpoint, and {ckpt.holds()}")
     if ckpt.quantization and (s.load_8bit or s.load_4bit):
         raise UserError(f"{ckpt.path} is already quantized ({ckpt.quant_method}): drop --load_8bit/--load_4bit")
-    if _local(s.tokenizer_base_model) and not Path(s.tokenizer_base_model).expanduser().is_dir():
+    if names_a_local_path(s.tokenizer_base_model) and not Path(s.tokenizer_base_model).expanduser().is_dir():
         raise UserError(f"--tokenizer_base_model={s.tokenizer_base_model} is not a folder (give the folder that holds "
                         "the tokenizer's files, or a hub id)")
     if s.lora_weights:
         adapter = Path(s.lora_weights).expanduser()
-        if _local(s.lora_weights):
+        if names_a_local_path(s.lora_weights):
             if not (adapter / "adapter_config.json").is_file():
                 raise UserError(f"--lora_weights={s.lora_weights} is not a PEFT adapter folder (no adapter_config.json)")
             if not any((adapter / f"adapter_model.{kind}").is_file() for kind in ("safetensors", "bin")):
@@ -147,12 +147,6 @@ def _draft_plan(s: Settings, machine: Machine) -> LoadPlan[HFOptions]:
                          "Face backend: give a Hugging Face model folder (or a GGUF base model)")
     check(drafting, ckpt)
     return plan(drafting, ckpt, machine, "--draft_model")
-
-
-def _local(path_or_hub_id: str) -> bool:
-    """Whether a flag's value names a local path (a hub id otherwise)."""
-    return bool(path_or_hub_id) and (Path(path_or_hub_id).expanduser().exists() or
-                                     path_or_hub_id.startswith((".", "/", "~")))
 
 
 def text_config(config: dict) -> dict:
