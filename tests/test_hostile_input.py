@@ -84,6 +84,14 @@ def test_a_damaged_index_of_shards_is_one_line(tmp_path, index, message):
         plan(folder)
 
 
+def test_an_index_transformers_does_not_read_is_left_alone(tiny_llama, tmp_path):
+    """A repository may keep another format's index beside transformers' (Mistral's consolidated weights)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "consolidated.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "elsewhere"}}))
+    assert plan(folder).backend == "hf"
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("tokenizer.json", [1, 2], "one of its files holds values of the wrong kind \\(TypeError"),
     ("generation_config.json", {"eos_token_id": "x"}, "end-of-sequence id 'x' is not a token id"),
