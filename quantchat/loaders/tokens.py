@@ -102,8 +102,9 @@ def eos_ids(*sources) -> set[int]:
     ids: set[int] = set()
     for value in sources:
         for token in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
-            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            if isinstance(token, bool) or not isinstance(token, int):
                 raise UserError(f"the model's end-of-sequence id {str(token)[:40]!r} is not a token id: its "
                                 "generation_config.json or tokenizer files are damaged")
-            ids.add(token)
+            if token >= 0:  # (-1 stands for none in some older configs)
+                ids.add(token)
     return ids
