@@ -7,7 +7,6 @@ quantchat/data/calibration.txt, so nothing is downloaded.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .errors import UsageError, UserError, missing_package
 from .loaders import checkpoint
+from .loaders.hf.plan import safetensors_shapes
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_CALIBRATION = DATA / "calibration.txt"
@@ -38,13 +38,18 @@ class QuantizeArgs:
 def check(a: QuantizeArgs) -> None:
     if a.method not in METHODS:
         raise UsageError(f"--method={a.method}: choose one of {', '.join(METHODS)}")
+    if not a.out:
+        raise UsageError("--out: name the new folder to write the quantized checkpoint into")
     base = Path(a.base_model)
     if not (base / "config.json").is_file():
         raise UserError(f"--base_model={a.base_model} is not a model folder with config.json (quantizing reads "
                         "unquantized safetensors weights; convert a GGUF with bench/convert_gguf.py first)")
-    if not any(base.glob("*.safetensors")):
+    # the checks a load makes, in one line each (damaged headers, configs and indexes), before the long run
+    config = checkpoint.read_config(base)
+    if (base / "model.safetensors.index.json").exists():
+        checkpoint.check_weight_index(base / "model.safetensors.index.json")
+    if not safetensors_shapes(base):
         raise UserError(f"{base} has no .safetensors weights to quantize")
-    config = json.loads((base / "config.json").read_text())
     if checkpoint.quantization(base, config):
         raise UserError(f"{base} is quantized already: quantize the unquantized model")
     if a.method == "awq" and config.get("model_type") == "gemma3_text":
@@ -64,9 +69,12 @@ def check(a: QuantizeArgs) -> None:
         raise UsageError(f"--bits={a.bits}: exl2 takes 2 to 8 bits per weight (fractions allowed)")
     if a.group_size != -1 and a.group_size < 16:
         raise UsageError(f"--group_size={a.group_size}: 32, 64, 128 ... or -1 (one group per column)")
+    if not 1 <= a.samples <= 100_000 or not 16 <= a.sample_tokens <= 2**17:
+        raise UsageError(f"--samples={a.samples}, --sample_tokens={a.sample_tokens}: take 1 to 100,000 samples of 16 "
+                         f"to {2**17} tokens")
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out={a.out} exists and is not empty: choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out={a.out} exists and is not an empty folder: choose a new folder")
 
 
 def calibration_passages(path: str, tokenizer, count: int, tokens: int) -> list[list[int]]:

@@ -177,8 +177,19 @@ def test_missing_gptqmodel_is_one_line(tiny_llama, tmp_path, monkeypatch):
     ({"bits": 5}, "takes 2, 3, 4 or 8"),
     ({"method": "awq", "bits": 8}, "4-bit weights only"),
     ({"calibration": "/nonexistent.txt"}, "no such file"),
+    ({"out": ""}, "--out: name the new folder"),
+    ({"out": "FILE"}, "exists and is not an empty folder"),  # (a traceback before: NotADirectoryError)
+    ({"samples": -1}, "take 1 to 100,000 samples"),  # (accepted before)
+    ({"base_model": "DAMAGED"}, "model.safetensors is not a readable safetensors file"),  # (gptqmodel's traceback)
 ])
 def test_quantize_refuses_bad_arguments(tiny_llama, tmp_path, capsys, args, message):
+    """One line and a non-zero exit, before the long run starts."""
+    (tmp_path / "a-file").write_text("x")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_llama, damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x01\x02")
+    stand_ins = {"FILE": str(tmp_path / "a-file"), "DAMAGED": str(damaged)}
+    args = {key: stand_ins.get(value, value) if isinstance(value, str) else value for key, value in args.items()}
     with pytest.raises(SystemExit) as stop:
         quantize(**{"base_model": str(tiny_llama), "method": "gptq", "out": str(tmp_path / "out"), **args})
     assert stop.value.code in (1, 2) and message in capsys.readouterr().err

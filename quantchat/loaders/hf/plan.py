@@ -97,7 +97,7 @@ def plan(s: Settings, ckpt: Checkpoint, machine: Machine, why: str) -> LoadPlan[
     else:
         context = trained
     # a quantized checkpoint's tensors are packed: count its parameters from the config's shapes instead
-    shapes = (_safetensors_shapes(Path(ckpt.path)) if ckpt.is_dir and not saved else None) or \
+    shapes = (safetensors_shapes(Path(ckpt.path)) if ckpt.is_dir and not saved else None) or \
         memory.shapes_from_config(config)
     linear_bytes = bnb.bytes_per_weight if bnb else memory.packed_bytes_per_weight(saved) if saved else None
     need = memory.estimate(config, shapes, dtype, linear_bytes, context) if shapes and context else None
@@ -158,7 +158,7 @@ def text_config(config: dict) -> dict:
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 
 
-def _safetensors_shapes(folder: Path) -> list[tuple[str, int]] | None:
+def safetensors_shapes(folder: Path) -> list[tuple[str, int]] | None:
     """(tensor name, element count) from the headers of every .safetensors file: no weights are read. A header
     that is short, claims more than the file or the format allows, or is not a JSON object of shapes is one line
     naming the file."""
