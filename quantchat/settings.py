@@ -217,12 +217,11 @@ def coerce(name: str, value: Any, kind: str) -> Any:
     raise AssertionError(kind)
 
 
-
-
 def names_a_local_path(path_or_hub_id: str) -> bool:
     """Whether a model flag's value names a local path (a hub id otherwise), so that a missing one is said as such."""
     return bool(path_or_hub_id) and (os.path.exists(os.path.expanduser(path_or_hub_id)) or
                                      path_or_hub_id.startswith((".", "/", "~")))
+
 
 def _check_logins(auth: Any) -> None:
     """--auth's logins must read as (user, password) pairs now: the web UI would refuse them only as it starts."""
@@ -230,6 +229,7 @@ def _check_logins(auth: Any) -> None:
         read_auth(auth)
     except UserError as e:
         raise UsageError(str(e)) from None
+
 
 _KIND_WORDS = {"str": "text", "text": "text", "bool": "boolean (True or False)", "int": "whole number",
                "float": "number", "dict": "dict", "list": "list", "auth": "list of (user, password) pairs or a file"}
