@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
 
 
-
 @pytest.fixture(scope="module")
 def engine(gemma_gguf):
     model = loaders.load(loaders.plan(settings(f"--base_model={gemma_gguf}", "--max_seq_len=512")))

@@ -22,7 +22,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium: apt-get install chromium")
 
 
-
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright

@@ -64,7 +64,6 @@ def text(message: dict) -> str:
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
-
 @pytest.fixture(scope="module")
 def web(gemma_gguf):
     from gradio_client import Client

@@ -33,6 +33,7 @@ def test_weights_match_the_usual_guidance(size, quant, low, high):
 
 def test_gptq_group_size_and_bits():
     shapes = memory.shapes_from_config(LLAMA2["7B"])
+
     def packed(bits, group):
         return memory.weight_bytes(shapes, "float16", memory.packed_bytes_per_weight({"bits": bits, "group_size": group}))
     g128, per_column, three_bit = packed(4, 128), packed(4, -1), packed(3, 128)

@@ -19,7 +19,6 @@ from quantchat.loaders.remote import parse_inference_server
 KEY = "sk-remote"
 
 
-
 @pytest.fixture(scope="module")
 def server(gemma_gguf):
     port = free_port()
