@@ -3,7 +3,6 @@ generation defaults and limits, reward scoring, saving) and the documents librar
 and the tests build engines here."""
 from __future__ import annotations
 
-import os
 import sys
 
 from .errors import UserError
@@ -13,10 +12,9 @@ from .settings import Settings
 def check_engine_flags(s: Settings) -> None:
     """What build_engine would refuse, said before the model loads (a load can take minutes)."""
     from .prompter import prompt_format_name
-    from .settings import names_a_local_path
+    from .settings import names_a_missing_folder
     prompt_format_name(s.prompt_type)
-    if s.score_model and s.score_model != "auto" and names_a_local_path(s.score_model) and \
-            not os.path.isdir(os.path.expanduser(s.score_model)):
+    if s.score_model and s.score_model != "auto" and names_a_missing_folder(s.score_model):
         raise UserError(f"--score_model={s.score_model} is not a folder (give a reward model's folder or hub id)")
 
 

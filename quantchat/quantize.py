@@ -46,8 +46,7 @@ def check(a: QuantizeArgs) -> None:
                         "unquantized safetensors weights; convert a GGUF with bench/convert_gguf.py first)")
     # the checks a load makes, in one line each (damaged headers, configs and indexes), before the long run
     config = checkpoint.read_config(base)
-    if (base / "model.safetensors.index.json").exists():
-        checkpoint.check_weight_index(base / "model.safetensors.index.json")
+    checkpoint.check_weight_index(base)
     if not safetensors_shapes(base):
         raise UserError(f"{base} has no .safetensors weights to quantize")
     if checkpoint.quantization(base, config):

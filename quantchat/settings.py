@@ -223,6 +223,11 @@ def names_a_local_path(path_or_hub_id: str) -> bool:
                                      path_or_hub_id.startswith((".", "/", "~")))
 
 
+def names_a_missing_folder(path_or_hub_id: str) -> bool:
+    """A local path (not a hub id) where no folder is: a missing path, or a file."""
+    return names_a_local_path(path_or_hub_id) and not os.path.isdir(os.path.expanduser(path_or_hub_id))
+
+
 def _check_logins(auth: Any) -> None:
     """--auth's logins must read as (user, password) pairs now: the web UI would refuse them only as it starts."""
     try:

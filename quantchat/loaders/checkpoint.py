@@ -93,11 +93,15 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def check_weight_index(index: Path) -> None:
-    """A sharded checkpoint's index (model.safetensors.index.json, or NAME's for --load_gptq=NAME) must carry its
-    metadata and list .safetensors files of its folder by name, as transformers reads it: one line naming the file
-    otherwise (transformers would open a listed '../x' outside the folder, or stop at a KeyError). Other indexes a
-    repository may hold (Mistral's consolidated.safetensors.index.json) are not transformers' to read."""
+def check_weight_index(folder: Path, basename: str = "model") -> None:
+    """A sharded checkpoint's index, where the folder has one (model.safetensors.index.json, or NAME's for
+    --load_gptq=NAME), must carry its metadata and list .safetensors files of its folder by name, as transformers
+    reads it: one line naming the file otherwise (transformers would open a listed '../x' outside the folder, or stop
+    at a KeyError). Other indexes a repository may hold (Mistral's consolidated.safetensors.index.json) are not
+    transformers' to read."""
+    index = folder / f"{basename}.safetensors.index.json"
+    if not index.exists():
+        return
     content = read_json_object(index)
     weight_map = content.get("weight_map")
     damaged = f"{index} is not a usable index of weight files"
@@ -106,7 +110,7 @@ def check_weight_index(index: Path) -> None:
                         "the model folder is damaged")
     for name in set(weight_map.values()):
         if not (isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors")
-                and (index.parent / name).is_file()):
+                and (folder / name).is_file()):
             raise UserError(f"{damaged}: it lists {str(name)[:80]!r}, which is not a .safetensors file in the "
                             "folder; the model folder is damaged or incomplete")
 
@@ -145,8 +149,7 @@ def read_checkpoint(s: Settings) -> Checkpoint:
     if path.is_dir():
         if (path / "config.json").is_file():
             config = read_config(path)
-            if (path / "model.safetensors.index.json").exists():
-                check_weight_index(path / "model.safetensors.index.json")
+            check_weight_index(path)
             return Checkpoint(str(path), "folder", "a folder with config.json", config, quantization(path, config))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -221,8 +224,7 @@ def weight_view(folder: Path, basename: str, q: dict) -> Path:
     config = json.loads(config_path.read_text())
     if basename == "model" and config.get("quantization_config"):
         return folder  # already what transformers reads
-    if index.is_file():
-        check_weight_index(index)
+    check_weight_index(folder, basename)
     view = Path(tempfile.mkdtemp(prefix="quantchat-view-"))
     named = {"config.json", "model.safetensors", "model.safetensors.index.json", weights.name, index.name}
     for item in folder.iterdir():  # the shards an index names keep their own names

@@ -15,7 +15,7 @@ from ... import bnb_modes, memory
 from ...bnb_modes import BnbMode
 from ...errors import UsageError, UserError
 from ...machine import Machine
-from ...settings import AUTOGPTQ_KEYS, Settings, names_a_local_path
+from ...settings import AUTOGPTQ_KEYS, Settings, names_a_local_path, names_a_missing_folder
 from ..base import LoadPlan, human_bytes
 from ..checkpoint import Checkpoint, describe
 
@@ -58,7 +58,7 @@ def check(s: Settings, ckpt: Checkpoint) -> None:
                 raise UserError(f"--load_{wanted} expects a {wanted.upper()} checkpoint, and {ckpt.holds()}")
     if ckpt.quantization and (s.load_8bit or s.load_4bit):
         raise UserError(f"{ckpt.path} is already quantized ({ckpt.quant_method}): drop --load_8bit/--load_4bit")
-    if names_a_local_path(s.tokenizer_base_model) and not Path(s.tokenizer_base_model).expanduser().is_dir():
+    if names_a_missing_folder(s.tokenizer_base_model):
         raise UserError(f"--tokenizer_base_model={s.tokenizer_base_model} is not a folder (give the folder that holds "
                         "the tokenizer's files, or a hub id)")
     if s.lora_weights:
