@@ -12,8 +12,11 @@
 install_carried_wheels 2>&1 | tail -2
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
 if [ "${TESTS:-1}" = 1 ]; then
-    python3 -m pytest -q -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces or prompt_step or split or wide_steps" \
-        --durations=6 2>&1 | grep -E "^E |FAILED|passed|failed|Error|s call" | tee "$OUT/gpu-tests-verify-attention-$GPU_NAME.log"
+    # the whole output goes to the file as it comes (a run cut off by the call's limit still leaves what it wrote)
+    log="$OUT/gpu-tests-verify-attention-$GPU_NAME.log"
+    python3 -m pytest -v -p no:warnings -p no:logging tests/test_gpu_hf.py -k "verify_step or draft or constrained or pieces or prompt_step or split or wide_steps" \
+        --durations=6 > "$log" 2>&1 || true
+    grep -E "^E |FAILED|PASSED|passed|failed|Error|s call" "$log"
 fi
 if [ "${STUDY:-0}" = 1 ]; then
     python3 bench/kernels.py --kernels= --grouped --out="$OUT/attention-grouped-$GPU_NAME.json" 2>&1 |
