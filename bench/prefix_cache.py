@@ -309,9 +309,9 @@ def greedy(name: str, conversations: int) -> dict:
     parted = [next(k for k, (x, y) in enumerate(zip(answers[False][i] + "\0", answers[True][i] + "\1",
                                                      strict=False)) if x != y) for i in differ]
     result = {"model": name, "answers": len(answers[True]), "differ": len(differ),
-              "prompt_tokens_reused": f"{reused} of {prompt_tokens}",
-              "differing_answers": differ, "first_difference_at_chars": parted, "examples": [[answers[False][i], answers[True][i]]
-                                                                 for i in differ[:3]]}
+              "prompt_tokens_reused": f"{reused} of {prompt_tokens}", "differing_answers": differ,
+              "first_difference_at_chars": parted,
+              "examples": [[answers[False][i], answers[True][i]] for i in differ[:3]]}
     print(json.dumps(result), flush=True)
     return result
 
