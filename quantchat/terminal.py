@@ -68,6 +68,7 @@ def run_terminal(engine: ChatEngine, stream_output: bool = True, read: Callable[
             continue
         history.append({"role": "user", "content": line})
         cancel = threading.Event()
+        reply = None
         try:
             reply = engine.chat(history, cancel=cancel, documents=documents)
             for note in reply.notices:
@@ -82,6 +83,10 @@ def run_terminal(engine: ChatEngine, stream_output: bool = True, read: Callable[
                 out.write(reply.text)
         except KeyboardInterrupt:
             cancel.set()
+            if reply is None:  # before the answer began (passages being retrieved, the history fitted): no answer
+                out.write("\n(cancelled)\n")
+                history.pop()
+                continue
             reply.finish()
         except UserError as e:
             out.write(f"error: {e}\n")

@@ -48,6 +48,31 @@ def test_terminal_reports_errors_and_keeps_going():
     assert "error: the message is" in out.getvalue() and "ok" in out.getvalue()
 
 
+def test_ctrl_c_before_the_answer_begins_drops_the_question_and_the_chat_goes_on(monkeypatch):
+    """Ctrl-C while the engine prepares an answer (retrieving passages, fitting a long history) ended the chat with
+    a NameError on the first turn, and on later turns recorded the previous answer as this question's."""
+    model = FakeModel(["Hi", " there"])
+    engine = ChatEngine(model, Prompter("plain", FORMATS["plain"]))
+    chat, asked = engine.chat, []
+
+    def interrupted_at_the_second_question(messages, **kw):
+        asked.append(messages[-1]["content"])
+        if len(asked) == 2:
+            raise KeyboardInterrupt
+        return chat(messages, **kw)
+    monkeypatch.setattr(engine, "chat", interrupted_at_the_second_question)
+    out = io.StringIO()
+    run_terminal(engine, read=scripted(["first", "second", "third"]), out=out)
+    assert "(cancelled)" in out.getvalue() and out.getvalue().count("Hi there") == 2
+    assert "first" in model.prompts[1] and "third" in model.prompts[1] and "second" not in model.prompts[1]
+    assert model.prompts[1].count("Hi there") == 1   # the first answer once, nothing recorded for the second question
+
+    asked.clear()
+    monkeypatch.setattr(engine, "chat", lambda messages, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    run_terminal(engine, read=scripted(["only"]), out=out)   # at the first question: no earlier answer to mistake
+    assert out.getvalue().count("(cancelled)") == 2
+
+
 def test_generate_cli_chats_with_the_builtin_model():
     run = subprocess.run([sys.executable, "generate.py", "--cli=True", "--max_new_tokens=32", "--max_seq_len=512"],
                          cwd=ROOT, input="What is the capital of France?\n/exit\n", capture_output=True, text=True,
